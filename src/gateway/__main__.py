@@ -1,0 +1,5 @@
+"""``python -m gateway`` runs the tiergate CLI."""
+
+from gateway.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""tiergate policies: pure decision logic, with no network, Redis or ONNX."""
