@@ -432,6 +432,7 @@ def _print_card(card: Any, directory: Path) -> None:
     table.add_column("accuracy", justify="right")
     table.add_column("macro-F1", justify="right")
     table.add_column("ECE before → after T", justify="right")
+    table.add_column("log loss before → after T", justify="right")
     for split, metrics in (("validation", card.validation), ("test", card.test)):
         if metrics is None:
             continue
@@ -441,6 +442,7 @@ def _print_card(card: Any, directory: Path) -> None:
             f"{metrics.accuracy:.1%}",
             f"{metrics.macro_f1:.3f}",
             f"{metrics.ece_before_temperature:.3f} → {metrics.ece_after_temperature:.3f}",
+            f"{metrics.log_loss_before_temperature:.3f} → {metrics.log_loss_after_temperature:.3f}",
         )
     err.print(table)
     agreement = card.onnx_agreement["argmax_agreement"]

@@ -141,3 +141,19 @@ def multilabel_calibration_error(
         if in_bin.any():
             ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
     return float(ece)
+
+
+def log_loss(
+    probabilities: npt.ArrayLike, targets: npt.ArrayLike, *, multi_label: bool = False
+) -> float:
+    """Mean negative log-likelihood of served probabilities (the quantity temperature fits).
+
+    Single-label: ``targets`` are class indices. Multi-label: a 0/1 matrix, scored as mean
+    binary cross-entropy. Probabilities are clipped to ``[1e-12, 1 - 1e-12]``.
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+    if multi_label:
+        y = np.asarray(targets, dtype=np.float64)
+        return float(-(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)).mean())
+    index = np.asarray(targets, dtype=np.int64)
+    return float(-np.log(p[np.arange(len(index)), index]).mean())

@@ -44,11 +44,11 @@ class Settings(BaseSettings):
     batch_size: PositiveInt = Field(
         default=32, description="Windows per ONNX Runtime call; batches are sorted by length."
     )
-    chunk_overlap: int = Field(
-        default=32,
+    chunk_overlap: int | None = Field(
+        default=None,
         ge=0,
         description="Tokens shared by consecutive windows when a text is longer than the "
-        "model's window.",
+        "model's window (default: a quarter of the window).",
     )
     log_level: str = Field(default="INFO", description="structlog level name.")
 

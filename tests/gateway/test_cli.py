@@ -17,6 +17,7 @@ from workers.bert.manifest import ONNX_FILE
 def tiergate(
     *args: str, model: Path | None, data_dir: Path, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh interpreter, as a user would."""
     env = {**os.environ, "TIERGATE_DATA_DIR": str(data_dir)}
     if model is not None:
         env["TIERGATE_MODEL_DIR"] = str(model)
@@ -32,11 +33,14 @@ def tiergate(
 
 
 def _lines(stdout: str) -> list[dict]:
+    """The JSON lines of an output."""
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture
 def run(trained_model, tmp_path):
+    """The CLI bound to the trained test model and a scratch data directory."""
+
     def _run(*args: str, stdin: bytes | None = None, model: Path | None = trained_model.directory):
         return tiergate(*args, model=model, data_dir=tmp_path / "data", stdin=stdin)
 
@@ -153,7 +157,7 @@ def test_tampered_model_exit_2(run, trained_model, tmp_path):
 
 
 def test_model_info(run, trained_model):
-    """model info prints the verified manifest and the card."""
+    """The model info command prints the verified manifest and the card."""
     result = run("model", "info", str(trained_model.directory))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -178,3 +182,13 @@ def test_train_rejects_malformed_line(run, tmp_path):
     result = run("train", str(data), "-o", str(tmp_path / "m"))
     assert result.returncode == 2
     assert "line 2: malformed JSON" in result.stderr
+
+
+def test_demo_classifies_the_bundled_held_out_sample(run):
+    """The demo prints a table of the bundled held-out sample and how many match their label."""
+    result = run("demo")
+    assert result.returncode == 0, result.stderr
+    assert "expected" in result.stdout
+    matched, total = result.stderr.split(" match the held-out label")[0].split()[-1].split("/")
+    assert int(total) == 20
+    assert int(matched) >= 12

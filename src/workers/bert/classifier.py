@@ -65,7 +65,7 @@ class BertClassifier:
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         batch_size: int = 32,
-        chunk_overlap: int = 32,
+        chunk_overlap: int | None = None,
         verify: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
@@ -80,6 +80,8 @@ class BertClassifier:
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / TOKENIZER_FILE))
         self.tokenizer.no_padding()
         special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
+        if chunk_overlap is None:
+            chunk_overlap = window // 4
         if not 0 <= chunk_overlap < (window - special) // 2:
             raise InputError(
                 f"chunk_overlap must be between 0 and {(window - special) // 2 - 1} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,14 @@ def export_onnx(model: Any, destination: Path, *, quantize: bool = True) -> tupl
     with tempfile.TemporaryDirectory(prefix="tiergate-export-") as scratch:
         plain = Path(scratch) / "plain.onnx"
         fused = Path(scratch) / "fused.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter is chosen on purpose: its eager-attention graph is the
+            # pattern ONNX Runtime's optimizer fuses; torch flags it as legacy.
+            warnings.filterwarnings(
+                "ignore",
+                message="You are using the legacy TorchScript",
+                category=DeprecationWarning,
+            )
             torch.onnx.export(
                 model,
                 tuple(dummy[name] for name in inputs),

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from policies.calibration import (
     calibrate_temperature,
     expected_calibration_error,
+    log_loss,
     multilabel_calibration_error,
     softmax,
 )
@@ -86,6 +87,8 @@ class SplitMetrics(BaseModel):
     macro_f1: float
     ece_before_temperature: float
     ece_after_temperature: float
+    log_loss_before_temperature: float
+    log_loss_after_temperature: float
     multi_window_texts: int
 
 
@@ -482,5 +485,7 @@ def _measure(
         macro_f1=f1,
         ece_before_temperature=before,
         ece_after_temperature=after,
+        log_loss_before_temperature=log_loss(raw, y, multi_label=multi),
+        log_loss_after_temperature=log_loss(calibrated, y, multi_label=multi),
         multi_window_texts=sum(count > 1 for count in windows.counts),
     )

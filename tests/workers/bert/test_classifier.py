@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def test_importing_the_tier_does_not_import_torch():
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules];"
         "print(','.join(bad))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
@@ -50,9 +53,10 @@ def test_distilbert_goes_through_the_same_path(tiny_model):
 
 
 def test_minilm_export_fuses_attention(trained_model):
-    """The BERT export carries fused attention, fused layer norms and int8 matmuls."""
+    """The BERT export carries fused (int8) attention and embeddings, fused layer norms."""
     ops = _op_types(trained_model.directory)
-    assert {"Attention", "SkipLayerNormalization", "MatMulInteger"} <= ops
+    assert {"QAttention", "QEmbedLayerNormalization", "SkipLayerNormalization"} <= ops
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
 
 
 def _untruncated_ids(classifier: BertClassifier, text: str) -> list[int]:
@@ -131,19 +135,37 @@ def test_length_sorted_batches_keep_input_order(trained_model):
     for text, prediction in zip(texts, batched, strict=True):
         (single,) = alone.predict([text])
         assert prediction.chunks == single.chunks
-        # int8 activations are quantized per batch, so padding moves scores a little
-        np.testing.assert_allclose(prediction.probabilities, single.probabilities, atol=0.03)
+        # int8 activations are quantized per batch, so batch-mates move scores a little
+        np.testing.assert_allclose(prediction.probabilities, single.probabilities, atol=0.08)
     reversed_predictions = BertClassifier(trained_model.directory, batch_size=3).predict(
         texts[::-1]
     )
     assert [p.top_label for p in reversed_predictions] == [p.top_label for p in batched][::-1]
 
 
+class _LengthEchoSession:
+    """Stands in for the ONNX session: each row's logits are its unpadded length and its id."""
+
+    def run(self, _outputs, feed):
+        lengths = feed["attention_mask"].sum(axis=1)
+        return [np.stack([lengths, feed["input_ids"][:, 1], np.zeros_like(lengths)], axis=1)]
+
+
+def test_run_returns_rows_in_input_order(tiny_model):
+    """Windows run in length-sorted sub-batches come back aligned with their input rows."""
+    classifier = BertClassifier(tiny_model, chunk_overlap=4, batch_size=2)
+    classifier._session, classifier._session_pid = _LengthEchoSession(), os.getpid()
+    windows = [[101, 7 + i] + [5] * n + [102] for i, n in enumerate([9, 0, 4, 20, 1, 4, 13])]
+    logits = classifier.run(windows)
+    assert logits[:, 0].tolist() == [len(w) for w in windows]
+    assert logits[:, 1].tolist() == [w[1] for w in windows]
+
+
 @pytest.mark.parametrize(
     ("texts", "problem"),
     [
         ([""], "empty"),
-        (["fine", "   \n\t "], "text 1 is empty"),
+        (["fine", "   \n\t "], r"text 1 is empty"),
         ([42], "not a string"),
         ([None], "not a string"),
     ],
@@ -180,7 +202,7 @@ def test_tampered_model_is_refused(tiny_model, tmp_path):
     data = bytearray(onnx_path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx_path.write_bytes(bytes(data))
-    with pytest.raises(ModelIntegrityError, match="model.onnx does not match"):
+    with pytest.raises(ModelIntegrityError, match=r"model\.onnx does not match"):
         BertClassifier(copy)
 
 
@@ -197,7 +219,9 @@ def test_corrupt_onnx_with_matching_hash_is_refused(tiny_model, tmp_path):
         classifier.warmup()
 
 
-def _predict_in_child(classifier: BertClassifier, texts: list[str], queue: multiprocessing.Queue) -> None:
+def _predict_in_child(
+    classifier: BertClassifier, texts: list[str], queue: multiprocessing.Queue
+) -> None:
     session_before = classifier._session
     prediction = classifier.predict(texts)
     queue.put(

@@ -14,12 +14,12 @@ from workers.bert.train import CHECKPOINT_DIR
 
 
 def test_training_beats_chance_on_held_out_data(trained_model):
-    """800 real snippets are enough to classify held-out ones well above the majority class."""
+    """750 real snippets are enough to classify held-out ones far above the majority class."""
     test = trained_model.test
     majority = Counter(e.labels[0] for e in test).most_common(1)[0][1] / len(test)
     predictions = BertClassifier(trained_model.directory).predict([e.text for e in test])
     accuracy = np.mean([p.top_label == e.labels[0] for p, e in zip(predictions, test, strict=True)])
-    assert accuracy >= majority + 0.15
+    assert accuracy >= majority + 0.2
     assert trained_model.card.test is not None
     assert trained_model.card.test.accuracy == pytest.approx(accuracy, abs=0.01)
 
@@ -61,7 +61,9 @@ def test_onnx_agrees_with_torch(trained_model):
     agree, differences = 0, []
     for start in range(0, len(texts), 32):
         batch = texts[start : start + 32]
-        encoded = tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        encoded = tokenizer(
+            batch, padding=True, truncation=True, max_length=128, return_tensors="pt"
+        )
         with torch.no_grad():
             logits = model(**encoded).logits.numpy()
         windows = classifier.encode(batch)
@@ -73,3 +75,17 @@ def test_onnx_agrees_with_torch(trained_model):
     compared = sum(1 for e in trained_model.test if len(tokenizer(e.text)["input_ids"]) <= 128)
     assert agree / compared >= 0.97
     assert trained_model.card.onnx_agreement["argmax_agreement"] >= 0.97
+
+
+def test_tier_tokenizes_like_the_checkpoint(trained_model):
+    """The tier's `tokenizers` windows match the training tokenizer's ids for window-sized texts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(trained_model.directory / CHECKPOINT_DIR))
+    classifier = BertClassifier(trained_model.directory)
+    texts = [e.text for e in trained_model.test[:50]] + ["Ünïcödé — naïve café, 100% “quoted”"]
+    windows = classifier.encode(texts)
+    expected = tokenizer(texts)["input_ids"]
+    for index, ids in enumerate(expected):
+        if len(ids) <= classifier.manifest.max_length:
+            assert windows.ids[windows.owner.index(index)] == ids
