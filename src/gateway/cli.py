@@ -171,19 +171,26 @@ def _summary(tally: _Tally, seconds: float) -> None:
     )
 
 
+def _excerpt(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def _decision_table(rows: Sequence[tuple[Message, Decision]], expected: bool = False) -> Table:
+    """Decisions as a table that fits the terminal: the message column takes what is left."""
+    room = max(12, Console().width - (68 if expected else 57))
     table = Table(show_lines=False, header_style="bold")
-    table.add_column("id", overflow="fold", max_width=16)
-    table.add_column("message", overflow="ellipsis", no_wrap=True, max_width=60)
+    table.add_column("id", no_wrap=True, max_width=12, overflow="ellipsis")
+    table.add_column("message", no_wrap=True, overflow="ellipsis")
     if expected:
-        table.add_column("expected")
-    table.add_column("label")
-    table.add_column("confidence", justify="right")
-    table.add_column("tier")
-    table.add_column("chunks", justify="right")
+        table.add_column("expected", no_wrap=True, min_width=8)
+    table.add_column("label", no_wrap=True, min_width=8)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("tier", no_wrap=True, min_width=4)
+    table.add_column("chunks", justify="right", no_wrap=True, min_width=6)
     for message, decision in rows:
         top = max(decision.scores[label] for label in decision.labels) if decision.labels else 0.0
-        cells = [decision.id, message.text]
+        cells = [decision.id, _excerpt(message.text, room)]
         if expected:
             gold = str(message.metadata.get("label", ""))
             style = "green" if gold in decision.labels else "red"
@@ -546,7 +553,7 @@ def demo(
 ) -> None:
     """Build the default model if needed, then classify a sample of held-out real messages."""
     settings = Settings()
-    if model is None:
+    if model is None and settings.model_dir is None:
         _ensure_default_model(settings, force=False)
     classifier = _load_classifier(settings, model)
     classifier.warmup()
