@@ -248,7 +248,6 @@ def test_text_format_reports_invalid_utf8_on_its_line_only():
         ("in.json", InputFormat.JSONL),
         ("IN.JSONL", InputFormat.JSONL),
         ("in.csv", InputFormat.CSV),
-        ("in.tsv", InputFormat.CSV),
         ("in.txt", InputFormat.TEXT),
     ],
 )
