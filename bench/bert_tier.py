@@ -48,7 +48,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -61,7 +60,7 @@ from transformers import pipeline
 
 from workers.bert.classifier import BertClassifier
 from workers.bert.default_model import DATASET_NAME
-from workers.bert.manifest import MANIFEST_FILE
+from workers.bert.manifest import MANIFEST_FILE, package_versions
 from workers.bert.train import CHECKPOINT_DIR
 from workers.settings import Settings
 
@@ -286,17 +285,6 @@ def measure_rss(model_dir: Path, texts: Sequence[str]) -> dict[str, Any]:
     return dict(json.loads(probe.stdout.strip().splitlines()[-1]))
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages either side depends on."""
-    found = {}
-    for package in ("tiergate", "torch", "transformers", "onnxruntime", "tokenizers", "numpy"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "unknown"
-    return found
-
-
 def machine() -> dict[str, Any]:
     """Where the numbers come from."""
     return {
@@ -439,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "top_label_agreement": round(accuracy(candidate_labels, baseline_labels[best_size]), 5),
         "machine": machine_info,
-        "versions": versions(),
+        "versions": package_versions(),
         "command": shlex.join(sys.orig_argv),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -101,6 +101,19 @@ def calibrate_temperature(
     return float(np.exp((lo + hi) / 2.0))
 
 
+def _binned_gap(confidence: FloatArray, outcome: FloatArray, bins: int) -> float:
+    """Weighted mean over equal-width confidence bins of ``|mean outcome - mean confidence|``."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 joins bin 0
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    gap = 0.0
+    for i in range(bins):
+        in_bin = index == i
+        if in_bin.any():
+            gap += in_bin.mean() * abs(outcome[in_bin].mean() - confidence[in_bin].mean())
+    return float(gap)
+
+
 def expected_calibration_error(
     probabilities: npt.ArrayLike, targets: npt.ArrayLike, *, bins: int = 15
 ) -> float:
@@ -112,17 +125,7 @@ def expected_calibration_error(
     y = np.asarray(targets, dtype=np.int64)
     if len(p) == 0:
         raise ValueError("no predictions to measure")
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 joins bin 0
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    ece = 0.0
-    for i in range(bins):
-        in_bin = index == i
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    return _binned_gap(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), bins)
 
 
 def multilabel_calibration_error(
@@ -133,14 +136,7 @@ def multilabel_calibration_error(
     y = np.asarray(targets, dtype=np.float64).ravel()
     if len(p) == 0:
         raise ValueError("no predictions to measure")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, bins - 1)
-    ece = 0.0
-    for i in range(bins):
-        in_bin = index == i
-        if in_bin.any():
-            ece += in_bin.mean() * abs(y[in_bin].mean() - p[in_bin].mean())
-    return float(ece)
+    return _binned_gap(p, y, bins)
 
 
 def log_loss(

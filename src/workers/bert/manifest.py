@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import StrEnum
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -128,3 +129,25 @@ def write_manifest(model_dir: Path, manifest: ModelManifest) -> Path:
     path = model_dir / MANIFEST_FILE
     path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return path
+
+
+RECORDED_PACKAGES = (
+    "tiergate",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "tokenizers",
+    "numpy",
+)
+
+
+def package_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``packages`` (``"unknown"`` for one that is not installed)."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found

@@ -17,7 +17,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from workers.bert.manifest import (
     TOKENIZER_FILE,
     Head,
     ModelManifest,
+    package_versions,
     sha256_file,
     write_manifest,
 )
@@ -125,16 +125,6 @@ def split_validation(
     validation = [examples[i] for i in sorted(order[:cut])]
     train = [examples[i] for i in sorted(order[cut:])]
     return train, validation
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("tiergate", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions
 
 
 def _targets(examples: Sequence[LabelledExample], labels: Sequence[str], *, multi: bool) -> Any:
@@ -416,7 +406,7 @@ def _manifest(
         temperature=temperature,
         inputs=tuple(inputs),
         files=files,
-        versions=_versions(),
+        versions=package_versions(),
         base_model=options.base_model.name,
     )
 
