@@ -216,18 +216,14 @@ def _classify_arguments(
     table: bool,
 ) -> None:
     messages = _argument_messages(texts)
-    classifier = _load_classifier(settings, model)
+    cascade = Cascade(_load_classifier(settings, model))
+    tally = _Tally()
     started = time.perf_counter()
-    decisions = _guarded(lambda: Cascade(classifier).decide(messages))
+    with _open_output(output_file, table=table) as out:
+        decisions = _guarded(lambda: _run_items(cascade, messages, out, tally, lambda _: None))
     seconds = time.perf_counter() - started
-    tally = _Tally(read=len(messages), answered=len(messages))
-    for decision in decisions:
-        tally.labels.update(decision.labels)
     if table:
         Console().print(_decision_table(list(zip(messages, decisions, strict=True))))
-    else:
-        with _open_output(output_file) as out:
-            out.writelines(_decision_line(d) for d in decisions)
     _summary(tally, seconds)
 
 
