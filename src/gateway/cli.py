@@ -25,11 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from policies.spec import PolicyError
 from workers.bert.classifier import BertClassifier
-from workers.cascade import Cascade
-from workers.errors import RecordError, TiergateError
+from workers.cascade import Cascade, PolicyBook, build_cascade, load_policy_book
+from workers.errors import RecordError, TiergateError, UnknownPolicyError
+from workers.logs import configure_logging
 from workers.records import InputFormat, Record, detect_format, read_bytes, read_records
-from workers.schemas import Decision, Message
+from workers.schemas import Decision, Message, Status
 from workers.settings import Settings
 
 app = typer.Typer(
@@ -43,6 +45,25 @@ model_app = typer.Typer(help="Build and inspect model directories.", no_args_is_
 app.add_typer(model_app, name="model")
 
 err = Console(stderr=True)
+
+
+@app.callback()
+def _configure(
+    log_level: Annotated[
+        str,
+        typer.Option(
+            envvar="TIERGATE_LOG_LEVEL",
+            help="Log level of tiergate's structured logs on standard error.",
+        ),
+    ] = "WARNING",
+) -> None:
+    """tiergate: a tiered text-classification gateway."""
+    try:
+        configure_logging(log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
+
+
 USAGE_ERROR = 2
 REJECTED = 1
 _CHUNK = 256  # messages per cascade call when reading a file
@@ -57,10 +78,10 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _guarded(action: Callable[[], T]) -> T:
-    """Run ``action``; a tiergate error becomes a one-line message and exit code 2."""
+    """Run ``action``; a tiergate or policy error becomes a one-line message and exit code 2."""
     try:
         return action()
-    except TiergateError as exc:
+    except (TiergateError, PolicyError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -75,6 +96,23 @@ class _Tally:
     answered: int = 0
     rejected: int = 0
     labels: Counter[str] = field(default_factory=Counter)
+    tiers: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    cached: int = 0
+    deferred: int = 0
+    llm_cost_usd: float = 0.0
+
+    def count(self, decision: Decision) -> None:
+        """Add one decision to the counts."""
+        self.answered += 1
+        self.labels.update(decision.labels)
+        self.tiers[decision.tier.value] += 1
+        self.cached += decision.cached
+        self.deferred += decision.status is Status.DEFERRED
+        if decision.llm_skipped is not None:
+            self.skipped[decision.llm_skipped.value] += 1
+        if decision.llm is not None and not decision.cached:
+            self.llm_cost_usd += decision.llm.cost_usd
 
 
 def _message_from_record(record: Record, *, text_field: str, id_field: str) -> Message:
@@ -115,7 +153,13 @@ def _argument_messages(texts: Sequence[str]) -> list[Message]:
 
 
 def _stream_items(
-    data: bytes, fmt: InputFormat, *, text_field: str, id_field: str, source: str
+    data: bytes,
+    fmt: InputFormat,
+    *,
+    text_field: str,
+    id_field: str,
+    source: str,
+    policies: PolicyBook | None = None,
 ) -> Iterator[Message | RecordError]:
     required = (text_field,) if fmt is InputFormat.CSV else ()
     for item in read_records(data, fmt, required=required, source=source, text_field=text_field):
@@ -123,9 +167,15 @@ def _stream_items(
             yield item
             continue
         try:
-            yield _message_from_record(item, text_field=text_field, id_field=id_field)
+            message = _message_from_record(item, text_field=text_field, id_field=id_field)
+            if policies is not None:
+                policies.get(message.policy)
         except RecordError as exc:
             yield exc
+        except UnknownPolicyError as exc:
+            yield RecordError(item.line, str(exc))
+        else:
+            yield message
 
 
 def _decision_line(decision: Decision) -> str:
@@ -153,8 +203,7 @@ def _run_items(
             out.write(_error_line(item))
         else:
             decision = next(answers)
-            tally.answered += 1
-            tally.labels.update(decision.labels)
+            tally.count(decision)
             out.write(_decision_line(decision))
     on_progress(len(items))
     return decisions
@@ -163,12 +212,25 @@ def _run_items(
 def _summary(tally: _Tally, seconds: float) -> None:
     rate = tally.answered / seconds if seconds > 0 else 0.0
     labels = ", ".join(f"{label} {count}" for label, count in tally.labels.most_common())
+    answered = max(tally.answered, 1)
+    tiers = ", ".join(
+        f"{tier} {tally.tiers[tier]} ({tally.tiers[tier] / answered:.0%})"
+        for tier in ("bert", "llm")
+    )
     err.print(
         f"[bold]{tally.read}[/] messages: {tally.answered} answered, {tally.rejected} rejected "
         f"· {rate:,.0f} messages/s · {labels or 'no labels'}",
         highlight=False,
         soft_wrap=True,
     )
+    details = [f"answered by {tiers}", f"{tally.cached} from the cache"]
+    if tally.deferred:
+        details.append(f"{tally.deferred} deferred (budget spent)")
+    if tally.skipped:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in tally.skipped.most_common())
+        details.append(f"LLM step skipped: {skipped}")
+    details.append(f"LLM cost ${tally.llm_cost_usd:.4f}")
+    err.print(" · ".join(details), highlight=False, soft_wrap=True)
 
 
 def _excerpt(text: str, width: int) -> str:
@@ -207,16 +269,35 @@ def _load_classifier(settings: Settings, model: Path | None) -> BertClassifier:
     return _guarded(lambda: BertClassifier.from_settings(settings, model))
 
 
+def _build_cascade(
+    settings: Settings, classifier: BertClassifier, *, use_cache: bool = True
+) -> Cascade:
+    """The embedded cascade: the policies, cache, budgets and LLM tier ``settings`` configure."""
+
+    def build() -> Cascade:
+        book = load_policy_book(
+            settings, classifier.labels, multi_label=classifier.manifest.multi_label
+        )
+        return build_cascade(settings, classifier, book, use_cache=use_cache)
+
+    return _guarded(build)
+
+
+def _settings(policies: Sequence[Path] | None) -> Settings:
+    settings = Settings()
+    if policies:
+        settings = settings.model_copy(update={"policy_files": list(policies)})
+    return settings
+
+
 def _classify_arguments(
     texts: Sequence[str],
-    settings: Settings,
-    model: Path | None,
+    cascade: Cascade,
     output_file: Path | None,
     *,
     table: bool,
 ) -> None:
     messages = _argument_messages(texts)
-    cascade = Cascade(_load_classifier(settings, model))
     tally = _Tally()
     started = time.perf_counter()
     with _open_output(output_file, table=table) as out:
@@ -247,6 +328,13 @@ def classify(
     text_field: Annotated[str, typer.Option(help="The field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="The field holding the message id.")] = "id",
     table: Annotated[bool, typer.Option("--table", help="Print a table, not JSONL.")] = False,
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option(help="Policy file (repeatable; the first is the default policy)."),
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option(help="Reuse and store decisions in the decision cache.")
+    ] = True,
 ) -> None:
     """Classify texts given as arguments, in a file, or on standard input.
 
@@ -255,9 +343,11 @@ def classify(
     """
     if texts and input_file is not None:
         raise _fail("give texts as arguments or --input FILE, not both")
-    settings = Settings()
+    settings = _settings(policy)
     if texts:
-        _classify_arguments(texts, settings, model, output_file, table=table)
+        _argument_messages(texts)  # reject empty texts before loading anything
+        cascade = _build_cascade(settings, _load_classifier(settings, model), use_cache=cache)
+        _classify_arguments(texts, cascade, output_file, table=table)
         return
 
     from_stdin = input_file is None or str(input_file) == "-"
@@ -267,12 +357,18 @@ def classify(
     data = sys.stdin.buffer.read() if path is None else _guarded(lambda: read_bytes(path))
     layout = fmt or detect_format(path, data[:64])
     source = "standard input" if path is None else str(path)
-    classifier = _load_classifier(settings, model)
-    cascade = Cascade(classifier)
+    cascade = _build_cascade(settings, _load_classifier(settings, model), use_cache=cache)
     tally = _Tally()
     rows: list[tuple[Message, Decision]] = []
     started = time.perf_counter()
-    items = _stream_items(data, layout, text_field=text_field, id_field=id_field, source=source)
+    items = _stream_items(
+        data,
+        layout,
+        text_field=text_field,
+        id_field=id_field,
+        source=source,
+        policies=cascade.policies,
+    )
     total = _count_records(data, layout)
     progress = Progress(
         TextColumn("classifying"),

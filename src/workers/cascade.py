@@ -1,65 +1,516 @@
 """The cascade: the one code path that turns messages into decisions, wherever it runs.
 
-The CLI, the HTTP gateway (embedded mode) and the Celery workers all call :class:`Cascade`. In
-this version the BERT tier answers every message with its top label (``Reason.BERT_ONLY``);
-policies, the LLM tier and the decision cache plug in here.
+The CLI, the HTTP gateway (embedded mode) and the Celery workers all call
+:meth:`Cascade.decide` with a batch of messages:
+
+1. one decision-cache lookup for the whole batch;
+2. the BERT tier on the misses, in one batch;
+3. ``policies.decide`` per message, with the policy's budget state;
+4. the LLM tier for the messages routed to it, with bounded concurrency, single-flight per
+   cache key (many identical messages cause one LLM call, across processes when the cache is
+   shared) and a budget reservation before each call, settled with the real cost afterwards;
+5. cache writes for final decisions; decisions come back in input order with per-step timings.
+
+When the policy wants the LLM but cannot have it (no provider configured, budget spent, every
+provider failing, an invalid answer), the BERT answer is given and the decision says why in
+``llm_skipped``; nothing is dropped. Such fallbacks are not cached, so the message gets the
+LLM's answer once the LLM is back.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from workers.schemas import Decision, Message, Prediction, Reason, Tier
+import structlog
 
-MULTI_LABEL_THRESHOLD = 0.5
+from policies.routing import BudgetState, Route, Target, decide
+from policies.spec import (
+    EXAMPLES,
+    PolicyError,
+    PolicySpec,
+    WhenExhausted,
+    example_policy,
+    load_policy,
+)
+from workers.errors import (
+    LLMError,
+    PermanentLLMError,
+    SingleFlightTimeout,
+    UnknownPolicyError,
+)
+from workers.schemas import Decision, LLMSkip, Message, Prediction, Status, Tier
+from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.budget import BudgetLedger
+    from workers.cache import DecisionCache
+    from workers.llm.tier import LLMResult, LLMTier
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_POLICY = "default"
+NO_LLM_ROUTE = "none"
 
 
 class Classifier(Protocol):
     """A tier that scores texts: one calibrated prediction per text, in input order."""
+
+    @property
+    def model_version(self) -> str:
+        """The version of the model behind the scores (part of every cache key)."""
+        ...
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Score ``texts``; raise :class:`~workers.errors.InputError` for an unusable text."""
         ...
 
 
-class Cascade:
-    """Decides a batch of messages with the tiers it holds."""
+class PolicyBook:
+    """The policies one process serves, by name; one of them also answers to ``default``."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, policies: Iterable[PolicySpec], default: str | None = None) -> None:
+        self._by_name: dict[str, PolicySpec] = {}
+        for spec in policies:
+            self._by_name[spec.name] = spec
+        if not self._by_name:
+            raise ValueError("a policy book needs at least one policy")
+        first = next(iter(self._by_name))
+        self.default = self._by_name[default if default is not None else first]
+
+    def get(self, name: str) -> PolicySpec:
+        """The policy called ``name`` (``default`` is the default one)."""
+        if name == DEFAULT_POLICY:
+            return self.default
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise UnknownPolicyError(name, self.names)
+        return spec
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every loaded policy's name."""
+        return tuple(self._by_name)
+
+    def __iter__(self) -> Iterable[PolicySpec]:
+        return iter(self._by_name.values())
+
+
+@dataclass
+class _Pending:
+    """A message the policy sent to the LLM, and everything needed to answer it."""
+
+    index: int
+    message: Message
+    spec: PolicySpec
+    prediction: Prediction
+    route: Route
+    key: str
+
+
+class Cascade:
+    """Decides batches of messages with the tiers it holds.
+
+    ``llm``, ``cache`` and ``budget`` are optional: without an LLM tier routed messages get the
+    BERT answer marked ``llm_skipped: no_provider``; without a cache nothing is reused; without
+    a ledger the budget is unlimited. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        policies: PolicyBook,
+        *,
+        llm: LLMTier | None = None,
+        cache: DecisionCache | None = None,
+        budget: BudgetLedger | None = None,
+        llm_concurrency: int = 8,
+        single_flight_timeout_s: float = 60.0,
+    ) -> None:
         self.classifier = classifier
+        self.policies = policies
+        self.llm = llm
+        self.cache = cache
+        self.budget = budget
+        self.llm_concurrency = llm_concurrency
+        self.single_flight_timeout_s = single_flight_timeout_s
+
+    def cache_key(self, message: Message, spec: PolicySpec) -> str:
+        """The decision-cache key of ``message`` under ``spec`` (never contains the text)."""
+        from workers.cache import cache_key  # noqa: PLC0415 -- keeps the cache optional
+
+        llm = self.llm
+        return cache_key(
+            message.text,
+            policy=spec.name,
+            policy_version=spec.version,
+            model_version=self.classifier.model_version,
+            llm_route=llm.route_key(spec) if llm is not None else NO_LLM_ROUTE,
+            prompt_version=llm.prompt_version if llm is not None else NO_LLM_ROUTE,
+            task=message.task.value,
+        )
 
     def decide(self, messages: Sequence[Message]) -> list[Decision]:
-        """One decision per message, in input order; the BERT tier runs once for the batch."""
+        """One decision per message, in input order.
+
+        Raises :class:`~workers.errors.UnknownPolicyError` (before any work) when a message
+        names a policy that is not loaded, and :class:`~workers.errors.CoordinationError` when
+        the shared cache or budget store is unreachable.
+        """
         if not messages:
             return []
         started = time.perf_counter()
-        predictions = self.classifier.predict([m.text for m in messages])
-        bert_ms = (time.perf_counter() - started) * 1000.0
+        specs = [self.policies.get(m.policy) for m in messages]
+        keys = [self.cache_key(m, s) for m, s in zip(messages, specs, strict=True)]
+        decisions: list[Decision | None] = [None] * len(messages)
+
+        lookup_ms = 0.0
+        if self.cache is not None:
+            cache_started = time.perf_counter()
+            hits = self.cache.get_many(keys)
+            lookup_ms = _ms(cache_started)
+            for i, hit in enumerate(hits):
+                if hit is not None:
+                    decisions[i] = _from_cache(hit, messages[i], lookup_ms)
+
+        misses = [i for i, d in enumerate(decisions) if d is None]
+        if misses:
+            bert_started = time.perf_counter()
+            predictions = self.classifier.predict([messages[i].text for i in misses])
+            bert_ms = _ms(bert_started)
+            timings = {"cache": lookup_ms, "bert": bert_ms} if self.cache else {"bert": bert_ms}
+            pending = self._route(misses, messages, specs, keys, predictions, timings, decisions)
+            self._answer_with_llm(pending, decisions, timings)
+            self._store(misses, keys, specs, decisions)
+
+        total = _ms(started)
         return [
-            _bert_decision(message, prediction, bert_ms)
-            for message, prediction in zip(messages, predictions, strict=True)
+            d.model_copy(update={"timings_ms": {**d.timings_ms, "total": total}})
+            for d in decisions
+            if d is not None
         ]
 
+    # ------------------------------------------------------------------------------ steps
 
-def _bert_decision(message: Message, prediction: Prediction, bert_ms: float) -> Decision:
+    def _route(
+        self,
+        misses: Sequence[int],
+        messages: Sequence[Message],
+        specs: Sequence[PolicySpec],
+        keys: Sequence[str],
+        predictions: Sequence[Prediction],
+        timings: Mapping[str, float],
+        decisions: list[Decision | None],
+    ) -> list[_Pending]:
+        """Apply each message's policy; answer what the BERT tier may answer, collect the rest."""
+        states: dict[str, BudgetState] = {}
+        pending: list[_Pending] = []
+        for i, prediction in zip(misses, predictions, strict=True):
+            message, spec = messages[i], specs[i]
+            if spec.name not in states:
+                states[spec.name] = (
+                    self.budget.state(spec.name, spec.budget)
+                    if self.budget is not None
+                    else BudgetState()
+                )
+            route = decide(prediction, spec, states[spec.name], message.task)
+            if route.target is Target.BERT:
+                skipped = LLMSkip.BUDGET_EXHAUSTED if route.budget_exhausted else None
+                decisions[i] = _bert_decision(message, spec, prediction, route, timings, skipped)
+            elif route.target is Target.DEFER:
+                decisions[i] = _bert_decision(
+                    message, spec, prediction, route, timings, LLMSkip.BUDGET_EXHAUSTED
+                ).model_copy(update={"status": Status.DEFERRED})
+            elif self.llm is None or not self.llm.configured(spec):
+                decisions[i] = _bert_decision(
+                    message, spec, prediction, route, timings, LLMSkip.NO_PROVIDER
+                )
+            else:
+                pending.append(_Pending(i, message, spec, prediction, route, keys[i]))
+        return pending
+
+    def _answer_with_llm(
+        self,
+        pending: Sequence[_Pending],
+        decisions: list[Decision | None],
+        timings: Mapping[str, float],
+    ) -> None:
+        """Ask the LLM once per distinct cache key, ``llm_concurrency`` requests at a time."""
+        if not pending:
+            return
+        by_key: dict[str, list[_Pending]] = {}
+        for item in pending:
+            by_key.setdefault(item.key, []).append(item)
+        workers = min(self.llm_concurrency, len(by_key))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiergate-llm") as pool:
+            answers = pool.map(lambda group: self._ask(group[0], timings), by_key.values())
+            for group, answer in zip(by_key.values(), answers, strict=True):
+                for item in group:
+                    decisions[item.index] = answer.model_copy(
+                        update={"id": item.message.id, "metadata": dict(item.message.metadata)}
+                    )
+
+    def _ask(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
+        """The decision for one routed message: from another worker, or from our LLM call."""
+        lease = None
+        # With caching off for this policy there is no shared result to wait for.
+        if self.cache is not None and item.spec.cache.ttl_seconds > 0:
+            try:
+                waited = self.cache.wait(item.key, self.single_flight_timeout_s)
+            except SingleFlightTimeout as exc:
+                return self._fallback(item, timings, LLMSkip.LLM_UNAVAILABLE, str(exc))
+            if isinstance(waited, Decision):
+                return _from_cache(waited, item.message, timings.get("cache", 0.0))
+            lease = waited
+        try:
+            decision = self._call_llm(item, timings)
+            if self.cache is not None and decision.llm_skipped is None:
+                self.cache.put(item.key, decision, item.spec.cache.ttl_seconds)
+            return decision
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _call_llm(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
+        from workers.llm.tier import LLMRequest  # noqa: PLC0415 -- the SDKs load only when used
+
+        llm = self.llm
+        assert llm is not None
+        reservation = None
+        if self.budget is not None:
+            estimate = llm.estimate_cost(item.spec, item.message.text)
+            reservation = self.budget.reserve(item.spec.name, item.spec.budget, estimate)
+            if reservation is None:
+                log.info("budget.exhausted", policy=item.spec.name, message_id=item.message.id)
+                return self._budget_fallback(item, timings)
+        started = time.perf_counter()
+        request = LLMRequest(
+            text=item.message.text,
+            spec=item.spec,
+            task=item.message.task,
+            labels=item.route.labels,
+        )
+        spent = reservation.usd if reservation is not None else 0.0
+        try:
+            result = llm.answer(request)
+            spent = result.usage.cost_usd
+        except LLMError as exc:
+            # A permanent failure consumed tokens we cannot see; keep the reservation as spent.
+            spent = spent if isinstance(exc, PermanentLLMError) else 0.0
+            skip = (
+                LLMSkip.INVALID_ANSWER
+                if isinstance(exc, PermanentLLMError)
+                else LLMSkip.LLM_UNAVAILABLE
+            )
+            log.warning(
+                "llm.failed", policy=item.spec.name, message_id=item.message.id, error=str(exc)
+            )
+            return self._fallback(item, timings, skip, str(exc))
+        finally:
+            if reservation is not None and self.budget is not None:
+                self.budget.settle(reservation, spent)
+        llm_ms = _ms(started)
+        return _llm_decision(item, result, {**timings, "llm": llm_ms})
+
+    def _budget_fallback(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
+        """The policy's fallback for a budget found spent at reservation time."""
+        decision = _bert_decision(
+            item.message, item.spec, item.prediction, item.route, timings, LLMSkip.BUDGET_EXHAUSTED
+        )
+        if item.spec.budget.when_exhausted is WhenExhausted.DEFER:
+            return decision.model_copy(update={"status": Status.DEFERRED})
+        return decision
+
+    def _fallback(
+        self, item: _Pending, timings: Mapping[str, float], skip: LLMSkip, error: str
+    ) -> Decision:
+        return _bert_decision(
+            item.message, item.spec, item.prediction, item.route, timings, skip
+        ).model_copy(update={"llm_error": error})
+
+    def _store(
+        self,
+        indices: Sequence[int],
+        keys: Sequence[str],
+        specs: Sequence[PolicySpec],
+        decisions: Sequence[Decision | None],
+    ) -> None:
+        """Cache the final BERT decisions (LLM answers were cached under their lease)."""
+        if self.cache is None:
+            return
+        for i in indices:
+            decision = decisions[i]
+            if (
+                decision is not None
+                and decision.tier is Tier.BERT
+                and decision.llm_skipped is None
+                and decision.status is Status.ANSWERED
+                and not decision.cached
+            ):
+                self.cache.put(keys[i], decision, specs[i].cache.ttl_seconds)
+
+
+# ---------------------------------------------------------------------------------- decisions
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _bert_labels(prediction: Prediction, spec: PolicySpec) -> tuple[str | None, list[str]]:
     if prediction.multi_label:
-        labels = prediction.labels_above(MULTI_LABEL_THRESHOLD)
-        label = None
-    else:
-        label = prediction.top_label
-        labels = [label]
+        return None, prediction.labels_above(spec.escalation.flag_threshold)
+    return prediction.top_label, [prediction.top_label]
+
+
+def _bert_decision(
+    message: Message,
+    spec: PolicySpec,
+    prediction: Prediction,
+    route: Route,
+    timings: Mapping[str, float],
+    skipped: LLMSkip | None,
+) -> Decision:
+    label, labels = _bert_labels(prediction, spec)
     return Decision(
         id=message.id,
         label=label,
         labels=labels,
         scores=prediction.scores(),
         tier=Tier.BERT,
-        reason=Reason.BERT_ONLY,
+        reason=route.reason,
+        llm_skipped=skipped,
         chunks=prediction.chunks,
         model_version=prediction.model_version,
-        policy=message.policy,
-        timings_ms={"bert": round(bert_ms, 3)},
+        policy=spec.name,
+        policy_version=spec.version,
+        task=message.task,
+        timings_ms=dict(timings),
         metadata=dict(message.metadata),
+    )
+
+
+def _llm_decision(item: _Pending, result: LLMResult, timings: Mapping[str, float]) -> Decision:
+    prediction, spec = item.prediction, item.spec
+    if prediction.multi_label:
+        # The LLM judged only the borderline labels; the confident ones keep the BERT verdict.
+        asked = set(item.route.labels) if item.route.labels else set(prediction.labels)
+        confident = [
+            label
+            for label in prediction.labels_above(spec.escalation.flag_threshold)
+            if label not in asked
+        ]
+        flagged = set(confident) | (set(result.labels) & asked)
+        label, labels = None, [name for name in prediction.labels if name in flagged]
+    else:
+        label = result.label if result.label is not None else prediction.top_label
+        labels = [label]
+    return Decision(
+        id=item.message.id,
+        label=label,
+        labels=labels,
+        scores=prediction.scores(),
+        tier=Tier.LLM,
+        reason=item.route.reason,
+        text=result.text,
+        chunks=prediction.chunks,
+        model_version=prediction.model_version,
+        policy=spec.name,
+        policy_version=spec.version,
+        task=item.message.task,
+        llm=result.usage,
+        timings_ms=dict(timings),
+        metadata=dict(item.message.metadata),
+    )
+
+
+def _from_cache(hit: Decision, message: Message, lookup_ms: float) -> Decision:
+    return hit.model_copy(
+        update={
+            "id": message.id,
+            "metadata": dict(message.metadata),
+            "cached": True,
+            "timings_ms": {"cache": lookup_ms},
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------- assembly
+
+
+def load_policy_book(
+    settings: Settings, labels: tuple[str, ...], *, multi_label: bool
+) -> PolicyBook:
+    """The policies a process serves, each checked against the model's label set.
+
+    ``settings.policy_files`` when given (the first is the default); otherwise the shipped
+    policy whose labels are the model's (the default model's ``rotten-tomatoes``), or else a
+    policy built from the model's labels that lets every BERT answer stand. Raises
+    :class:`~policies.spec.PolicyError` for a policy whose labels or head differ from the model.
+    """
+    if settings.policy_files:
+        specs = [load_policy(path) for path in settings.policy_files]
+    else:
+        shipped = [example_policy(name) for name in EXAMPLES]
+        matching = [
+            s for s in shipped if set(s.label_names) == set(labels) and s.multi_label == multi_label
+        ]
+        specs = matching[:1] or [PolicySpec.for_labels(labels, multi_label=multi_label)]
+    for spec in specs:
+        check_policy_fits_model(spec, labels, multi_label=multi_label)
+    return PolicyBook(specs)
+
+
+def check_policy_fits_model(
+    spec: PolicySpec, labels: tuple[str, ...], *, multi_label: bool
+) -> None:
+    """Raise :class:`~policies.spec.PolicyError` unless ``spec`` describes the model's head."""
+    if set(spec.label_names) != set(labels):
+        missing = sorted(set(labels) - set(spec.label_names))
+        extra = sorted(set(spec.label_names) - set(labels))
+        raise PolicyError(
+            f"policy {spec.name!r} does not match the model's labels "
+            f"(missing {missing}, not in the model {extra})"
+        )
+    if spec.multi_label != multi_label:
+        kind = "multi-label" if multi_label else "single-label"
+        raise PolicyError(f"policy {spec.name!r} does not match the model's {kind} head")
+
+
+def build_cascade(
+    settings: Settings,
+    classifier: Classifier,
+    policies: PolicyBook,
+    *,
+    use_cache: bool = True,
+) -> Cascade:
+    """A cascade with the cache, budgets and LLM tier that ``settings`` configure.
+
+    With ``settings.redis_url`` the decision cache, single-flight, budgets and the circuit
+    breaker's state live in Redis and are shared by every process; without it the cache is the
+    embedded SQLite file and budgets and breaker state are per process.
+    """
+    from workers.budget import open_budget_ledger  # noqa: PLC0415
+    from workers.cache import open_cache  # noqa: PLC0415
+    from workers.llm.breaker import LocalBreakerStore, RedisBreakerStore  # noqa: PLC0415
+    from workers.llm.tier import LLMTier  # noqa: PLC0415
+
+    store: LocalBreakerStore | RedisBreakerStore
+    if settings.redis_url:
+        import redis  # noqa: PLC0415
+
+        store = RedisBreakerStore(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
+    else:
+        store = LocalBreakerStore()
+    return Cascade(
+        classifier,
+        policies,
+        llm=LLMTier(settings, breaker_store=store),
+        cache=open_cache(settings) if use_cache else None,
+        budget=open_budget_ledger(settings),
+        llm_concurrency=settings.llm_concurrency,
+        single_flight_timeout_s=settings.single_flight_timeout_s,
     )

@@ -6,9 +6,22 @@ The hierarchy::
     ├── InputError             bad input from a user; the CLI exits with code 2
     │   ├── RecordError        one record of a file is bad (carries its line number)
     │   └── DataFileError      a whole input file is unusable (missing column, unreadable)
-    └── ModelError             the model directory cannot be used
-        ├── ModelNotFoundError     no model directory, or a file missing from it
-        └── ModelIntegrityError    a corrupt manifest or a file whose hash does not match
+    │   └── UnknownPolicyError a message names a policy that is not loaded
+    ├── ModelError             the model directory cannot be used
+    │   ├── ModelNotFoundError     no model directory, or a file missing from it
+    │   └── ModelIntegrityError    a corrupt manifest or a file whose hash does not match
+    ├── LLMError               an LLM provider gave no usable answer (carries provider, status)
+    │   ├── TransientLLMError      worth retrying later: 429, 5xx, timeouts, connection errors
+    │   │   └── BreakerOpenError   the provider's circuit breaker is open; no call was made
+    │   └── PermanentLLMError      retrying the same request will not help
+    │       ├── ProviderNotConfiguredError  unknown provider name or no API key
+    │       ├── InvalidAnswerError the answer failed validation, also after one repair attempt
+    │       └── RefusalError       the model refused to answer
+    └── CoordinationError      the decision cache, single-flight or budget store failed
+        └── SingleFlightTimeout    another worker's LLM call did not finish in time
+
+``TransientError`` marks the errors worth retrying (``TransientLLMError``,
+``CoordinationError``): Celery's ``autoretry_for`` names exactly that class.
 
 Every error keeps its constructor arguments in ``args`` so it survives pickling (Celery carries
 errors between processes).
@@ -66,3 +79,79 @@ class ModelNotFoundError(ModelError):
 
 class ModelIntegrityError(ModelError):
     """The manifest is corrupt or a file does not match the hash the manifest records."""
+
+
+class TransientError(TiergateError):
+    """An error that may go away on its own; the same work can be retried later."""
+
+
+class UnknownPolicyError(InputError):
+    """A message names a policy that this process has not loaded."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(name, known)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown policy {self.name!r} (loaded: {', '.join(self.known) or 'none'})"
+
+
+class LLMError(TiergateError):
+    """An LLM provider gave no usable answer.
+
+    Attributes:
+        provider: the provider's name (``openai``, ``anthropic``).
+        reason: what went wrong, in words.
+        status_code: the HTTP status of the failed call, when there was one.
+        retry_after: seconds the provider asked us to wait (``Retry-After``), when it did.
+    """
+
+    def __init__(
+        self,
+        provider: str,
+        reason: str,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(provider, reason, status_code, retry_after)
+        self.provider = provider
+        self.reason = reason
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        status = f" (HTTP {self.status_code})" if self.status_code is not None else ""
+        return f"{self.provider}: {self.reason}{status}"
+
+
+class TransientLLMError(LLMError, TransientError):
+    """A failure worth retrying later: rate limited, server error, timeout, connection."""
+
+
+class BreakerOpenError(TransientLLMError):
+    """The provider's circuit breaker is open, so no call was made."""
+
+
+class PermanentLLMError(LLMError):
+    """A failure that retrying the same request will not fix."""
+
+
+class ProviderNotConfiguredError(PermanentLLMError):
+    """An unknown provider name, or a provider whose API key is not set."""
+
+
+class InvalidAnswerError(PermanentLLMError):
+    """The LLM's answer failed validation, and so did its one repair attempt."""
+
+
+class RefusalError(PermanentLLMError):
+    """The LLM refused to answer."""
+
+
+class CoordinationError(TransientError):
+    """The shared store behind the decision cache, single-flight or budgets failed."""
+
+
+class SingleFlightTimeout(CoordinationError):  # noqa: N818 -- reads as the event it reports
+    """Waiting for another worker's LLM answer to the same message timed out."""

@@ -6,34 +6,13 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+from policies.prediction import Prediction
+from policies.routing import Reason
+from policies.spec import Task
 
 JSONScalar = StrictStr | int | float | bool | None
-
-
-class Task(StrEnum):
-    """What the producer asks for: a label, or a label plus generated text."""
-
-    CLASSIFY = "classify"
-    REPLY = "reply"
-    SUMMARY = "summary"
-    EXPLAIN = "explain"
-
-
-class Tier(StrEnum):
-    """The tier that decided a message."""
-
-    BERT = "bert"
-    LLM = "llm"
-
-
-class Reason(StrEnum):
-    """Why the deciding tier decided.
-
-    ``BERT_ONLY`` means no policy was applied: the BERT tier's top label is the answer.
-    """
-
-    BERT_ONLY = "bert_only"
 
 
 def _new_id() -> str:
@@ -66,64 +45,55 @@ class Message(BaseModel):
         return value
 
 
-class Prediction(BaseModel):
-    """What the BERT tier says about one text: calibrated probabilities over its label set.
+class Tier(StrEnum):
+    """The tier that decided a message."""
 
-    ``probabilities[i]`` belongs to ``labels[i]``. For a single-label head they sum to 1 (a
-    temperature-scaled softmax, averaged over windows); for a multi-label head each is an
-    independent temperature-scaled sigmoid (the maximum over windows). ``chunks`` is the number
-    of windows the text was split into (1 when it fit the model's window).
+    BERT = "bert"
+    LLM = "llm"
+
+
+class Status(StrEnum):
+    """Whether a decision is final.
+
+    ``answered``: the decision is final. ``deferred``: the policy's budget was spent and its
+    fallback is deferral, so the message must be submitted again later; the label is the BERT
+    tier's provisional answer and the decision is not cached.
+    """
+
+    ANSWERED = "answered"
+    DEFERRED = "deferred"
+
+
+class LLMSkip(StrEnum):
+    """Why a message the policy sent to the LLM was answered by the BERT tier instead.
+
+    ``no_provider``: the policy lists no provider, or none has an API key configured.
+    ``budget_exhausted``: the policy's LLM budget is spent (its fallback is the BERT answer).
+    ``llm_unavailable``: every provider failed (errors, timeouts, an open circuit breaker).
+    ``invalid_answer``: the LLM's answer stayed invalid after one repair attempt, or it refused.
+    """
+
+    NO_PROVIDER = "no_provider"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    LLM_UNAVAILABLE = "llm_unavailable"
+    INVALID_ANSWER = "invalid_answer"
+
+
+class LLMUsage(BaseModel):
+    """What one LLM answer cost.
+
+    Tokens as the provider reported them, summed over attempts, and dollars from the price
+    table in settings (0 when the model has no price).
     """
 
     model_config = ConfigDict(frozen=True)
 
-    labels: tuple[str, ...]
-    probabilities: tuple[float, ...]
-    multi_label: bool
-    chunks: int = Field(ge=1)
-    model_version: str
-
-    @model_validator(mode="after")
-    def _probabilities_match_labels(self) -> Prediction:
-        if len(self.labels) != len(self.probabilities) or not self.labels:
-            raise ValueError("labels and probabilities must be non-empty and of equal length")
-        if not all(0.0 <= p <= 1.0 for p in self.probabilities):
-            raise ValueError("probabilities must lie in [0, 1]")
-        return self
-
-    @property
-    def top_label(self) -> str:
-        """The label with the highest probability."""
-        return self.labels[self._ranked[0]]
-
-    @property
-    def top_probability(self) -> float:
-        """The highest calibrated probability."""
-        return self.probabilities[self._ranked[0]]
-
-    @property
-    def margin(self) -> float:
-        """Top probability minus the runner-up's (1.0 when there is a single label)."""
-        ranked = self._ranked
-        if len(ranked) < 2:
-            return 1.0
-        return self.probabilities[ranked[0]] - self.probabilities[ranked[1]]
-
-    def scores(self) -> dict[str, float]:
-        """Probabilities keyed by label."""
-        return dict(zip(self.labels, self.probabilities, strict=True))
-
-    def labels_above(self, threshold: float) -> list[str]:
-        """Labels whose probability is at least ``threshold`` (multi-label flags)."""
-        return [
-            label
-            for label, p in zip(self.labels, self.probabilities, strict=True)
-            if p >= threshold
-        ]
-
-    @property
-    def _ranked(self) -> list[int]:
-        return sorted(range(len(self.probabilities)), key=lambda i: -self.probabilities[i])
+    provider: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 1
 
 
 class Decision(BaseModel):
@@ -131,21 +101,45 @@ class Decision(BaseModel):
 
     ``label`` is the single answer (single-label policies); ``labels`` lists the flagged labels
     (multi-label policies; for single-label it holds ``label`` alone). ``scores`` gives every
-    label's calibrated probability. ``tier`` says which tier decided and ``reason`` why.
-    ``timings_ms`` holds the time spent per step (for example ``bert``), in milliseconds.
+    label's calibrated BERT probability. ``tier`` says which tier decided and ``reason`` why
+    the policy routed the message as it did. When the policy wanted the LLM but the BERT tier
+    answered, ``llm_skipped`` says why (and ``llm_error`` gives the detail of a failure).
+    ``text`` is the generated text when generation was asked for. ``cached`` is true when the
+    decision was served from the decision cache (``tier`` is then the tier that first decided
+    it). ``timings_ms`` holds the time spent per step, in milliseconds.
     """
 
     model_config = ConfigDict(frozen=True)
 
     id: str
+    status: Status = Status.ANSWERED
     label: str | None
     labels: list[str]
     scores: dict[str, float]
     tier: Tier
     reason: Reason
+    llm_skipped: LLMSkip | None = None
+    llm_error: str | None = None
+    text: str | None = None
+    cached: bool = False
     chunks: int
     model_version: str
     policy: str
     policy_version: str | None = None
+    task: Task = Task.CLASSIFY
+    llm: LLMUsage | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+__all__ = [
+    "Decision",
+    "LLMSkip",
+    "LLMUsage",
+    "Message",
+    "Prediction",
+    "Reason",
+    "Status",
+    "Task",
+    "Tier",
+]

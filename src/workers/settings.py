@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,6 +21,30 @@ def _default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
     return base / "tiergate"
+
+
+class Price(BaseModel):
+    """A model's price in US dollars per million tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input_per_mtok: NonNegativeFloat
+    output_per_mtok: NonNegativeFloat
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """Dollars for one call with this usage."""
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+# Published list prices (USD per million tokens) of common small models; override or extend
+# with TIERGATE_LLM_PRICES='{"my-model": {"input_per_mtok": 0.1, "output_per_mtok": 0.4}}'.
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
+    "gpt-4.1-mini": Price(input_per_mtok=0.40, output_per_mtok=1.60),
+    "gpt-4.1-nano": Price(input_per_mtok=0.10, output_per_mtok=0.40),
+    "claude-haiku-4-5": Price(input_per_mtok=1.00, output_per_mtok=5.00),
+    "claude-3-5-haiku-latest": Price(input_per_mtok=0.80, output_per_mtok=4.00),
+}
 
 
 class Settings(BaseSettings):
@@ -52,10 +84,79 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="structlog level name.")
 
+    # --- policies
+    policy_files: list[Path] = Field(
+        default_factory=list,
+        description="Policy YAML files to load (JSON list); the first is also served as "
+        "'default'. Empty: the default model's shipped policy, or one built from the model's "
+        "labels.",
+    )
+
+    # --- the LLM tier
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="API key for the 'openai' provider (or OPENAI_API_KEY)."
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        description="Endpoint of an OpenAI-compatible server (vLLM, Ollama, llama.cpp); a "
+        "policy's provider entry may override it.",
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, description="API key for the 'anthropic' provider (or ANTHROPIC_API_KEY)."
+    )
+    anthropic_base_url: str | None = Field(
+        default=None, description="Endpoint of the Anthropic API (or a compatible server)."
+    )
+    llm_timeout_s: PositiveFloat = Field(default=30.0, description="Per-request LLM timeout.")
+    llm_max_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Retries per provider on 429, 5xx, timeouts and connection errors, with "
+        "exponential backoff that honours Retry-After.",
+    )
+    llm_concurrency: PositiveInt = Field(
+        default=8, description="LLM requests in flight at once per process."
+    )
+    llm_prices: dict[str, Price] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="USD per million input and output tokens, keyed by model name.",
+    )
+    redact_pii: bool = Field(
+        default=True,
+        description="Replace e-mail addresses, phone numbers, card numbers, IBANs and IP "
+        "addresses with placeholders before text leaves for an LLM.",
+    )
+    breaker_failures: PositiveInt = Field(
+        default=5, description="Consecutive provider failures that open its circuit breaker."
+    )
+    breaker_reset_s: PositiveFloat = Field(
+        default=30.0, description="Seconds an open breaker waits before letting a probe through."
+    )
+
+    # --- cache, single-flight and budgets
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the decision cache, single-flight, budgets and breaker state. "
+        "Unset: an embedded SQLite cache and in-process state.",
+    )
+    cache_prefix: str = Field(default="tiergate", description="Prefix of every Redis key.")
+    cache_path: Path | None = Field(
+        default=None, description="The embedded SQLite cache (default <data_dir>/cache.sqlite3)."
+    )
+    single_flight_timeout_s: PositiveFloat = Field(
+        default=60.0,
+        description="How long a message waits for another worker's LLM call on the same text.",
+    )
+
     @property
     def resolved_model_dir(self) -> Path:
         """The model directory to load: ``model_dir`` if set, else the default model's."""
         return self.model_dir if self.model_dir is not None else self.default_model_dir
+
+    @property
+    def resolved_cache_path(self) -> Path:
+        """The embedded SQLite cache file."""
+        return self.cache_path if self.cache_path is not None else self.data_dir / "cache.sqlite3"
 
     @property
     def default_model_dir(self) -> Path:

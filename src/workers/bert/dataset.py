@@ -18,11 +18,21 @@ from workers.records import InputFormat, Record, detect_format, read_bytes, read
 
 @dataclass(frozen=True)
 class LabelledExample:
-    """One training or evaluation example."""
+    """One training or evaluation example.
+
+    ``id`` is the record's ``id`` field when it has one (evaluation joins recorded LLM answers
+    on it), else ``line-<n>``.
+    """
 
     text: str
     labels: tuple[str, ...]
     line: int
+    id: str = ""
+
+    @property
+    def message_id(self) -> str:
+        """The id to key this example by."""
+        return self.id or f"line-{self.line}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,10 @@ def _example(
         if not label:
             return RecordError(record.line, f"{label_column!r} is empty")
         labels = (label,)
-    return LabelledExample(text=text, labels=labels, line=record.line)
+    raw_id = fields.get("id")
+    usable_id = isinstance(raw_id, str | int) and not isinstance(raw_id, bool)
+    example_id = str(raw_id) if usable_id else ""
+    return LabelledExample(text=text, labels=labels, line=record.line, id=example_id)
 
 
 def label_set(examples: Sequence[LabelledExample]) -> list[str]:

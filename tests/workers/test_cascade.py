@@ -1,0 +1,195 @@
+"""The cascade: cache, BERT tier, policy and LLM tier in one pass, with real Redis and HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from policies.routing import Reason
+from policies.spec import BudgetSpec, Escalation, LabelSpec, PolicySpec, Task, WhenExhausted
+from workers.budget import LocalBudgetLedger, RedisBudgetLedger
+from workers.cache import RedisDecisionCache, SqliteDecisionCache
+from workers.cascade import Cascade, PolicyBook, check_policy_fits_model, load_policy_book
+from workers.errors import UnknownPolicyError
+from workers.schemas import LLMSkip, Message, Status, Tier
+from workers.settings import Settings
+from workers.testing import FixedScoreClassifier
+
+LABELS = ("negative", "positive", "synopsis")
+CONFIDENT = (0.95, 0.03, 0.02)
+UNSURE = (0.4, 0.35, 0.25)
+
+
+def policy(**changes) -> PolicySpec:
+    """The films policy (escalates below 0.8), with ``changes`` applied."""
+    spec = PolicySpec(
+        name="films",
+        version="1",
+        labels=[LabelSpec(name=n, description=f"a {n} snippet") for n in LABELS],
+        escalation=Escalation(min_probability=0.8),
+    )
+    return spec.model_copy(update=changes)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh key prefix; every key under it is deleted afterwards."""
+    prefix = f"test-cascade-{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def classifier(**scores) -> FixedScoreClassifier:
+    """A classifier that is confident about every text except those given scores."""
+    return FixedScoreClassifier(LABELS, dict(scores.items()), default=CONFIDENT)
+
+
+def test_confident_messages_are_answered_by_bert_in_input_order():
+    """Every message gets one decision, in order, with the policy's name and version."""
+    cascade = Cascade(classifier(), PolicyBook([policy()]))
+    messages = [Message(id=f"m{i}", text=f"text {i}") for i in range(5)]
+    decisions = cascade.decide(messages)
+    assert [d.id for d in decisions] == [m.id for m in messages]
+    assert all(d.tier is Tier.BERT and d.reason is Reason.CONFIDENT for d in decisions)
+    assert {(d.policy, d.policy_version) for d in decisions} == {("films", "1")}
+    assert all("bert" in d.timings_ms and "total" in d.timings_ms for d in decisions)
+
+
+def test_routed_message_without_llm_says_the_step_was_skipped():
+    """With no LLM tier, a low-confidence message gets the BERT answer and llm_skipped."""
+    cascade = Cascade(classifier(hard=UNSURE), PolicyBook([policy()]))
+    easy, hard = cascade.decide([Message(text="easy"), Message(text="hard")])
+    assert (easy.tier, easy.llm_skipped) == (Tier.BERT, None)
+    assert (hard.tier, hard.reason, hard.llm_skipped) == (
+        Tier.BERT,
+        Reason.LOW_CONFIDENCE,
+        LLMSkip.NO_PROVIDER,
+    )
+    assert hard.label == "negative"
+
+
+def test_unknown_policy_is_refused_before_any_work():
+    """A message naming a policy that is not loaded raises, and the BERT tier is not run."""
+    scorer = classifier()
+    cascade = Cascade(scorer, PolicyBook([policy()]))
+    with pytest.raises(UnknownPolicyError, match="films"):
+        cascade.decide([Message(text="a"), Message(text="b", policy="nope")])
+    assert scorer.calls == 0
+
+
+def test_default_policy_answers_to_its_name_and_to_default():
+    """Messages may name the policy or leave the default; both resolve to the same spec."""
+    cascade = Cascade(classifier(), PolicyBook([policy(), policy(name="other")]))
+    named, default, other = cascade.decide(
+        [Message(text="a", policy="films"), Message(text="a"), Message(text="a", policy="other")]
+    )
+    assert named.policy == default.policy == "films"
+    assert other.policy == "other"
+
+
+@pytest.mark.parametrize("backend", ["redis", "sqlite"])
+def test_repeated_message_is_answered_from_the_cache(backend, redis_prefix, tmp_path):
+    """A second identical message (after normalisation) is a hit and skips the BERT tier."""
+    cache = (
+        RedisDecisionCache(redis.Redis(host="127.0.0.1", port=6379), redis_prefix)
+        if backend == "redis"
+        else SqliteDecisionCache(tmp_path / "cache.sqlite3")
+    )
+    scorer = classifier()
+    cascade = Cascade(scorer, PolicyBook([policy()]), cache=cache)
+    first = cascade.decide([Message(id="a", text="A  fine   film.", metadata={"n": 1})])[0]
+    second = cascade.decide([Message(id="b", text=" A fine film. ", metadata={"n": 2})])[0]
+    assert (first.cached, second.cached) == (False, True)
+    assert (second.id, second.metadata, second.tier) == ("b", {"n": 2}, Tier.BERT)
+    assert second.label == first.label
+    assert scorer.texts_scored == 1
+    assert "bert" not in second.timings_ms
+    cache.close()
+
+
+def test_cache_key_changes_with_policy_version_and_task():
+    """A new policy version or another task is never served an old decision."""
+    cascade = Cascade(classifier(), PolicyBook([policy()]))
+    message = Message(text="same")
+    base = cascade.cache_key(message, policy())
+    assert base != cascade.cache_key(message, policy(version="2"))
+    assert base != cascade.cache_key(Message(text="same", task=Task.REPLY), policy())
+    assert "same" not in base
+
+
+def test_skipped_llm_fallbacks_are_not_cached(tmp_path):
+    """A BERT answer given because the LLM was unavailable is recomputed next time."""
+    cache = SqliteDecisionCache(tmp_path / "cache.sqlite3")
+    scorer = classifier(hard=UNSURE)
+    cascade = Cascade(scorer, PolicyBook([policy()]), cache=cache)
+    cascade.decide([Message(text="hard")])
+    again = cascade.decide([Message(text="hard")])[0]
+    assert (again.cached, again.llm_skipped) == (False, LLMSkip.NO_PROVIDER)
+    assert scorer.texts_scored == 2
+    cache.close()
+
+
+def test_spent_budget_defers_or_flags_as_the_policy_says(redis_prefix):
+    """With usd_per_day 0 a routed message is deferred (defer) or flagged (bert)."""
+    ledger = RedisBudgetLedger(redis.Redis(host="127.0.0.1", port=6379), redis_prefix)
+    spent = BudgetSpec(usd_per_day=0.0, when_exhausted=WhenExhausted.DEFER)
+    deferring = policy(name="deferring", budget=spent)
+    flagging = policy(
+        name="flagging", budget=spent.model_copy(update={"when_exhausted": WhenExhausted.BERT})
+    )
+    cascade = Cascade(classifier(hard=UNSURE), PolicyBook([deferring, flagging]), budget=ledger)
+    deferred, flagged, easy = cascade.decide(
+        [
+            Message(text="hard", policy="deferring"),
+            Message(text="hard", policy="flagging"),
+            Message(text="easy", policy="deferring"),
+        ]
+    )
+    assert (deferred.status, deferred.llm_skipped) == (Status.DEFERRED, LLMSkip.BUDGET_EXHAUSTED)
+    assert (flagged.status, flagged.llm_skipped) == (Status.ANSWERED, LLMSkip.BUDGET_EXHAUSTED)
+    assert (easy.status, easy.llm_skipped) == (Status.ANSWERED, None)
+
+
+def test_policy_book_for_the_default_model_is_the_shipped_policy(tmp_path):
+    """Without policy files, a model with the default labels gets the rotten-tomatoes policy."""
+    book = load_policy_book(Settings(data_dir=tmp_path), LABELS, multi_label=False)
+    assert book.default.name == "rotten-tomatoes"
+    other = load_policy_book(Settings(data_dir=tmp_path), ("x", "y"), multi_label=False)
+    assert other.default.escalation.min_probability == 0.0
+
+
+def test_policy_that_does_not_fit_the_model_is_refused(tmp_path: Path):
+    """A policy with other labels, or another head, names the mismatch."""
+    from policies.spec import PolicyError
+
+    with pytest.raises(PolicyError, match=r"missing \['positive'\]"):
+        check_policy_fits_model(
+            policy(labels=[LabelSpec(name="negative"), LabelSpec(name="synopsis")]),
+            LABELS,
+            multi_label=False,
+        )
+    with pytest.raises(PolicyError, match="multi-label head"):
+        check_policy_fits_model(policy(), LABELS, multi_label=True)
+    path = tmp_path / "p.yaml"
+    path.write_text(policy(name="custom").to_yaml())
+    book = load_policy_book(
+        Settings(data_dir=tmp_path, policy_files=[path]), LABELS, multi_label=False
+    )
+    assert book.names == ("custom",)
+
+
+def test_local_ledger_counts_only_llm_routes():
+    """Confident messages never touch the budget; the ledger reports nothing spent."""
+    ledger = LocalBudgetLedger()
+    spec = policy(budget=BudgetSpec(calls_per_minute=1))
+    cascade = Cascade(classifier(), PolicyBook([spec]), budget=ledger)
+    cascade.decide([Message(text=f"t{i}") for i in range(10)])
+    assert ledger.state("films", spec.budget).calls_left == 1
