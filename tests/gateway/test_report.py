@@ -1,0 +1,130 @@
+"""Reports: the evaluation JSON and PNG, and the rich tables of eval and calibrate."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from gateway.report import calibration_table, evaluation_table, write_evaluation
+from policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share
+from policies.evaluate import evaluate_cascade, simulate_llm
+from policies.prediction import Prediction
+from policies.spec import Escalation, LabelSpec, PolicySpec
+
+LABELS = ("neg", "pos")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    """300 calibrated two-label predictions with gold labels, and a policy."""
+    rng = np.random.default_rng(0)
+    predictions, gold = [], []
+    for c, draw, top in zip(
+        rng.uniform(0.5, 1.0, 300), rng.random(300), rng.integers(0, 2, 300), strict=True
+    ):
+        probabilities = (float(c), 1 - float(c)) if top == 0 else (1 - float(c), float(c))
+        predictions.append(
+            Prediction(
+                labels=LABELS,
+                probabilities=probabilities,
+                multi_label=False,
+                chunks=1,
+                model_version="test",
+            )
+        )
+        gold.append(LABELS[top] if draw < c else LABELS[1 - top])
+    spec = PolicySpec(
+        name="reviews",
+        version="3",
+        labels=[LabelSpec(name=n) for n in LABELS],
+        escalation=Escalation(min_probability=0.8),
+    )
+    return predictions, gold, spec
+
+
+@pytest.fixture(scope="module")
+def evaluation(labelled):
+    """The cascade on the labelled set with a simulated LLM and one missing answer."""
+    predictions, gold, spec = labelled
+    llm = simulate_llm(gold, LABELS, 0.95, seed=0)
+    llm[0] = None
+    return evaluate_cascade(predictions, gold, llm, 0.0025, spec)
+
+
+def render(table) -> str:
+    """The table as plain text, the way a terminal shows it."""
+    console = Console(record=True, width=120)
+    console.print(table)
+    return console.export_text()
+
+
+def test_write_evaluation_writes_json_with_the_reported_fields(tmp_path, evaluation):
+    """The JSON holds the title, the simulation flag and every reported point."""
+    json_path, png_path = tmp_path / "out" / "eval.json", tmp_path / "out" / "eval.png"
+    write_evaluation(evaluation, json_path, png_path, title="reviews v3", simulated=True)
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["title"] == "reviews v3"
+    assert data["simulated"] is True
+    for field in (
+        "bert_only",
+        "llm_only",
+        "operating_point",
+        "matched_point",
+        "matched_accuracy_llm_share",
+        "cost_saving_vs_llm_only",
+        "missing_llm_answers",
+        "curve",
+    ):
+        assert field in data
+    assert data["missing_llm_answers"] == 1
+    assert data["operating_point"]["llm_share"] == evaluation.operating_point.llm_share
+    assert len(data["curve"]) == 101
+
+
+def test_write_evaluation_draws_a_png_of_sensible_size(tmp_path, evaluation):
+    """The plot is a real PNG of the figure's pixel size and more than a blank canvas."""
+    png_path = tmp_path / "eval.png"
+    write_evaluation(evaluation, tmp_path / "eval.json", png_path, title="t", simulated=False)
+    data = png_path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the signature
+    assert (width, height) == (960, 600)
+    assert 20_000 < len(data) < 2_000_000
+
+
+def test_evaluation_table_shows_the_figures(evaluation):
+    """The rendered table holds each point's share, accuracy and cost, and the notes."""
+    text = render(evaluation_table(evaluation))
+    assert "reviews (3): 300 messages" in text
+    for name in ("BERT only", "policy", "within 1 pt of LLM", "LLM only"):
+        assert name in text
+    assert f"{100 * evaluation.bert_only.accuracy:.1f}%" in text
+    assert f"{100 * evaluation.operating_point.llm_share:.1f}%" in text
+    assert "$2.50" in text  # LLM only at $0.0025 per call
+    assert "missing LLM answers: 1" in text
+
+
+@pytest.mark.parametrize("goal", ["accuracy", "share"])
+def test_calibration_table_shows_the_figures(labelled, goal):
+    """The rendered calibration table holds the goal, threshold, shares and feasibility."""
+    predictions, gold, spec = labelled
+    if goal == "accuracy":
+        result = calibrate_for_accuracy(predictions, gold, spec, 0.9)
+    else:
+        result = calibrate_for_llm_share(predictions, gold, spec, 0.4)
+    text = render(calibration_table(result))
+    assert f"{result.threshold:.4f}" in text
+    assert f"{100 * result.llm_share:.1f}%" in text
+    assert "min_probability" in text
+    if goal == "accuracy":
+        assert "accuracy 90.0% at 95.0% confidence" in text
+        assert result.error_upper_bound is not None
+        assert f"{100 * result.error_upper_bound:.1f}%" in text
+    else:
+        assert "LLM share 40.0%" in text
+    assert ("yes" if result.feasible else "NO") in text
