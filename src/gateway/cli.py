@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -20,18 +21,19 @@ from pathlib import Path
 from typing import IO, Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from policies.spec import PolicyError
+from policies.prediction import Prediction
+from policies.spec import PolicyError, PolicySpec, Task
 from workers.bert.classifier import BertClassifier
 from workers.cascade import Cascade, PolicyBook, build_cascade, load_policy_book
-from workers.errors import RecordError, TiergateError, UnknownPolicyError
+from workers.errors import DataFileError, RecordError, TiergateError, UnknownPolicyError
 from workers.logs import configure_logging
 from workers.records import InputFormat, Record, detect_format, read_bytes, read_records
-from workers.schemas import Decision, Message, Status
+from workers.schemas import Decision, Message, Status, Tier
 from workers.settings import Settings
 
 app = typer.Typer(
@@ -240,18 +242,22 @@ def _excerpt(text: str, width: int) -> str:
 
 def _decision_table(rows: Sequence[tuple[Message, Decision]], expected: bool = False) -> Table:
     """Decisions as a table that fits the terminal: the message column takes what is left."""
-    room = max(12, Console().width - (68 if expected else 57))
+    room = max(12, Console().width - (84 if expected else 73))
     table = Table(show_lines=False, header_style="bold")
     table.add_column("id", no_wrap=True, max_width=12, overflow="ellipsis")
     table.add_column("message", no_wrap=True, overflow="ellipsis")
     if expected:
         table.add_column("expected", no_wrap=True, min_width=8)
     table.add_column("label", no_wrap=True, min_width=8)
-    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("bert p", justify="right", no_wrap=True)
     table.add_column("tier", no_wrap=True, min_width=4)
-    table.add_column("chunks", justify="right", no_wrap=True, min_width=6)
+    table.add_column("why", no_wrap=True, min_width=14)
     for message, decision in rows:
-        top = max(decision.scores[label] for label in decision.labels) if decision.labels else 0.0
+        top = max(decision.scores.values())
+        why = decision.reason.value.replace("_", " ")
+        if decision.llm_skipped is not None:
+            why += f" ({decision.llm_skipped.value.replace('_', ' ')})"
+        tier = decision.tier.value + (" ·cache" if decision.cached else "")
         cells = [decision.id, _excerpt(message.text, room)]
         if expected:
             gold = str(message.metadata.get("label", ""))
@@ -260,7 +266,7 @@ def _decision_table(rows: Sequence[tuple[Message, Decision]], expected: bool = F
             cells.append(f"[{style}]{', '.join(decision.labels) or '-'}[/]")
         else:
             cells.append(", ".join(decision.labels) or "-")
-        cells += [f"{top:.2f}", decision.tier.value, str(decision.chunks)]
+        cells += [f"{top:.2f}", tier, why]
         table.add_row(*cells)
     return table
 
@@ -554,6 +560,270 @@ def _print_card(card: Any, directory: Path) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------- tuning
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A labelled file scored by the BERT tier, with the policy that will judge it."""
+
+    spec: PolicySpec
+    ids: list[str]
+    texts: list[str]
+    predictions: list[Prediction]
+    gold: list[str | frozenset[str]]
+
+
+def _score_labelled(
+    data: Path,
+    policy: Path | None,
+    model: Path | None,
+    columns: tuple[str, str, str],
+) -> _Scored:
+    """Score every example of ``data`` with the model, under ``policy`` (or the model's)."""
+    from workers.bert.dataset import Columns, load_labelled  # noqa: PLC0415
+
+    settings = _settings([policy] if policy is not None else None)
+    classifier = _load_classifier(settings, model)
+    multi_label = classifier.manifest.multi_label
+    book = _guarded(lambda: load_policy_book(settings, classifier.labels, multi_label=multi_label))
+    text, label, labels = columns
+    examples = _guarded(
+        lambda: load_labelled(
+            data,
+            columns=Columns(text=text, label=label, labels=labels),
+            multi_label=multi_label,
+            known_labels=classifier.labels,
+        )
+    )
+    texts = [example.text for example in examples]
+    with Progress(
+        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task("score", total=len(texts))
+        predictions: list[Prediction] = []
+        for start in range(0, len(texts), _CHUNK):
+            predictions += classifier.predict(texts[start : start + _CHUNK])
+            progress.update(task, advance=len(texts[start : start + _CHUNK]))
+    gold: list[str | frozenset[str]] = [
+        frozenset(example.labels) if multi_label else example.labels[0] for example in examples
+    ]
+    return _Scored(book.default, [e.message_id for e in examples], texts, predictions, gold)
+
+
+_TEXT_COLUMN = typer.Option("--text-column", help="Column of the text.")
+_LABEL_COLUMN = typer.Option("--label-column", help="Column of the label.")
+_LABELS_COLUMN = typer.Option("--labels-column", help="Column of the label list (multi-label).")
+
+
+@app.command()
+def calibrate(
+    data: Annotated[Path, typer.Argument(help="Labelled validation data (.jsonl or .csv).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Write the new policy here.")],
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Goal (a): accuracy of the accepted BERT answers."),
+    ] = None,
+    llm_share: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Goal (b): share of messages sent to the LLM."),
+    ] = None,
+    confidence: Annotated[
+        float, typer.Option(min=0.5, max=0.999, help="Confidence of the bound for goal (a).")
+    ] = 0.95,
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy to calibrate (default: the model's).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the default).")
+    ] = None,
+    text_column: Annotated[str, _TEXT_COLUMN] = "text",
+    label_column: Annotated[str, _LABEL_COLUMN] = "label",
+    labels_column: Annotated[str, _LABELS_COLUMN] = "labels",
+) -> None:
+    """Choose escalation thresholds from labelled data and write them as a new policy version.
+
+    Goal (a), --target-accuracy: the loosest thresholds whose accepted BERT answers reach the
+    target with a one-sided upper confidence bound on their error rate (Clopper-Pearson, tested
+    in sequence from the strictest threshold). Goal (b), --llm-share: the thresholds that send
+    at most that share of messages to the LLM. Exits 1 without writing when no threshold
+    reaches goal (a) on this data.
+    """
+    from gateway.report import calibration_table  # noqa: PLC0415
+    from policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share  # noqa: PLC0415
+
+    if (target_accuracy is None) == (llm_share is None):
+        raise _fail("give exactly one goal: --target-accuracy or --llm-share")
+    scored = _score_labelled(data, policy, model, (text_column, label_column, labels_column))
+    if target_accuracy is not None:
+        result = calibrate_for_accuracy(
+            scored.predictions, scored.gold, scored.spec, target_accuracy, confidence
+        )
+    else:
+        assert llm_share is not None
+        result = calibrate_for_llm_share(scored.predictions, scored.gold, scored.spec, llm_share)
+    err.print(calibration_table(result))
+    if not result.feasible:
+        err.print(
+            f"[bold red]no threshold reaches the goal[/] on these {result.n} messages; "
+            "nothing written (more validation data or a lower target may)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(REJECTED)
+    new_policy = _guarded(lambda: result.policy(scored.spec))
+    try:
+        output.write_text(new_policy.to_yaml(), encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"{output}: cannot be written ({exc.strerror})") from None
+    err.print(
+        f"policy {new_policy.name!r} version {new_policy.version} written to {output}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Labelled data (.jsonl or .csv).")],
+    replay: Annotated[
+        Path | None,
+        typer.Option(help="Recorded LLM answers: JSONL of {id, label | labels, cost_usd?}."),
+    ] = None,
+    simulate_accuracy: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Simulate an LLM of this accuracy instead."),
+    ] = None,
+    cost_per_call: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="USD per LLM call (default: the replay's cost_usd, else the policy's first "
+            "model priced on these prompts).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated LLM.")] = 13,
+    json_out: Annotated[Path, typer.Option("--json", help="Write the report here.")] = Path(
+        "eval.json"
+    ),
+    plot: Annotated[Path, typer.Option(help="Write the plot here (PNG).")] = Path("eval.png"),
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy to evaluate (default: the model's).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: the default).")
+    ] = None,
+    text_column: Annotated[str, _TEXT_COLUMN] = "text",
+    label_column: Annotated[str, _LABEL_COLUMN] = "label",
+    labels_column: Annotated[str, _LABELS_COLUMN] = "labels",
+) -> None:
+    """The cascade's accuracy against the share of messages sent to the LLM, and its cost.
+
+    The LLM's answers come from a replay file of recorded answers keyed by message id, or
+    from a simulated LLM of the given accuracy (the output says it is a simulation). Reports
+    BERT only, LLM only, the policy's operating point and the smallest LLM share within one
+    point of LLM-only accuracy, with cost per 1,000 messages; writes JSON and a PNG plot.
+    """
+    from gateway.report import evaluation_table, write_evaluation  # noqa: PLC0415
+    from policies.evaluate import evaluate_cascade, simulate_llm  # noqa: PLC0415
+
+    if (replay is None) == (simulate_accuracy is None):
+        raise _fail("give exactly one source of LLM answers: --replay or --simulate-accuracy")
+    scored = _score_labelled(data, policy, model, (text_column, label_column, labels_column))
+    spec = scored.spec
+    costs: list[float] | float
+    if replay is not None:
+        recorded = _guarded(lambda: _read_replay(replay, spec))
+        answers = [recorded[i][0] if i in recorded else None for i in scored.ids]
+        replay_costs = [recorded[i][1] if i in recorded else None for i in scored.ids]
+        known_costs = [c for c in replay_costs if c is not None]
+        if cost_per_call is not None:
+            costs = cost_per_call
+        elif known_costs:  # a message without a recorded cost costs the recorded mean
+            mean = sum(known_costs) / len(known_costs)
+            costs = [mean if c is None else c for c in replay_costs]
+        else:
+            costs = _typical_call_cost(spec, scored.texts)
+        simulated = False
+    else:
+        assert simulate_accuracy is not None
+        answers = list(simulate_llm(scored.gold, spec.label_names, simulate_accuracy, seed))
+        costs = (
+            cost_per_call if cost_per_call is not None else _typical_call_cost(spec, scored.texts)
+        )
+        simulated = True
+    evaluation = _guarded(
+        lambda: evaluate_cascade(scored.predictions, scored.gold, answers, costs, spec)
+    )
+    title = f"tiergate eval: policy {spec.name} v{spec.version} on {data.name}"
+    write_evaluation(evaluation, json_out, plot, title=title, simulated=simulated)
+    Console().print(evaluation_table(evaluation))
+    source = "simulated LLM" if simulated else f"LLM answers replayed from {replay}"
+    missing = f" · {evaluation.missing_llm_answers} missing (counted wrong)" if replay else ""
+    err.print(
+        f"{evaluation.n} messages · {source}{missing} · report {json_out} · plot {plot}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _read_replay(
+    path: Path, spec: PolicySpec
+) -> dict[str, tuple[str | frozenset[str], float | None]]:
+    """Recorded LLM answers by message id: ``{"id", "label" | "labels", "cost_usd"?}`` lines."""
+    known = set(spec.label_names)
+    recorded: dict[str, tuple[str | frozenset[str], float | None]] = {}
+    for item in read_records(read_bytes(path), InputFormat.JSONL, source=str(path)):
+        if isinstance(item, RecordError):
+            raise DataFileError(f"{path}: {item}")
+        fields = item.fields
+        answer: str | frozenset[str]
+        raw_id = fields.get("id")
+        if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+            raise DataFileError(f"{path}: line {item.line}: 'id' must be a string")
+        if spec.multi_label:
+            labels = fields.get("labels")
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise DataFileError(f"{path}: line {item.line}: 'labels' must be a list")
+            answer = frozenset(labels)
+            unknown = sorted(answer - known)
+        else:
+            label = fields.get("label")
+            if not isinstance(label, str):
+                raise DataFileError(f"{path}: line {item.line}: 'label' must be a string")
+            answer = label
+            unknown = [] if label in known else [label]
+        if unknown:
+            raise DataFileError(f"{path}: line {item.line}: labels not in the policy {unknown}")
+        cost = fields.get("cost_usd")
+        if cost is not None and (not isinstance(cost, int | float) or isinstance(cost, bool)):
+            raise DataFileError(f"{path}: line {item.line}: 'cost_usd' must be a number")
+        recorded[str(raw_id)] = (answer, None if cost is None else float(cost))
+    return recorded
+
+
+def _typical_call_cost(spec: PolicySpec, texts: Sequence[str]) -> float:
+    """The mean price of one classification call on these texts with the policy's first model.
+
+    Prompt tokens are estimated at four characters per token and the answer at 20 tokens (a
+    label in JSON); a model missing from the price table costs 0.
+    """
+    from workers.llm.prompt import build_prompt  # noqa: PLC0415
+
+    settings = Settings()
+    if not spec.llm.providers or not texts:
+        return 0.0
+    price = settings.llm_prices.get(spec.llm.providers[0].model)
+    if price is None:
+        return 0.0
+    sample = texts[:: max(1, len(texts) // 200)]
+    total = 0.0
+    for text in sample:
+        system, user = build_prompt(text, spec, Task.CLASSIFY, ())
+        total += price.cost((len(system) + len(user)) // 4, 20)
+    return total / len(sample)
+
+
 # ---------------------------------------------------------------------------------- models
 
 
@@ -637,30 +907,108 @@ def _sample_messages() -> list[Message]:
     return [item for item in items if isinstance(item, Message)]
 
 
+@contextmanager
+def _demo_llm(settings: Settings, messages: Sequence[Message]) -> Iterator[tuple[Settings, str]]:
+    """The LLM the demo uses: the configured provider, or a local simulated one.
+
+    Without an API key the demo starts :class:`~workers.llm.testing.FakeLLMServer` with a
+    simulated LLM that gives each sample message its held-out label 95% of the time, and
+    points the OpenAI provider at it: the real SDK and HTTP path, an imitation model.
+    """
+    if settings.openai_api_key is not None or settings.anthropic_api_key is not None:
+        yield settings, "the configured LLM provider"
+        return
+    from workers.llm.testing import FakeLLMServer, SimulatedLLM  # noqa: PLC0415
+
+    gold = {m.text: str(m.metadata.get("label", "")) for m in messages}
+    with FakeLLMServer(SimulatedLLM(gold, accuracy=0.95, seed=13)) as server:
+        simulated = settings.model_copy(
+            update={
+                "openai_api_key": SecretStr("simulated"),
+                "openai_base_url": server.openai_base_url,
+            }
+        )
+        yield (
+            simulated,
+            (
+                "a local simulated LLM (no API key is set: it answers the held-out label 95% of "
+                "the time, through the real OpenAI SDK; set TIERGATE_OPENAI_API_KEY for a real one)"
+            ),
+        )
+
+
 @app.command()
 def demo(
     model: Annotated[
         Path | None, typer.Option(help="Model directory (default: the default).")
     ] = None,
 ) -> None:
-    """Build the default model if needed, then classify a sample of held-out real messages."""
+    """Run the cascade on held-out real messages: tier shares, LLM cost, and a cache hit.
+
+    Builds the default model if needed, classifies a sample of held-out Rotten Tomatoes
+    snippets with the default policy, then sends one of them again to show it answered from
+    the decision cache. The cache is a scratch SQLite file, so every run starts cold.
+    """
     settings = Settings()
     if model is None and settings.model_dir is None:
         _ensure_default_model(settings, force=False)
     classifier = _load_classifier(settings, model)
     classifier.warmup()
     messages = _sample_messages()
+    with (
+        tempfile.TemporaryDirectory(prefix="tiergate-demo-") as scratch,
+        _demo_llm(settings, messages) as (llm_settings, llm_note),
+    ):
+        demo_settings = llm_settings.model_copy(
+            update={"redis_url": None, "cache_path": Path(scratch) / "cache.sqlite3"}
+        )
+        cascade = _build_cascade(demo_settings, classifier)
+        err.print(
+            f"policy {cascade.policies.default.name!r} v{cascade.policies.default.version} · "
+            f"LLM tier: {llm_note}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        started = time.perf_counter()
+        decisions = _guarded(lambda: cascade.decide(messages))
+        seconds = time.perf_counter() - started
+        pairs = list(zip(messages, decisions, strict=True))
+        Console().print(_decision_table(pairs, expected=True))
+        tally = _Tally(read=len(decisions))
+        for decision in decisions:
+            tally.count(decision)
+        correct = sum(str(m.metadata.get("label")) in d.labels for m, d in pairs)
+        bert_correct = sum(
+            str(m.metadata.get("label")) == max(d.scores, key=d.scores.__getitem__)
+            for m, d in pairs
+        )
+        err.print(
+            f"{correct}/{len(messages)} match the held-out label (BERT alone: {bert_correct}) · "
+            f"{len(messages)} messages in {seconds * 1000:.0f} ms · model "
+            f"{classifier.model_version}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _summary(tally, seconds)
+        _demo_cache_hit(cascade, pairs)
+
+
+def _demo_cache_hit(cascade: Cascade, pairs: Sequence[tuple[Message, Decision]]) -> None:
+    """Send one message again (as another id, spacing changed) and show the cache answer it."""
+    escalated = [(m, d) for m, d in pairs if d.tier is Tier.LLM]
+    original, first = (escalated or list(pairs))[0]
+    again = Message(id=f"{original.id}-again", text=f"  {original.text}  ")
     started = time.perf_counter()
-    decisions = Cascade(classifier).decide(messages)
-    seconds = time.perf_counter() - started
-    Console().print(_decision_table(list(zip(messages, decisions, strict=True)), expected=True))
-    correct = sum(
-        str(m.metadata.get("label")) in d.labels for m, d in zip(messages, decisions, strict=True)
+    repeat = _guarded(lambda: cascade.decide([again]))[0]
+    elapsed = (time.perf_counter() - started) * 1000.0
+    source = (
+        f"from the cache (first decided by the {first.tier.value.upper()} tier; nothing recomputed)"
+        if repeat.cached
+        else "again, not from the cache"
     )
     err.print(
-        f"{correct}/{len(messages)} match the held-out label · {len(messages)} messages in "
-        f"{seconds * 1000:.0f} ms ({len(messages) / seconds:,.0f} messages/s) · model "
-        f"{classifier.model_version}",
+        f"repeated {original.id!r} as {again.id!r}: label {repeat.label!r}, answered {source} "
+        f"in {elapsed:.1f} ms",
         highlight=False,
         soft_wrap=True,
     )

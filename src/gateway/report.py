@@ -26,7 +26,12 @@ def simulated_title(evaluation: Evaluation) -> str:
     """
     accuracy = _percent(evaluation.llm_only.accuracy)
     per_call = evaluation.llm_only.cost_per_1000 / 1000.0
-    return f"simulated LLM (accuracy {accuracy}, ${per_call:.4g} per call)"
+    return f"simulated LLM (accuracy {accuracy}, {_dollars(per_call)} per call)"
+
+
+def _dollars(amount: float) -> str:
+    """Dollars to the cent, or three significant figures below a dollar (a call is far less)."""
+    return f"${amount:,.2f}" if amount >= 1.0 or amount == 0.0 else f"${amount:.3g}"
 
 
 def write_evaluation(
@@ -120,7 +125,7 @@ def evaluation_table(evaluation: Evaluation) -> Table:
             name,
             _percent(point.llm_share),
             _percent(point.accuracy),
-            f"${point.cost_per_1000:.2f}",
+            _dollars(point.cost_per_1000),
         )
     notes = []
     if evaluation.cost_saving_vs_llm_only is not None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     ``TIERGATE_<FIELD>`` (for example ``TIERGATE_MODEL_DIR=/srv/model``).
     """
 
-    model_config = SettingsConfigDict(env_prefix="TIERGATE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TIERGATE_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(
         default_factory=_default_data_dir,
@@ -94,7 +95,9 @@ class Settings(BaseSettings):
 
     # --- the LLM tier
     openai_api_key: SecretStr | None = Field(
-        default=None, description="API key for the 'openai' provider (or OPENAI_API_KEY)."
+        default=None,
+        validation_alias=AliasChoices("TIERGATE_OPENAI_API_KEY", "OPENAI_API_KEY"),
+        description="API key for the 'openai' provider (or OPENAI_API_KEY).",
     )
     openai_base_url: str | None = Field(
         default=None,
@@ -102,7 +105,9 @@ class Settings(BaseSettings):
         "policy's provider entry may override it.",
     )
     anthropic_api_key: SecretStr | None = Field(
-        default=None, description="API key for the 'anthropic' provider (or ANTHROPIC_API_KEY)."
+        default=None,
+        validation_alias=AliasChoices("TIERGATE_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+        description="API key for the 'anthropic' provider (or ANTHROPIC_API_KEY).",
     )
     anthropic_base_url: str | None = Field(
         default=None, description="Endpoint of the Anthropic API (or a compatible server)."

@@ -18,7 +18,12 @@ def tiergate(
     *args: str, model: Path | None, data_dir: Path, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh interpreter, as a user would."""
-    env = {**os.environ, "TIERGATE_DATA_DIR": str(data_dir)}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.endswith("_API_KEY") and not name.startswith("TIERGATE_")
+    }
+    env["TIERGATE_DATA_DIR"] = str(data_dir)
     if model is not None:
         env["TIERGATE_MODEL_DIR"] = str(model)
     return subprocess.run(
@@ -48,7 +53,11 @@ def run(trained_model, tmp_path):
 
 
 def test_classify_texts_as_arguments(run, trained_model):
-    """Texts given as arguments get one JSON decision each, in order, from the BERT tier."""
+    """Texts given as arguments get one decision each, in order, under the model's policy.
+
+    With no LLM provider configured, a message the policy routes to the LLM is answered by the
+    BERT tier and says so.
+    """
     result = run("classify", "An utterly delightful film.", "A dull, lifeless mess.")
     assert result.returncode == 0, result.stderr
     decisions = _lines(result.stdout)
@@ -56,10 +65,14 @@ def test_classify_texts_as_arguments(run, trained_model):
     assert [d["label"] for d in decisions] == ["positive", "negative"]
     for decision in decisions:
         assert decision["tier"] == "bert"
-        assert decision["reason"] == "bert_only"
+        assert decision["policy"] == "rotten-tomatoes"
         assert decision["model_version"] == trained_model.card.model_version
         assert sum(decision["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+        confident = max(decision["scores"].values()) >= 0.8
+        assert decision["reason"] == ("confident" if confident else "low_confidence")
+        assert decision["llm_skipped"] == (None if confident else "no_provider")
     assert "2 messages: 2 answered, 0 rejected" in result.stderr
+    assert "answered by bert 2 (100%), llm 0 (0%)" in result.stderr
 
 
 def test_file_with_bad_lines_accounts_for_every_line(run, tmp_path):
@@ -185,10 +198,176 @@ def test_train_rejects_malformed_line(run, tmp_path):
 
 
 def test_demo_classifies_the_bundled_held_out_sample(run):
-    """The demo prints a table of the bundled held-out sample and how many match their label."""
+    """The demo runs the cascade on the held-out sample: tier shares, and a cache hit."""
     result = run("demo")
     assert result.returncode == 0, result.stderr
     assert "expected" in result.stdout
+    assert "a local simulated LLM" in result.stderr
+    assert "answered by bert" in result.stderr
+    assert "answered from the cache" in result.stderr
     matched, total = result.stderr.split(" match the held-out label")[0].split()[-1].split("/")
     assert int(total) == 20
     assert int(matched) >= 12
+
+
+def _policy_file(tmp_path: Path, **escalation: float) -> Path:
+    """The default model's policy with other thresholds, written to a file."""
+    from policies.spec import Escalation, example_policy
+
+    spec = example_policy("rotten-tomatoes")
+    changed = spec.with_escalation(Escalation(**escalation), version="test")
+    path = tmp_path / "policy.yaml"
+    path.write_text(changed.to_yaml())
+    return path
+
+
+def test_policy_option_routes_everything_when_the_threshold_is_one(run, tmp_path):
+    """A policy demanding certainty sends every message towards the LLM (skipped: no key)."""
+    policy = _policy_file(tmp_path, min_probability=1.0)
+    result = run("classify", "--policy", str(policy), "A fine film.", "Two men rob a bank.")
+    assert result.returncode == 0, result.stderr
+    decisions = _lines(result.stdout)
+    assert {(d["reason"], d["llm_skipped"], d["policy_version"]) for d in decisions} == {
+        ("low_confidence", "no_provider", "test")
+    }
+    assert "LLM step skipped: no_provider 2" in result.stderr
+
+
+def test_repeated_run_is_answered_from_the_cache_unless_disabled(run, tmp_path):
+    """The second run of the same text is a cache hit; --no-cache recomputes it."""
+    policy = ("--policy", str(_policy_file(tmp_path, min_probability=0.0)))
+    first = _lines(run("classify", *policy, "A warm, funny film.").stdout)[0]
+    second = _lines(run("classify", *policy, "A  warm, funny film. ").stdout)[0]
+    uncached = _lines(run("classify", *policy, "--no-cache", "A warm, funny film.").stdout)[0]
+    assert (first["cached"], second["cached"], uncached["cached"]) == (False, True, False)
+    assert second["label"] == first["label"]
+
+
+def test_unknown_policy_in_a_record_is_rejected_in_place(run, tmp_path):
+    """A record naming a policy that is not loaded is reported on its line; the rest answered."""
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "text": "Lovely."})
+        + "\n"
+        + json.dumps({"id": "b", "text": "Awful.", "policy": "nope"})
+        + "\n"
+    )
+    result = run("classify", "-i", str(data))
+    assert result.returncode == 1
+    lines = _lines(result.stdout)
+    assert lines[0]["id"] == "a"
+    assert lines[1]["line"] == 2
+    assert "unknown policy 'nope'" in lines[1]["error"]
+
+
+def test_policy_that_does_not_fit_the_model_is_a_usage_error(run, tmp_path):
+    """A policy whose labels differ from the model's exits 2 naming the mismatch."""
+    from policies.spec import example_policy
+
+    path = tmp_path / "tickets.yaml"
+    path.write_text(example_policy("ticket-routing").to_yaml())
+    result = run("classify", "--policy", str(path), "hello")
+    assert result.returncode == 2
+    assert "does not match the model's labels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _labelled_file(tmp_path: Path, examples) -> Path:
+    path = tmp_path / "labelled.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"v{i}", "text": e.text, "label": e.labels[0]}) + "\n"
+            for i, e in enumerate(examples)
+        )
+    )
+    return path
+
+
+def test_calibrate_for_llm_share_writes_a_new_policy_version(run, trained_model, tmp_path):
+    """Goal (b): the new policy sends at most the asked share of the data to the LLM."""
+    from policies.spec import load_policy
+
+    data = _labelled_file(tmp_path, trained_model.validation)
+    out = tmp_path / "calibrated.yaml"
+    result = run("calibrate", str(data), "--llm-share", "0.25", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    spec = load_policy(out)
+    assert spec.version.startswith("1+cal.")
+    assert "sent to LLM" in result.stderr
+    routed = _lines(run("classify", "--no-cache", "--policy", str(out), "-i", str(data)).stdout)
+    share = sum(d["reason"] != "confident" for d in routed) / len(routed)
+    assert share <= 0.25
+
+
+def test_calibrate_for_accuracy_reports_the_bound_or_refuses(run, trained_model, tmp_path):
+    """Goal (a): a reachable target writes a policy with its bound; 100% is refused, exit 1."""
+    data = _labelled_file(tmp_path, trained_model.validation)
+    out = tmp_path / "calibrated.yaml"
+    result = run("calibrate", str(data), "--target-accuracy", "0.8", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "error upper bound" in result.stderr
+    impossible = run("calibrate", str(data), "--target-accuracy", "1.0", "-o", str(out) + "x")
+    assert impossible.returncode == 1
+    assert "no threshold reaches the goal" in impossible.stderr
+    assert not Path(str(out) + "x").exists()
+    both = run("calibrate", str(data), "--llm-share", "0.1", "--target-accuracy", "0.9", "-o", "x")
+    assert both.returncode == 2
+
+
+def test_eval_with_a_simulated_llm_writes_json_and_a_plot(run, trained_model, tmp_path):
+    """The simulated evaluation reports BERT-only, LLM-only, the policy and the matched share."""
+    data = _labelled_file(tmp_path, trained_model.test)
+    report, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    result = run(
+        "eval", str(data), "--simulate-accuracy", "0.95", "--json", str(report), "--plot", str(plot)
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(report.read_text())
+    assert document["simulated"] is True
+    assert document["bert_only"]["llm_share"] == 0.0
+    assert document["llm_only"]["llm_share"] == 1.0
+    assert 0.0 <= document["matched_point"]["llm_share"] <= 1.0
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "simulated LLM" in result.stderr
+    assert "LLM only" in result.stdout
+
+
+def test_eval_replays_recorded_answers_by_id(run, trained_model, tmp_path):
+    """Recorded answers that are all right make LLM-only accuracy 100%; missing ids count wrong."""
+    examples = trained_model.test[:40]
+    data = _labelled_file(tmp_path, examples)
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text(
+        "".join(
+            json.dumps({"id": f"v{i}", "label": e.labels[0], "cost_usd": 0.001}) + "\n"
+            for i, e in enumerate(examples[:-4])
+        )
+    )
+    report = tmp_path / "eval.json"
+    result = run(
+        "eval",
+        str(data),
+        "--replay",
+        str(replay),
+        "--json",
+        str(report),
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(report.read_text())
+    assert document["missing_llm_answers"] == 4
+    assert document["llm_only"]["accuracy"] == pytest.approx(36 / 40)
+    assert document["llm_only"]["cost_per_1000"] == pytest.approx(1000 * 0.001)
+    assert document["simulated"] is False
+
+
+def test_eval_rejects_a_replay_label_outside_the_policy(run, trained_model, tmp_path):
+    """A recorded answer naming an unknown label is a usage error naming the line."""
+    data = _labelled_file(tmp_path, trained_model.test[:5])
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text(json.dumps({"id": "v0", "label": "maybe"}) + "\n")
+    result = run("eval", str(data), "--replay", str(replay))
+    assert result.returncode == 2
+    assert "line 1" in result.stderr
+    assert "maybe" in result.stderr

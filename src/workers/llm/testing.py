@@ -1,0 +1,419 @@
+"""A local HTTP server that speaks the OpenAI and Anthropic wire formats, for tests and benchmarks.
+
+:class:`FakeLLMServer` answers ``POST /v1/chat/completions`` (OpenAI Chat Completions) and
+``POST /v1/messages`` (Anthropic Messages) well enough for the official SDKs, so code under
+test runs its real provider path: the SDK's request building, retries, timeouts and response
+parsing. Behaviour is scripted per call::
+
+    with FakeLLMServer() as server:
+        server.script(Fail(429, retry_after=1), Respond({"label": "positive"}))
+        settings = Settings(openai_api_key="k", openai_base_url=server.openai_base_url)
+        ...
+        assert server.calls == 2
+
+Once the script is used up, a default answerer decides: a callable given the request body
+that returns the answer object. The default one picks the first allowed label of the schema
+in the request (and writes a short text when the schema asks for one). Benchmarks pass their
+own answerer to simulate a model's accuracy, and ``latency_s`` to simulate its speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+OPENAI_PATH = "/v1/chat/completions"
+ANTHROPIC_PATH = "/v1/messages"
+
+Answerer = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Answer with this JSON object (as the message content, or as the tool's input)."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RespondRaw:
+    """Answer with this text as the model's output, verbatim (for malformed answers)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Answer with an error status, and a ``Retry-After`` header when ``retry_after`` is set."""
+
+    status_code: int
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Wait ``seconds`` before answering with the default answerer (to provoke timeouts)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Refuse to answer, the way the provider reports refusals."""
+
+    message: str = "I can't help with that request."
+
+
+Step = Respond | RespondRaw | Fail | Stall | Refuse
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request the server received: its path and its JSON body."""
+
+    path: str
+    body: dict[str, Any]
+
+
+def schema_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The answer schema a request asks for (OpenAI ``response_format`` or Anthropic tool)."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        schema: dict[str, Any] = response_format["json_schema"]["schema"]
+        return schema
+    tools = body.get("tools") or [{}]
+    tool_schema: dict[str, Any] = tools[0].get("input_schema", {})
+    return tool_schema
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def message_of(body: dict[str, Any]) -> str:
+    """The text between ``<message>`` and ``</message>`` in the request's first user turn."""
+    for turn in body.get("messages", []):
+        if turn.get("role") == "user":
+            match = re.search(
+                r"<message>\n?(.*?)\n?</message>", _text_of(turn["content"]), re.DOTALL
+            )
+            return match.group(1) if match else ""
+    return ""
+
+
+def first_label_answer(body: dict[str, Any]) -> dict[str, Any]:
+    """The default answerer: the first allowed label, and a short text when one is asked."""
+    properties = schema_of(body).get("properties", {})
+    answer: dict[str, Any] = {}
+    if "label" in properties:
+        answer["label"] = properties["label"]["enum"][0]
+    if "labels" in properties:
+        answer["labels"] = properties["labels"]["items"]["enum"][:1]
+    if "text" in properties:
+        nullable = "null" in properties["text"].get("type", [])
+        answer["text"] = None if nullable else "Thank you for your message."
+    return answer
+
+
+class SimulatedLLM:
+    """An answerer that imitates an LLM of a given accuracy on texts whose labels are known.
+
+    ``gold`` maps a message text to its right label (single-label). For a known text the
+    answer is right with probability ``accuracy`` and otherwise a different allowed label; the
+    choice is a deterministic function of ``seed`` and the text, so a repeated message gets the
+    same answer. Unknown texts get the first allowed label. Generated text, when asked for, is
+    a fixed sentence. This is a simulation for demos and benchmarks, not a model.
+    """
+
+    def __init__(self, gold: Mapping[str, str], *, accuracy: float, seed: int = 0) -> None:
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy must lie in [0, 1], not {accuracy}")
+        self.gold = {" ".join(text.split()): label for text, label in gold.items()}
+        self.accuracy = accuracy
+        self.seed = seed
+
+    def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer object for one request."""
+        answer = first_label_answer(body)
+        properties = schema_of(body).get("properties", {})
+        text = " ".join(message_of(body).split())
+        right = self.gold.get(text)
+        if "label" not in properties or right is None:
+            return answer
+        allowed = list(properties["label"]["enum"])
+        digest = hashlib.sha256(f"{self.seed}\0{text}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        wrong = [label for label in allowed if label != right]
+        if draw < self.accuracy or not wrong:
+            answer["label"] = right
+        else:
+            answer["label"] = wrong[digest[8] % len(wrong)]
+        return answer
+
+
+class FakeLLMServer:
+    """An OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1, scripted per call.
+
+    ``script(*steps)`` queues steps (:class:`Respond`, :class:`RespondRaw`, :class:`Fail`,
+    :class:`Stall`, :class:`Refuse`), used one per request in arrival order, whatever the
+    path; then ``answerer`` decides. ``latency_s`` delays every answer. ``calls`` counts
+    requests (``calls_by_path`` per path) and ``requests`` keeps their bodies; all three are
+    safe to read while requests are served. Start and stop it as a context manager or with
+    :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, answerer: Answerer = first_label_answer, *, latency_s: float = 0.0) -> None:
+        self.answerer = answerer
+        self.latency_s = latency_s
+        self._lock = threading.Lock()
+        self._steps: deque[Step] = deque()
+        self._requests: list[ReceivedRequest] = []
+        self._stopping = threading.Event()
+        self._ids = itertools.count(1)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        # Handler threads may be sleeping in a Stall; they must not keep the process alive.
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return int(self._server.server_address[1])
+
+    @property
+    def openai_base_url(self) -> str:
+        """The ``base_url`` for the OpenAI SDK (it ends in ``/v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """The ``base_url`` for the Anthropic SDK (the server root)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        """Serve in a background thread; returns the server."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                # A short poll interval makes stop() quick: shutdown waits for one poll.
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name="fake-llm-server",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake any stalled handler, and close the socket."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def script(self, *steps: Step) -> None:
+        """Queue ``steps``, one per coming request, before the answerer takes over."""
+        with self._lock:
+            self._steps.extend(steps)
+
+    @property
+    def calls(self) -> int:
+        """Requests received so far, on any path."""
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def calls_by_path(self) -> dict[str, int]:
+        """Requests received so far, per path."""
+        with self._lock:
+            return dict(Counter(request.path for request in self._requests))
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """The requests received so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    # ------------------------------------------------------------------------ serving
+
+    def _next_step(self, path: str, body: dict[str, Any]) -> Step | None:
+        with self._lock:
+            self._requests.append(ReceivedRequest(path=path, body=body))
+            return self._steps.popleft() if self._steps else None
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                server._serve(self)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                """Stay quiet: tests read the request log, not stderr."""
+
+        return Handler
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("content-length") or 0)
+        try:
+            body = json.loads(handler.rfile.read(length) or b"{}")
+        except ValueError:
+            body = {}
+        path = handler.path.split("?", 1)[0]
+        if path not in {OPENAI_PATH, ANTHROPIC_PATH}:
+            self._send(handler, HTTPStatus.NOT_FOUND, {"error": {"message": "no such path"}})
+            return
+        step = self._next_step(path, body)
+        if isinstance(step, Stall):
+            if self._stopping.wait(step.seconds):
+                return
+            step = None
+        if self.latency_s and self._stopping.wait(self.latency_s):
+            return
+        openai = path == OPENAI_PATH
+        if isinstance(step, Fail):
+            headers = {}
+            if step.retry_after is not None:
+                headers["Retry-After"] = f"{step.retry_after:g}"
+            self._send(
+                handler, step.status_code, _error_body(step.status_code, openai=openai), headers
+            )
+            return
+        if step is None:
+            step = Respond(self.answerer(body))
+        number = next(self._ids)
+        payload = (
+            _openai_response(step, body, number)
+            if openai
+            else _anthropic_response(step, body, number)
+        )
+        self._send(handler, HTTPStatus.OK, payload)
+
+    @staticmethod
+    def _send(
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        payload: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:
+            pass  # the client gave up (a timeout test); nothing to tell it
+
+
+def _tokens(text: str) -> int:
+    """A rough token count (four characters a token), for the usage fields."""
+    return max(1, len(text) // 4)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    turns = [_text_of(turn.get("content")) for turn in body.get("messages", [])]
+    return _tokens(_text_of(body.get("system", "")) + "".join(turns))
+
+
+def _error_body(status_code: int, *, openai: bool) -> dict[str, Any]:
+    kinds = {
+        429: "rate_limit_error",
+        500: "api_error",
+        529: "overloaded_error",
+        400: "invalid_request_error",
+        401: "authentication_error",
+    }
+    kind = kinds.get(status_code, "api_error")
+    message = f"fake server error {status_code}"
+    if openai:
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
+    content: str | None
+    refusal = None
+    if isinstance(step, Respond):
+        content = json.dumps(step.data)
+    elif isinstance(step, RespondRaw):
+        content = step.text
+    else:
+        assert isinstance(step, Refuse)
+        content, refusal = None, step.message
+    output = _tokens(content or refusal or "")
+    prompt = _prompt_tokens(body)
+    return {
+        "id": f"chatcmpl-fake-{number}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fake"),
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+        },
+    }
+
+
+def _anthropic_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
+    if isinstance(step, Respond):
+        tool = (body.get("tools") or [{"name": "answer"}])[0]["name"]
+        content = [
+            {"type": "tool_use", "id": f"toolu_fake_{number}", "name": tool, "input": step.data}
+        ]
+        stop_reason, output = "tool_use", json.dumps(step.data)
+    elif isinstance(step, RespondRaw):
+        content = [{"type": "text", "text": step.text}]
+        stop_reason, output = "end_turn", step.text
+    else:
+        assert isinstance(step, Refuse)
+        content = [{"type": "text", "text": step.message}]
+        stop_reason, output = "refusal", step.message
+    return {
+        "id": f"msg_fake_{number}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", "fake"),
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": {"input_tokens": _prompt_tokens(body), "output_tokens": _tokens(output)},
+    }
