@@ -1,0 +1,276 @@
+"""The cascade with its LLM tier: the real SDKs against a local fake provider, real Redis.
+
+Every test checks that each message gets exactly one decision, and counts the calls that
+reached the fake provider.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from policies.routing import Reason
+from policies.spec import (
+    Band,
+    BudgetSpec,
+    Escalation,
+    LabelSpec,
+    LLMSpec,
+    PolicySpec,
+    ProviderRef,
+    Task,
+)
+from workers.budget import RedisBudgetLedger
+from workers.cache import RedisDecisionCache
+from workers.cascade import Cascade, PolicyBook
+from workers.llm.breaker import LocalBreakerStore
+from workers.llm.testing import Fail, FakeLLMServer, Refuse, Respond, RespondRaw, Stall
+from workers.llm.tier import LLMTier
+from workers.schemas import LLMSkip, Message, Tier
+from workers.settings import Settings
+from workers.testing import FixedScoreClassifier
+
+LABELS = ("negative", "positive", "synopsis")
+CONFIDENT = (0.95, 0.03, 0.02)
+UNSURE = (0.45, 0.35, 0.2)
+
+
+def policy(**changes) -> PolicySpec:
+    """A films policy escalating below 0.8, asking the fake server as OpenAI."""
+    spec = PolicySpec(
+        name="films",
+        version="1",
+        labels=[LabelSpec(name=n, description=f"a {n} snippet") for n in LABELS],
+        escalation=Escalation(min_probability=0.8),
+        llm=LLMSpec(providers=[ProviderRef(provider="openai", model="gpt-4o-mini")]),
+    )
+    return spec.model_copy(update=changes)
+
+
+def answering(label: str, text: str | None = None):
+    """An answerer that always gives ``label`` (and ``text`` when set)."""
+
+    def answer(_body: dict) -> dict:
+        return {"label": label} if text is None else {"label": label, "text": text}
+
+    return answer
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    """The fake provider, stopped after the test."""
+    with FakeLLMServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh key prefix; every key under it is deleted afterwards."""
+    prefix = f"test-cascade-llm-{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def settings_for(server: FakeLLMServer, **overrides) -> Settings:
+    """Settings pointing the OpenAI provider at the fake server, with fast failures."""
+    values = {
+        "openai_api_key": "test-key",
+        "openai_base_url": server.openai_base_url,
+        "llm_timeout_s": 1.0,
+        "llm_max_retries": 0,
+        "breaker_failures": 50,
+    }
+    return Settings(**{**values, **overrides})
+
+
+def cascade_for(
+    server: FakeLLMServer,
+    *specs: PolicySpec,
+    redis_prefix: str | None = None,
+    scores: dict | None = None,
+    multi_label: bool = False,
+    **settings_overrides,
+) -> Cascade:
+    """A cascade over a fixed-score classifier, the LLM tier at the fake server, and Redis."""
+    settings = settings_for(server, **settings_overrides)
+    client = redis.Redis(host="127.0.0.1", port=6379) if redis_prefix else None
+    return Cascade(
+        FixedScoreClassifier(
+            LABELS,
+            scores or {},
+            default=CONFIDENT if not multi_label else (0.9, 0.1, 0.0),
+            multi_label=multi_label,
+        ),
+        PolicyBook(specs or [policy()]),
+        llm=LLMTier(settings, breaker_store=LocalBreakerStore()),
+        cache=RedisDecisionCache(client, redis_prefix) if client else None,
+        budget=RedisBudgetLedger(client, redis_prefix) if client else None,
+        single_flight_timeout_s=10.0,
+    )
+
+
+def test_routed_message_is_answered_by_the_llm_then_from_the_cache(server, redis_prefix):
+    """A low-confidence message takes the LLM's label, with cost; its repeat costs nothing."""
+    server.script(Respond({"label": "positive"}))
+    cascade = cascade_for(server, redis_prefix=redis_prefix, scores={"hard": UNSURE})
+    easy, hard = cascade.decide([Message(id="e", text="easy"), Message(id="h", text="hard")])
+    assert (easy.tier, easy.label) == (Tier.BERT, "negative")
+    assert (hard.tier, hard.reason, hard.label) == (Tier.LLM, Reason.LOW_CONFIDENCE, "positive")
+    assert hard.llm is not None
+    assert hard.llm.cost_usd > 0
+    assert hard.llm.input_tokens > 0
+    assert "llm" in hard.timings_ms
+    again = cascade.decide([Message(id="h2", text="hard")])[0]
+    assert (again.id, again.cached, again.tier, again.label) == ("h2", True, Tier.LLM, "positive")
+    assert server.calls == 1
+
+
+def test_hundred_concurrent_identical_escalations_make_one_upstream_call(server, redis_prefix):
+    """100 threads over four cascades (four workers) sharing Redis cause exactly one LLM call."""
+    server.latency_s = 0.3
+    server.script(Respond({"label": "synopsis"}))
+    workers = [
+        cascade_for(server, redis_prefix=redis_prefix, scores={"same text": UNSURE})
+        for _ in range(4)
+    ]
+    barrier = threading.Barrier(100)
+
+    def one(i: int):
+        barrier.wait()
+        return workers[i % 4].decide([Message(id=f"m{i}", text="same text")])[0]
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        decisions = list(pool.map(one, range(100)))
+    assert server.calls == 1
+    assert sorted(d.id for d in decisions) == sorted(f"m{i}" for i in range(100))
+    assert {(d.tier, d.label) for d in decisions} == {(Tier.LLM, "synopsis")}
+    assert sum(not d.cached for d in decisions) == 1
+
+
+def test_identical_messages_in_one_batch_share_a_call_without_a_cache(server):
+    """Duplicates inside a batch are asked once even with no cache configured."""
+    cascade = cascade_for(server, scores={"dup": UNSURE})
+    decisions = cascade.decide([Message(id=str(i), text="dup") for i in range(5)])
+    assert [d.id for d in decisions] == ["0", "1", "2", "3", "4"]
+    assert {d.tier for d in decisions} == {Tier.LLM}
+    assert server.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "calls", "skip", "detail"),
+    [
+        (Fail(500), 1, LLMSkip.LLM_UNAVAILABLE, "500"),
+        (Stall(3.0), 1, LLMSkip.LLM_UNAVAILABLE, "timed out"),
+        (RespondRaw("this is not json"), 2, LLMSkip.INVALID_ANSWER, "repair"),
+        (Respond({"label": "brilliant"}), 2, LLMSkip.INVALID_ANSWER, "brilliant"),
+        (Refuse("I cannot help with that."), 1, LLMSkip.INVALID_ANSWER, "refus"),
+    ],
+)
+def test_llm_faults_fall_back_to_the_bert_answer_and_are_not_cached(
+    server, redis_prefix, fault, calls, skip, detail
+):
+    """Each fault gives the BERT answer with the reason; once fixed, the LLM answers.
+
+    An invalid answer gets one repair attempt (two calls); other faults are not repaired.
+    """
+    server.script(*[fault] * calls)
+    cascade = cascade_for(server, redis_prefix=redis_prefix, scores={"hard": UNSURE})
+    decision = cascade.decide([Message(id="h", text="hard")])[0]
+    assert (decision.tier, decision.label, decision.llm_skipped) == (Tier.BERT, "negative", skip)
+    assert decision.llm_error is not None
+    assert detail in decision.llm_error.lower()
+    assert server.calls == calls
+    server.answerer = answering("synopsis")
+    recovered = cascade.decide([Message(id="h", text="hard")])[0]
+    assert (recovered.tier, recovered.label, recovered.cached) == (Tier.LLM, "synopsis", False)
+
+
+def test_rate_limited_call_is_retried_after_the_servers_delay(server):
+    """A 429 with Retry-After is waited out by the SDK and the LLM still answers."""
+    server.script(Fail(429, retry_after=0.5), Respond({"label": "positive"}))
+    cascade = cascade_for(server, scores={"hard": UNSURE}, llm_max_retries=2)
+    decision = cascade.decide([Message(text="hard")])[0]
+    assert (decision.tier, decision.label) == (Tier.LLM, "positive")
+    assert server.calls == 2
+
+
+def test_reply_task_gets_generated_text_and_personal_data_never_leaves(server):
+    """A reply request goes to the LLM even when confident; e-mails are redacted upstream."""
+    server.answerer = answering("positive", text="Thanks, we wrote to [EMAIL_1].")
+    cascade = cascade_for(server)
+    text = "Loved it! Write to me at jane.doe@example.com please."
+    decision = cascade.decide([Message(text=text, task=Task.REPLY)])[0]
+    assert (decision.tier, decision.reason) == (Tier.LLM, Reason.TASK_NEEDS_GENERATION)
+    assert decision.text == "Thanks, we wrote to jane.doe@example.com."
+    sent = str(server.requests[0].body)
+    assert "jane.doe@example.com" not in sent
+    assert "[EMAIL_1]" in sent
+
+
+def test_calls_per_minute_budget_is_never_overspent_by_concurrent_workers(server, redis_prefix):
+    """Two cascades, eight threads, 24 distinct escalations, 5 calls a minute: 5 LLM calls."""
+    spec = policy(budget=BudgetSpec(calls_per_minute=5))
+    scores = {f"hard {i}": UNSURE for i in range(24)}
+    workers = [cascade_for(server, spec, redis_prefix=redis_prefix, scores=scores) for _ in "ab"]
+
+    def one(i: int):
+        return workers[i % 2].decide([Message(id=str(i), text=f"hard {i}")])[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        decisions = list(pool.map(one, range(24)))
+    assert server.calls == 5
+    assert sum(d.tier is Tier.LLM for d in decisions) == 5
+    flagged = [d for d in decisions if d.tier is Tier.BERT]
+    assert len(flagged) == 19
+    assert {d.llm_skipped for d in flagged} == {LLMSkip.BUDGET_EXHAUSTED}
+
+
+def test_multi_label_sends_only_borderline_labels_and_merges_the_verdict(server):
+    """The LLM is asked about the borderline label only; confident flags keep BERT's verdict."""
+    spec = policy(multi_label=True, escalation=Escalation(band=Band(low=0.3, high=0.7)))
+    server.script(Respond({"labels": ["positive"]}), Respond({"labels": []}))
+    cascade = cascade_for(
+        server,
+        spec,
+        scores={"a": (0.95, 0.5, 0.01), "b": (0.95, 0.5, 0.02)},
+        multi_label=True,
+    )
+    yes, no = cascade.decide([Message(text="a"), Message(text="b")])
+    assert (yes.tier, yes.reason, yes.labels) == (
+        Tier.LLM,
+        Reason.UNCERTAIN_LABELS,
+        ["negative", "positive"],
+    )
+    assert no.labels == ["negative"]
+    schema = server.requests[0].body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["labels"]["items"]["enum"] == ["positive"]
+
+
+def test_a_mixed_batch_answers_every_message_once_in_order(server, redis_prefix):
+    """Confident, routed, repeated and failing messages: one decision each, in input order."""
+    server.answerer = answering("positive")
+    cascade = cascade_for(
+        server, redis_prefix=redis_prefix, scores={"hard": UNSURE, "other hard": UNSURE}
+    )
+    cascade.decide([Message(text="hard")])
+    messages = [
+        Message(id="1", text="easy"),
+        Message(id="2", text="hard"),
+        Message(id="3", text="other hard"),
+        Message(id="4", text="easy"),
+        Message(id="5", text="other hard"),
+    ]
+    decisions = cascade.decide(messages)
+    assert [d.id for d in decisions] == ["1", "2", "3", "4", "5"]
+    assert [d.tier for d in decisions] == [Tier.BERT, Tier.LLM, Tier.LLM, Tier.BERT, Tier.LLM]
+    assert decisions[1].cached
+    assert server.calls == 2
