@@ -29,7 +29,15 @@ from workers.budget import RedisBudgetLedger
 from workers.cache import RedisDecisionCache
 from workers.cascade import Cascade, PolicyBook
 from workers.llm.breaker import LocalBreakerStore
-from workers.llm.testing import Fail, FakeLLMServer, Refuse, Respond, RespondRaw, Stall
+from workers.llm.testing import (
+    Fail,
+    FakeLLMServer,
+    Refuse,
+    Respond,
+    RespondRaw,
+    Stall,
+    message_of,
+)
 from workers.llm.tier import LLMTier
 from workers.schemas import LLMSkip, Message, Tier
 from workers.settings import Settings
@@ -237,7 +245,7 @@ def test_calls_per_minute_budget_is_never_overspent_by_concurrent_workers(server
 def test_multi_label_sends_only_borderline_labels_and_merges_the_verdict(server):
     """The LLM is asked about the borderline label only; confident flags keep BERT's verdict."""
     spec = policy(multi_label=True, escalation=Escalation(band=Band(low=0.3, high=0.7)))
-    server.script(Respond({"labels": ["positive"]}), Respond({"labels": []}))
+    server.answerer = lambda body: {"labels": ["positive"] if message_of(body) == "a" else []}
     cascade = cascade_for(
         server,
         spec,
