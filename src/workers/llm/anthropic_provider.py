@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 
@@ -13,10 +13,25 @@ from workers.llm.provider import (
     ProviderRequest,
     llm_error_from_connection,
     llm_error_from_status,
+    retry_after_seconds,
 )
 
 if TYPE_CHECKING:
     from anthropic.types import Message, MessageParam
+
+
+# The longest Retry-After the SDK may sleep through before retrying. This SDK honours any
+# Retry-After (the OpenAI SDK does not retry past 60 s); a longer wait would park a worker
+# thread, so such a response is not retried: it surfaces as a transient error carrying its
+# retry_after, and the tier moves on to the next provider.
+MAX_RETRY_WAIT_S = 60.0
+
+
+def _no_retry_after_long_waits(response: Any) -> None:
+    """Response hook: mark a response asking for a long wait as not to be retried."""
+    wait = retry_after_seconds(response.headers)
+    if wait is not None and wait > MAX_RETRY_WAIT_S:
+        response.headers["x-should-retry"] = "false"
 
 
 class AnthropicProvider:
@@ -46,6 +61,9 @@ class AnthropicProvider:
         self.base_url = base_url
         self._client = anthropic.Anthropic(
             api_key=api_key,
+            http_client=anthropic.DefaultHttpxClient(
+                event_hooks={"response": [_no_retry_after_long_waits]}
+            ),
             # None would let the SDK read ANTHROPIC_BASE_URL; tiergate's settings decide instead.
             base_url=base_url or "https://api.anthropic.com",
             timeout=timeout_s,

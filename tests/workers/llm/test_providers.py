@@ -84,6 +84,23 @@ def test_a_429_with_retry_after_is_retried_after_the_wait(name, server, make_set
     assert server.calls == 2
 
 
+def test_a_very_long_retry_after_is_not_slept_through(name, server, make_settings, request_for):
+    """A 429 asking for ten minutes fails fast as transient, carrying the wait.
+
+    The OpenAI SDK does not retry such a response; Anthropic's would sleep through any
+    Retry-After, so tiergate marks the response as not to be retried. The tier then moves on to
+    the next provider instead of parking a worker.
+    """
+    server.script(Fail(429, retry_after=600))
+    provider = provider_for(name, make_settings(llm_max_retries=2))
+    started = time.monotonic()
+    with pytest.raises(TransientLLMError) as caught:
+        provider.complete(request_for())
+    assert caught.value.retry_after == pytest.approx(600, abs=1)
+    assert server.calls == 1
+    assert time.monotonic() - started < 5.0
+
+
 def test_a_500_is_retried_by_the_sdk(name, server, make_settings, request_for):
     """One server error costs one SDK retry and no error."""
     server.script(Fail(500), Respond({"label": "mixed"}))
