@@ -505,10 +505,13 @@ def build_cascade(
         store = RedisBreakerStore(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
     else:
         store = LocalBreakerStore()
+    llm = LLMTier(settings, breaker_store=store)
+    for spec in policies:
+        llm.chain(spec)  # build the SDK clients now, not inside the first batch's timings
     return Cascade(
         classifier,
         policies,
-        llm=LLMTier(settings, breaker_store=store),
+        llm=llm,
         cache=open_cache(settings) if use_cache else None,
         budget=open_budget_ledger(settings),
         llm_concurrency=settings.llm_concurrency,
