@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-bert venv clean
+.PHONY: demo test lint typecheck unit bench bench-bert bench-cascade venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -37,11 +37,15 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-bench: bench-bert
+bench: bench-bert bench-cascade
 
 bench-bert: $(STAMP)
 	$(BIN)/tiergate model build-default
 	$(BIN)/python bench/bert_tier.py
+
+bench-cascade: $(STAMP)
+	$(BIN)/tiergate model build-default
+	$(BIN)/python bench/cascade.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

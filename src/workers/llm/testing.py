@@ -166,6 +166,15 @@ class SimulatedLLM:
         return answer
 
 
+class _LocalHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose listen backlog fits a concurrent client."""
+
+    # socketserver's default backlog of 5 drops connections when a client opens more at once
+    # (the LLM tier runs llm_concurrency calls in parallel); Linux retries a dropped SYN after
+    # 1 s, which would show up as 1 s LLM calls in benchmarks.
+    request_queue_size = 128
+
+
 class FakeLLMServer:
     """An OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1, scripted per call.
 
@@ -185,7 +194,7 @@ class FakeLLMServer:
         self._requests: list[ReceivedRequest] = []
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _LocalHTTPServer(("127.0.0.1", 0), self._handler_class())
         # Handler threads may be sleeping in a Stall; they must not keep the process alive.
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
