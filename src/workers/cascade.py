@@ -20,7 +20,7 @@ LLM's answer once the LLM is back.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -95,7 +95,7 @@ class PolicyBook:
         """Every loaded policy's name."""
         return tuple(self._by_name)
 
-    def __iter__(self) -> Iterable[PolicySpec]:
+    def __iter__(self) -> Iterator[PolicySpec]:
         return iter(self._by_name.values())
 
 
