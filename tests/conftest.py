@@ -10,11 +10,13 @@ path: fast, and small enough that chunking is easy to trigger.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from workers.bert.dataset import LabelledExample
 from workers.bert.default_model import LABELS, base_model_dir, load_default_splits
@@ -113,3 +115,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     train_model(options, examples[:18], examples[18:])
     return root / "model"
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A fresh key prefix in the local Redis; every key under it is deleted afterwards."""
+    prefix = f"tiergate-test-{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -69,7 +69,7 @@ def _configure(
 USAGE_ERROR = 2
 REJECTED = 1
 _CHUNK = 256  # messages per cascade call when reading a file
-_MESSAGE_FIELDS = frozenset({"id", "text", "policy", "task", "metadata"})
+_MODEL = typer.Option(help="Model directory (default: the default).")
 
 T = TypeVar("T")
 
@@ -328,9 +328,7 @@ def classify(
         InputFormat | None,
         typer.Option("--format", help="Input layout; guessed from the extension or content."),
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="Model directory (default: the default).")
-    ] = None,
+    model: Annotated[Path | None, _MODEL] = None,
     text_field: Annotated[str, typer.Option(help="The field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="The field holding the message id.")] = "id",
     table: Annotated[bool, typer.Option("--table", help="Print a table, not JSONL.")] = False,
@@ -634,9 +632,7 @@ def calibrate(
     policy: Annotated[
         Path | None, typer.Option(help="Policy to calibrate (default: the model's).")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="Model directory (default: the default).")
-    ] = None,
+    model: Annotated[Path | None, _MODEL] = None,
     text_column: Annotated[str, _TEXT_COLUMN] = "text",
     label_column: Annotated[str, _LABEL_COLUMN] = "label",
     labels_column: Annotated[str, _LABELS_COLUMN] = "labels",
@@ -710,9 +706,7 @@ def evaluate(
     policy: Annotated[
         Path | None, typer.Option(help="Policy to evaluate (default: the model's).")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="Model directory (default: the default).")
-    ] = None,
+    model: Annotated[Path | None, _MODEL] = None,
     text_column: Annotated[str, _TEXT_COLUMN] = "text",
     label_column: Annotated[str, _LABEL_COLUMN] = "label",
     labels_column: Annotated[str, _LABELS_COLUMN] = "labels",
@@ -939,9 +933,7 @@ def _demo_llm(settings: Settings, messages: Sequence[Message]) -> Iterator[tuple
 
 @app.command()
 def demo(
-    model: Annotated[
-        Path | None, typer.Option(help="Model directory (default: the default).")
-    ] = None,
+    model: Annotated[Path | None, _MODEL] = None,
 ) -> None:
     """Run the cascade on held-out real messages: tier shares, LLM cost, and a cache hit.
 

@@ -7,7 +7,6 @@ import textwrap
 import threading
 import time
 import unicodedata
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,18 +67,6 @@ def make_decision(label: str = "positive", message_id: str = "m-1") -> Decision:
         ),
         timings_ms={"bert": 3.5, "llm": 412.0},
     )
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A fresh key prefix; every key under it is deleted afterwards."""
-    prefix = f"test-cache-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(params=["redis", "sqlite"])

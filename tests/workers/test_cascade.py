@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,18 +31,6 @@ def policy(**changes) -> PolicySpec:
         escalation=Escalation(min_probability=0.8),
     )
     return spec.model_copy(update=changes)
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A fresh key prefix; every key under it is deleted afterwards."""
-    prefix = f"test-cascade-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def classifier(**scores) -> FixedScoreClassifier:

@@ -7,7 +7,6 @@ reached the fake provider.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,18 +73,6 @@ def server() -> Iterator[FakeLLMServer]:
     """The fake provider, stopped after the test."""
     with FakeLLMServer() as fake:
         yield fake
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A fresh key prefix; every key under it is deleted afterwards."""
-    prefix = f"test-cascade-llm-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def settings_for(server: FakeLLMServer, **overrides) -> Settings:
