@@ -371,3 +371,31 @@ def test_eval_rejects_a_replay_label_outside_the_policy(run, trained_model, tmp_
     assert result.returncode == 2
     assert "line 1" in result.stderr
     assert "maybe" in result.stderr
+
+
+def test_policy_check_validates_files_against_the_model(run, tmp_path):
+    """A fitting policy is summarised; a broken or non-fitting one exits 2 naming the problem."""
+    good = _policy_file(tmp_path, min_probability=0.7)
+    result = run("policy", "check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "rotten-tomatoes" in result.stdout
+    assert "p < 0.7" in result.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nversion: '1'\nlabels: []\n")
+    bad = run("policy", "check", str(broken))
+    assert bad.returncode == 2
+    assert "labels" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    moderation = tmp_path / "moderation.yaml"
+    moderation.write_text(run("policy", "show", "moderation").stdout)
+    assert run("policy", "check", "--no-against-model", str(moderation)).returncode == 0
+    assert run("policy", "check", str(moderation)).returncode == 2
+
+
+def test_policy_examples_lists_the_shipped_policies(run):
+    """The shipped policies are listed by name; an unknown name for show exits 2."""
+    result = run("policy", "examples")
+    assert result.returncode == 0, result.stderr
+    for name in ("rotten-tomatoes", "ticket-routing", "moderation"):
+        assert name in result.stdout
+    assert run("policy", "show", "nope").returncode == 2
