@@ -22,12 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
+from pydantic import BaseModel, ConfigDict, Field
 
-from policies.routing import BudgetState, Route, Target, decide
+from policies.routing import BudgetState, Reason, Route, Target, decide
 from policies.spec import (
     EXAMPLES,
     PolicyError,
@@ -99,16 +99,28 @@ class PolicyBook:
         return iter(self._by_name.values())
 
 
-@dataclass
-class _Pending:
-    """A message the policy sent to the LLM, and everything needed to answer it."""
+class LLMWork(BaseModel):
+    """A message the policy sent to the LLM: the hand-off from the BERT step to the LLM step.
 
-    index: int
+    It is plain JSON (``model_dump_json``), so a BERT worker can pass it to an LLM worker on
+    another machine through the broker. ``policy`` is the policy's name; ``key`` the decision
+    cache key; ``timings_ms`` what the first step spent.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
     message: Message
-    spec: PolicySpec
     prediction: Prediction
-    route: Route
+    policy: str
+    reason: Reason
+    labels: tuple[str, ...] = ()
     key: str
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def route(self) -> Route:
+        """The route that sent this message to the LLM."""
+        return Route(Target.LLM, self.reason, self.labels)
 
 
 class Cascade:
@@ -117,6 +129,10 @@ class Cascade:
     ``llm``, ``cache`` and ``budget`` are optional: without an LLM tier routed messages get the
     BERT answer marked ``llm_skipped: no_provider``; without a cache nothing is reused; without
     a ledger the budget is unlimited. Safe to share between threads.
+
+    :meth:`decide` runs both steps in one process. Distributed workers run them apart:
+    :meth:`first_pass` (cache, BERT tier, policy) on a BERT worker, and :meth:`answer` (the
+    LLM step) on an LLM worker for each :class:`LLMWork` the first step hands over.
     """
 
     def __init__(
@@ -154,7 +170,7 @@ class Cascade:
         )
 
     def decide(self, messages: Sequence[Message]) -> list[Decision]:
-        """One decision per message, in input order.
+        """One decision per message, in input order: both steps in this process.
 
         Raises :class:`~workers.errors.UnknownPolicyError` (before any work) when a message
         names a policy that is not loaded, and :class:`~workers.errors.CoordinationError` when
@@ -163,9 +179,25 @@ class Cascade:
         if not messages:
             return []
         started = time.perf_counter()
+        first = self.first_pass(messages)
+        answered = iter(self._answer_all([item for item in first if isinstance(item, LLMWork)]))
+        merged = [next(answered) if isinstance(item, LLMWork) else item for item in first]
+        total = _ms(started)
+        return [
+            d.model_copy(update={"timings_ms": {**d.timings_ms, "total": total}}) for d in merged
+        ]
+
+    def first_pass(self, messages: Sequence[Message]) -> list[Decision | LLMWork]:
+        """The BERT step: per message, its decision, or the :class:`LLMWork` for the LLM step.
+
+        One cache lookup for the batch, the BERT tier on the misses in one batch, the policy
+        per message; final BERT decisions are cached. Same errors as :meth:`decide`.
+        """
+        if not messages:
+            return []
         specs = [self.policies.get(m.policy) for m in messages]
         keys = [self.cache_key(m, s) for m, s in zip(messages, specs, strict=True)]
-        decisions: list[Decision | None] = [None] * len(messages)
+        results: list[Decision | LLMWork | None] = [None] * len(messages)
 
         lookup_ms = 0.0
         if self.cache is not None:
@@ -174,24 +206,44 @@ class Cascade:
             lookup_ms = _ms(cache_started)
             for i, hit in enumerate(hits):
                 if hit is not None:
-                    decisions[i] = _from_cache(hit, messages[i], lookup_ms)
+                    results[i] = _from_cache(hit, messages[i], lookup_ms)
 
-        misses = [i for i, d in enumerate(decisions) if d is None]
+        misses = [i for i, d in enumerate(results) if d is None]
         if misses:
             bert_started = time.perf_counter()
             predictions = self.classifier.predict([messages[i].text for i in misses])
             bert_ms = _ms(bert_started)
             timings = {"cache": lookup_ms, "bert": bert_ms} if self.cache else {"bert": bert_ms}
-            pending = self._route(misses, messages, specs, keys, predictions, timings, decisions)
-            self._answer_with_llm(pending, decisions, timings)
-            self._store(misses, keys, specs, decisions)
+            self._route(misses, messages, specs, keys, predictions, timings, results)
+            self._store(misses, keys, specs, results)
+        return [r for r in results if r is not None]
 
-        total = _ms(started)
-        return [
-            d.model_copy(update={"timings_ms": {**d.timings_ms, "total": total}})
-            for d in decisions
-            if d is not None
-        ]
+    def answer(self, work: LLMWork) -> Decision:
+        """The LLM step for one message: from another worker's call, or from our own.
+
+        Waits on the single-flight lease of its cache key, reserves the budget, asks the LLM
+        tier, settles the budget and caches the answer. An LLM that cannot answer gives the
+        BERT answer with ``llm_skipped`` saying why (not cached).
+        """
+        spec = self.policies.get(work.policy)
+        lease = None
+        # With caching off for this policy there is no shared result to wait for.
+        if self.cache is not None and spec.cache.ttl_seconds > 0:
+            try:
+                waited = self.cache.wait(work.key, self.single_flight_timeout_s)
+            except SingleFlightTimeout as exc:
+                return _fallback(work, spec, LLMSkip.LLM_UNAVAILABLE, str(exc))
+            if isinstance(waited, Decision):
+                return _from_cache(waited, work.message, work.timings_ms.get("cache", 0.0))
+            lease = waited
+        try:
+            decision = self._call_llm(work, spec)
+            if self.cache is not None and decision.llm_skipped is None:
+                self.cache.put(work.key, decision, spec.cache.ttl_seconds)
+            return decision
+        finally:
+            if lease is not None:
+                lease.release()
 
     # ------------------------------------------------------------------------------ steps
 
@@ -203,11 +255,10 @@ class Cascade:
         keys: Sequence[str],
         predictions: Sequence[Prediction],
         timings: Mapping[str, float],
-        decisions: list[Decision | None],
-    ) -> list[_Pending]:
-        """Apply each message's policy; answer what the BERT tier may answer, collect the rest."""
+        results: list[Decision | LLMWork | None],
+    ) -> None:
+        """Apply each message's policy; answer what the BERT tier may answer, hand on the rest."""
         states: dict[str, BudgetState] = {}
-        pending: list[_Pending] = []
         for i, prediction in zip(misses, predictions, strict=True):
             message, spec = messages[i], specs[i]
             if spec.name not in states:
@@ -219,79 +270,60 @@ class Cascade:
             route = decide(prediction, spec, states[spec.name], message.task)
             if route.target is Target.BERT:
                 skipped = LLMSkip.BUDGET_EXHAUSTED if route.budget_exhausted else None
-                decisions[i] = _bert_decision(message, spec, prediction, route, timings, skipped)
+                results[i] = _bert_decision(message, spec, prediction, route, timings, skipped)
             elif route.target is Target.DEFER:
-                decisions[i] = _bert_decision(
+                results[i] = _bert_decision(
                     message, spec, prediction, route, timings, LLMSkip.BUDGET_EXHAUSTED
                 ).model_copy(update={"status": Status.DEFERRED})
             elif self.llm is None or not self.llm.configured(spec):
-                decisions[i] = _bert_decision(
+                results[i] = _bert_decision(
                     message, spec, prediction, route, timings, LLMSkip.NO_PROVIDER
                 )
             else:
-                pending.append(_Pending(i, message, spec, prediction, route, keys[i]))
-        return pending
+                results[i] = LLMWork(
+                    message=message,
+                    prediction=prediction,
+                    policy=spec.name,
+                    reason=route.reason,
+                    labels=route.labels,
+                    key=keys[i],
+                    timings_ms=dict(timings),
+                )
 
-    def _answer_with_llm(
-        self,
-        pending: Sequence[_Pending],
-        decisions: list[Decision | None],
-        timings: Mapping[str, float],
-    ) -> None:
-        """Ask the LLM once per distinct cache key, ``llm_concurrency`` requests at a time."""
-        if not pending:
-            return
-        by_key: dict[str, list[_Pending]] = {}
-        for item in pending:
+    def _answer_all(self, work: Sequence[LLMWork]) -> list[Decision]:
+        """Answer each work item, asking the LLM once per distinct cache key, in parallel."""
+        if not work:
+            return []
+        by_key: dict[str, list[LLMWork]] = {}
+        for item in work:
             by_key.setdefault(item.key, []).append(item)
         workers = min(self.llm_concurrency, len(by_key))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiergate-llm") as pool:
-            answers = pool.map(lambda group: self._ask(group[0], timings), by_key.values())
-            for group, answer in zip(by_key.values(), answers, strict=True):
-                for item in group:
-                    decisions[item.index] = answer.model_copy(
-                        update={"id": item.message.id, "metadata": dict(item.message.metadata)}
-                    )
+            firsts = [group[0] for group in by_key.values()]
+            answers = dict(zip(by_key, pool.map(self.answer, firsts), strict=True))
+        return [
+            answers[item.key].model_copy(
+                update={"id": item.message.id, "metadata": dict(item.message.metadata)}
+            )
+            for item in work
+        ]
 
-    def _ask(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
-        """The decision for one routed message: from another worker, or from our LLM call."""
-        lease = None
-        # With caching off for this policy there is no shared result to wait for.
-        if self.cache is not None and item.spec.cache.ttl_seconds > 0:
-            try:
-                waited = self.cache.wait(item.key, self.single_flight_timeout_s)
-            except SingleFlightTimeout as exc:
-                return self._fallback(item, timings, LLMSkip.LLM_UNAVAILABLE, str(exc))
-            if isinstance(waited, Decision):
-                return _from_cache(waited, item.message, timings.get("cache", 0.0))
-            lease = waited
-        try:
-            decision = self._call_llm(item, timings)
-            if self.cache is not None and decision.llm_skipped is None:
-                self.cache.put(item.key, decision, item.spec.cache.ttl_seconds)
-            return decision
-        finally:
-            if lease is not None:
-                lease.release()
-
-    def _call_llm(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
+    def _call_llm(self, work: LLMWork, spec: PolicySpec) -> Decision:
         from workers.llm.tier import LLMRequest  # noqa: PLC0415 -- the SDKs load only when used
 
         llm = self.llm
-        assert llm is not None
+        if llm is None or not llm.configured(spec):
+            return _fallback(work, spec, LLMSkip.NO_PROVIDER, "no LLM provider is configured")
         reservation = None
         if self.budget is not None:
-            estimate = llm.estimate_cost(item.spec, item.message.text)
-            reservation = self.budget.reserve(item.spec.name, item.spec.budget, estimate)
+            estimate = llm.estimate_cost(spec, work.message.text)
+            reservation = self.budget.reserve(spec.name, spec.budget, estimate)
             if reservation is None:
-                log.info("budget.exhausted", policy=item.spec.name, message_id=item.message.id)
-                return self._budget_fallback(item, timings)
+                log.info("budget.exhausted", policy=spec.name, message_id=work.message.id)
+                return _budget_fallback(work, spec)
         started = time.perf_counter()
         request = LLMRequest(
-            text=item.message.text,
-            spec=item.spec,
-            task=item.message.task,
-            labels=item.route.labels,
+            text=work.message.text, spec=spec, task=work.message.task, labels=work.labels
         )
         spent = reservation.usd if reservation is not None else 0.0
         try:
@@ -305,46 +337,27 @@ class Cascade:
                 if isinstance(exc, PermanentLLMError)
                 else LLMSkip.LLM_UNAVAILABLE
             )
-            log.warning(
-                "llm.failed", policy=item.spec.name, message_id=item.message.id, error=str(exc)
-            )
-            return self._fallback(item, timings, skip, str(exc))
+            log.warning("llm.failed", policy=spec.name, message_id=work.message.id, error=str(exc))
+            return _fallback(work, spec, skip, str(exc))
         finally:
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, spent)
-        llm_ms = _ms(started)
-        return _llm_decision(item, result, {**timings, "llm": llm_ms})
-
-    def _budget_fallback(self, item: _Pending, timings: Mapping[str, float]) -> Decision:
-        """The policy's fallback for a budget found spent at reservation time."""
-        decision = _bert_decision(
-            item.message, item.spec, item.prediction, item.route, timings, LLMSkip.BUDGET_EXHAUSTED
-        )
-        if item.spec.budget.when_exhausted is WhenExhausted.DEFER:
-            return decision.model_copy(update={"status": Status.DEFERRED})
-        return decision
-
-    def _fallback(
-        self, item: _Pending, timings: Mapping[str, float], skip: LLMSkip, error: str
-    ) -> Decision:
-        return _bert_decision(
-            item.message, item.spec, item.prediction, item.route, timings, skip
-        ).model_copy(update={"llm_error": error})
+        return _llm_decision(work, spec, result, {**work.timings_ms, "llm": _ms(started)})
 
     def _store(
         self,
         indices: Sequence[int],
         keys: Sequence[str],
         specs: Sequence[PolicySpec],
-        decisions: Sequence[Decision | None],
+        results: Sequence[Decision | LLMWork | None],
     ) -> None:
-        """Cache the final BERT decisions (LLM answers were cached under their lease)."""
+        """Cache the final BERT decisions (LLM answers are cached under their lease)."""
         if self.cache is None:
             return
         for i in indices:
-            decision = decisions[i]
+            decision = results[i]
             if (
-                decision is not None
+                isinstance(decision, Decision)
                 and decision.tier is Tier.BERT
                 and decision.llm_skipped is None
                 and decision.status is Status.ANSWERED
@@ -393,11 +406,13 @@ def _bert_decision(
     )
 
 
-def _llm_decision(item: _Pending, result: LLMResult, timings: Mapping[str, float]) -> Decision:
-    prediction, spec = item.prediction, item.spec
+def _llm_decision(
+    work: LLMWork, spec: PolicySpec, result: LLMResult, timings: Mapping[str, float]
+) -> Decision:
+    prediction = work.prediction
     if prediction.multi_label:
         # The LLM judged only the borderline labels; the confident ones keep the BERT verdict.
-        asked = set(item.route.labels) if item.route.labels else set(prediction.labels)
+        asked = set(work.labels) if work.labels else set(prediction.labels)
         confident = [
             label
             for label in prediction.labels_above(spec.escalation.flag_threshold)
@@ -409,22 +424,39 @@ def _llm_decision(item: _Pending, result: LLMResult, timings: Mapping[str, float
         label = result.label if result.label is not None else prediction.top_label
         labels = [label]
     return Decision(
-        id=item.message.id,
+        id=work.message.id,
         label=label,
         labels=labels,
         scores=prediction.scores(),
         tier=Tier.LLM,
-        reason=item.route.reason,
+        reason=work.reason,
         text=result.text,
         chunks=prediction.chunks,
         model_version=prediction.model_version,
         policy=spec.name,
         policy_version=spec.version,
-        task=item.message.task,
+        task=work.message.task,
         llm=result.usage,
         timings_ms=dict(timings),
-        metadata=dict(item.message.metadata),
+        metadata=dict(work.message.metadata),
     )
+
+
+def _fallback(work: LLMWork, spec: PolicySpec, skip: LLMSkip, error: str) -> Decision:
+    """The BERT answer for a message the LLM step could not answer, saying why."""
+    return _bert_decision(
+        work.message, spec, work.prediction, work.route, work.timings_ms, skip
+    ).model_copy(update={"llm_error": error})
+
+
+def _budget_fallback(work: LLMWork, spec: PolicySpec) -> Decision:
+    """The policy's fallback for a budget found spent at reservation time."""
+    decision = _bert_decision(
+        work.message, spec, work.prediction, work.route, work.timings_ms, LLMSkip.BUDGET_EXHAUSTED
+    )
+    if spec.budget.when_exhausted is WhenExhausted.DEFER:
+        return decision.model_copy(update={"status": Status.DEFERRED})
+    return decision
 
 
 def _from_cache(hit: Decision, message: Message, lookup_ms: float) -> Decision:

@@ -158,6 +158,72 @@ class Settings(BaseSettings):
         """The model directory to load: ``model_dir`` if set, else the default model's."""
         return self.model_dir if self.model_dir is not None else self.default_model_dir
 
+    # --- distributed mode: Celery, the decisions stream and the HTTP gateway
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker (redis://... or amqp://...). Unset: embedded mode, where "
+        "the gateway runs the cascade in-process.",
+    )
+    result_backend: str | None = Field(
+        default=None, description="Celery result backend (default: redis_url)."
+    )
+    bert_queue: str = Field(default="tiergate.bert", description="Queue of BERT-tier tasks.")
+    llm_queue: str = Field(default="tiergate.llm", description="Queue of LLM-tier tasks.")
+    bert_concurrency: PositiveInt = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        description="BERT worker processes per machine (prefork); each gets cores / processes "
+        "ONNX Runtime threads.",
+    )
+    bert_flush_every: PositiveInt = Field(
+        default=64, description="A BERT worker runs one batch once this many messages wait."
+    )
+    bert_flush_interval_s: PositiveFloat = Field(
+        default=0.02, description="...or once the oldest waiting message is this old."
+    )
+    llm_worker_threads: PositiveInt = Field(
+        default=32, description="Concurrent LLM requests per LLM worker (thread pool)."
+    )
+    visibility_timeout_s: PositiveInt = Field(
+        default=3600,
+        description="Redis broker: seconds before an unacknowledged task is redelivered; "
+        "longer than the longest task.",
+    )
+    task_max_retries: int = Field(
+        default=5, ge=0, description="Retries of a task failing transiently before dead-letter."
+    )
+    decisions_stream: str = Field(
+        default="tiergate:decisions", description="Redis Stream every decision is appended to."
+    )
+    decisions_stream_maxlen: PositiveInt = Field(
+        default=1_000_000, description="Approximate cap on the decisions stream's length."
+    )
+    decision_record_ttl_s: PositiveInt = Field(
+        default=7 * 24 * 3600,
+        description="How long a message id's decision is kept (idempotency window).",
+    )
+    api_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="HTTP API keys: SHA-256 hex of the key -> policies it may use ('*' = "
+        "all). Empty: no key required (development only).",
+    )
+    max_body_bytes: PositiveInt = Field(
+        default=1_000_000, description="Largest HTTP request body accepted (413 above)."
+    )
+    max_text_chars: PositiveInt = Field(
+        default=100_000, description="Longest message text accepted (413 above)."
+    )
+    max_batch_messages: PositiveInt = Field(
+        default=256, description="Most messages in one HTTP request."
+    )
+    request_timeout_s: PositiveFloat = Field(
+        default=30.0, description="How long POST /v1/classify waits for decisions."
+    )
+    gateway_batch_window_ms: NonNegativeFloat = Field(
+        default=2.0,
+        description="Embedded mode: how long the gateway gathers concurrent requests into one "
+        "ONNX batch.",
+    )
+
     @property
     def resolved_cache_path(self) -> Path:
         """The embedded SQLite cache file."""
