@@ -1,0 +1,232 @@
+"""Delivery: every accepted message is answered exactly once, where consumers can read it.
+
+A decision is delivered by :meth:`DecisionLedger.deliver`, which in one atomic step
+
+1. records it under the message id (the idempotency record: a redelivered or resubmitted
+   message id finds its decision and is not worked on again),
+2. appends it to the decisions stream (``tiergate:decisions`` by default), which downstream
+   consumers read with consumer groups, and
+3. wakes whoever waits for that id (the HTTP gateway, ``gateway.client``), through a short-lived
+   reply list they block on (``BLPOP``; nobody polls).
+
+If the id already has a decision nothing happens, so a task that crashed after delivering and
+was redelivered cannot put a second entry in the stream. Messages that cannot be answered at all
+(a payload that is not a message, a task that keeps failing) go to the dead-letter list with
+their reason; they never vanish.
+
+:class:`RedisDecisionLedger` is the distributed one; :class:`LocalDecisionLedger` keeps the
+same contract in one process (embedded mode), without a stream.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Protocol, Self
+
+import redis
+
+from workers.cache import redis_errors_as_coordination_errors
+from workers.schemas import Decision
+from workers.settings import Settings
+
+# KEYS: record, stream, reply. ARGV: decision JSON, record TTL, stream maxlen, reply TTL.
+# Returns 1 when delivered now, 0 when the id already had a decision.
+_DELIVER = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[5], 'decision', ARGV[1])
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 1
+"""
+
+_REPLY_TTL_S = 300
+
+
+class DecisionLedger(Protocol):
+    """Where decisions are delivered, looked up by message id, and waited for."""
+
+    def deliver(self, decision: Decision) -> bool:
+        """Record, stream and announce ``decision``; False when its id was already answered."""
+        ...
+
+    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
+        """The delivered decision of each id, in order (``None`` where there is none yet)."""
+        ...
+
+    def wait(self, message_id: str, timeout_s: float) -> Decision | None:
+        """Block until ``message_id`` is answered or ``timeout_s`` passes (then ``None``)."""
+        ...
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        """Keep a message that cannot be answered, with the reason, for an operator."""
+        ...
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recent dead letters, newest first."""
+        ...
+
+
+class RedisDecisionLedger:
+    """The ledger in Redis: records, the decisions stream, reply lists and dead letters.
+
+    Keys: ``{prefix}:decision-of:{id}`` (the record, with a TTL: the idempotency window),
+    ``{stream}`` (the stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes) and
+    ``{prefix}:dead-letters`` (a list of JSON objects with ``payload``, ``reason`` and ``at``).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "tiergate",
+        stream: str = "tiergate:decisions",
+        record_ttl_s: int = 7 * 24 * 3600,
+        stream_maxlen: int = 1_000_000,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.stream = stream
+        self.record_ttl_s = record_ttl_s
+        self.stream_maxlen = stream_maxlen
+        self._deliver = client.register_script(_DELIVER)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Self:
+        """The ledger on ``settings.redis_url`` (or ``client``) with the configured names."""
+        if client is None:
+            if settings.redis_url is None:
+                raise ValueError("the Redis ledger needs TIERGATE_REDIS_URL")
+            client = redis.Redis.from_url(settings.redis_url)
+        return cls(
+            client,
+            prefix=settings.cache_prefix,
+            stream=settings.decisions_stream,
+            record_ttl_s=settings.decision_record_ttl_s,
+            stream_maxlen=settings.decisions_stream_maxlen,
+        )
+
+    def record_key(self, message_id: str) -> str:
+        """The Redis key of a message id's decision record."""
+        return f"{self.prefix}:decision-of:{message_id}"
+
+    def reply_key(self, message_id: str) -> str:
+        """The Redis list a waiter for ``message_id`` blocks on."""
+        return f"{self.prefix}:reply:{message_id}"
+
+    @property
+    def dead_letter_key(self) -> str:
+        """The Redis list of dead letters."""
+        return f"{self.prefix}:dead-letters"
+
+    def deliver(self, decision: Decision) -> bool:
+        """See :meth:`DecisionLedger.deliver`; one Lua script, so it is all or nothing."""
+        with redis_errors_as_coordination_errors(self.client, "delivering a decision"):
+            delivered = self._deliver(
+                keys=[
+                    self.record_key(decision.id),
+                    self.stream,
+                    self.reply_key(decision.id),
+                ],
+                args=[
+                    decision.model_dump_json(),
+                    self.record_ttl_s,
+                    self.stream_maxlen,
+                    _REPLY_TTL_S,
+                    decision.id,
+                ],
+            )
+        return bool(delivered)
+
+    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
+        """See :meth:`DecisionLedger.get_many`; one ``MGET``."""
+        if not ids:
+            return []
+        with redis_errors_as_coordination_errors(self.client, "reading decisions"):
+            raw = self.client.mget([self.record_key(i) for i in ids])
+        return [Decision.model_validate_json(r) if r is not None else None for r in raw]
+
+    def wait(self, message_id: str, timeout_s: float) -> Decision | None:
+        """See :meth:`DecisionLedger.wait`: check the record, else block on the reply list."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.get_many([message_id])[0]
+            if found is not None:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            # One wake-up is pushed per delivery, so a second waiter on the same id gets none:
+            # blocking at most half a second at a time bounds what it can miss.
+            with redis_errors_as_coordination_errors(self.client, "waiting for a decision"):
+                self.client.blpop([self.reply_key(message_id)], timeout=min(0.5, max(0.01, left)))
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        """See :meth:`DecisionLedger.dead_letter`."""
+        entry = json.dumps({"payload": payload, "reason": reason, "at": time.time()}, default=str)
+        with redis_errors_as_coordination_errors(self.client, "writing a dead letter"):
+            self.client.lpush(self.dead_letter_key, entry)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """See :meth:`DecisionLedger.dead_letters`."""
+        with redis_errors_as_coordination_errors(self.client, "reading dead letters"):
+            raw = self.client.lrange(self.dead_letter_key, 0, limit - 1)
+        return [json.loads(entry) for entry in raw]
+
+
+class LocalDecisionLedger:
+    """The ledger in one process (embedded mode): the latest ``capacity`` decisions by id.
+
+    There is no stream; ``deliver`` keeps the first decision of an id, as the Redis ledger
+    does. Thread-safe.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        self._dead: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+
+    def deliver(self, decision: Decision) -> bool:
+        """See :meth:`DecisionLedger.deliver`."""
+        with self._changed:
+            if decision.id in self._decisions:
+                return False
+            self._decisions[decision.id] = decision
+            while len(self._decisions) > self.capacity:
+                self._decisions.popitem(last=False)
+            self._changed.notify_all()
+            return True
+
+    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
+        """See :meth:`DecisionLedger.get_many`."""
+        with self._changed:
+            return [self._decisions.get(i) for i in ids]
+
+    def wait(self, message_id: str, timeout_s: float) -> Decision | None:
+        """See :meth:`DecisionLedger.wait`."""
+        with self._changed:
+            self._changed.wait_for(lambda: message_id in self._decisions, timeout=timeout_s)
+            return self._decisions.get(message_id)
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        """See :meth:`DecisionLedger.dead_letter`."""
+        with self._changed:
+            self._dead.insert(0, {"payload": payload, "reason": reason, "at": time.time()})
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """See :meth:`DecisionLedger.dead_letters`."""
+        with self._changed:
+            return list(self._dead[:limit])
+
+
+def open_ledger(settings: Settings) -> DecisionLedger:
+    """The Redis ledger when ``settings.redis_url`` is set, else an in-process one."""
+    if settings.redis_url:
+        return RedisDecisionLedger.from_settings(settings)
+    return LocalDecisionLedger()
