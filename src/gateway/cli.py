@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -16,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -897,6 +900,173 @@ def model_info(
     card_path = directory / CARD_FILE
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     print(json.dumps({"manifest": manifest.model_dump(mode="json"), "card": card}, indent=2))
+
+
+# ---------------------------------------------------------------------------------- service
+
+
+class QueueName(StrEnum):
+    """The two kinds of worker."""
+
+    BERT = "bert"
+    LLM = "llm"
+
+
+@app.command()
+def worker(
+    queue: Annotated[QueueName, typer.Option(help="Which work this worker takes.")],
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes (bert; default TIERGATE_BERT_CONCURRENCY) or threads (llm; "
+            "default TIERGATE_LLM_WORKER_THREADS).",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Worker node name.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery's own log level.")] = "WARNING",
+) -> None:
+    """Run a Celery worker for the BERT queue (prefork) or the LLM queue (threads).
+
+    A BERT worker starts ``concurrency`` processes, each with its own ONNX Runtime session
+    created after the fork and cores / processes intra-op threads, and runs micro-batches. An
+    LLM worker runs ``concurrency`` threads of LLM requests.
+    """
+    from workers.celery_app import create_celery_app  # noqa: PLC0415
+
+    settings = Settings()
+    if settings.broker_url is None:
+        raise _fail("a worker needs a broker: set TIERGATE_BROKER_URL (and TIERGATE_REDIS_URL)")
+    if settings.redis_url is None:
+        raise _fail("a worker records decisions in Redis: set TIERGATE_REDIS_URL")
+    if queue is QueueName.BERT:
+        processes = concurrency or settings.bert_concurrency
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        settings = settings.model_copy(update={"intra_op_threads": threads})
+        pool, size, queue_name = "prefork", processes, settings.bert_queue
+    else:
+        pool, size, queue_name = (
+            "threads",
+            concurrency or settings.llm_worker_threads,
+            settings.llm_queue,
+        )
+    celery = _guarded(lambda: create_celery_app(settings))
+    node = name or f"{queue.value}-{os.getpid()}@{socket.gethostname()}"
+    celery.worker_main(
+        [
+            "worker",
+            "--queues",
+            queue_name,
+            "--pool",
+            pool,
+            "--concurrency",
+            str(size),
+            "--hostname",
+            node,
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the HTTP gateway: embedded (the cascade in-process) or, with a broker, distributed."""
+    import uvicorn  # noqa: PLC0415
+
+    if workers > 1:
+        uvicorn.run(
+            "gateway.api:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+        )
+        return
+    from gateway.api import create_app  # noqa: PLC0415
+
+    application = _guarded(lambda: create_app(Settings()))
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def submit(
+    input_file: Annotated[Path, typer.Argument(help="A JSONL or CSV file of messages.")],
+    output_file: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write decisions here (JSONL).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(min=0.0, help="Seconds to wait for all decisions.")
+    ] = 600.0,
+    text_field: Annotated[str, typer.Option(help="The field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="The field holding the message id.")] = "id",
+) -> None:
+    """Publish a file of messages through the broker and report as decisions come back.
+
+    Messages keep their file ids (records without one get ``line-N``), so submitting a file
+    twice is answered once per id. Exit codes as for ``classify``; a message not answered
+    within ``--timeout`` counts as rejected.
+    """
+    from gateway.client import TiergateClient  # noqa: PLC0415
+
+    settings = Settings()
+    if settings.broker_url is None or settings.redis_url is None:
+        raise _fail("submit needs TIERGATE_BROKER_URL and TIERGATE_REDIS_URL")
+    data = _guarded(lambda: read_bytes(input_file))
+    layout = detect_format(input_file, data[:64])
+    items = list(
+        _stream_items(
+            data, layout, text_field=text_field, id_field=id_field, source=str(input_file)
+        )
+    )
+    messages = [item for item in items if isinstance(item, Message)]
+    client = _guarded(lambda: TiergateClient.from_settings(settings))
+    tally = _Tally()
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    with progress, _open_output(output_file) as out:
+        published = progress.add_task("publishing", total=len(messages))
+        for start in range(0, len(messages), _CHUNK):
+            chunk = messages[start : start + _CHUNK]
+            client.submit_many(chunk)
+            progress.update(published, advance=len(chunk))
+        answered = progress.add_task("answered", total=len(messages))
+        decisions: dict[str, Decision] = {}
+        for message in messages:
+            left = max(0.0, deadline - time.monotonic())
+            decision = client.wait(message.id, left)
+            if decision is not None:
+                decisions[message.id] = decision
+            progress.update(answered, advance=1)
+        for item in items:
+            tally.read += 1
+            if isinstance(item, RecordError):
+                tally.rejected += 1
+                out.write(_error_line(item))
+            elif item.id in decisions:
+                tally.count(decisions[item.id])
+                out.write(_decision_line(decisions[item.id]))
+            else:
+                tally.rejected += 1
+                out.write(json.dumps({"id": item.id, "error": "not answered in time"}) + "\n")
+    _summary(tally, time.perf_counter() - started)
+    if tally.rejected:
+        raise typer.Exit(REJECTED)
 
 
 # ---------------------------------------------------------------------------------- policies

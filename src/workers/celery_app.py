@@ -1,0 +1,293 @@
+"""The Celery app: two queues, thin JSON tasks, and the worker-side runtime behind them.
+
+Producers publish by task name, in any language that speaks the Celery protocol:
+
+``tiergate.classify`` on queue ``tiergate.bert``, keyword argument ``message``: a JSON object
+with ``text`` (required), ``id``, ``policy``, ``task`` and ``metadata`` (the schema of
+:class:`workers.schemas.Message`). The decision appears once per message id on the
+``tiergate:decisions`` Redis Stream (field ``decision``, JSON) and under the id for
+``gateway.client``.
+
+BERT workers (prefork, one ONNX Runtime session per process created after the fork) run
+``tiergate.classify`` micro-batched with celery-batches: the worker buffers messages and runs
+one :meth:`~workers.cascade.Cascade.first_pass` for up to ``bert_flush_every`` of them, or for
+what arrived within ``bert_flush_interval_s``. Decisions are delivered at once; messages the
+policy sends to the LLM are handed to ``tiergate.answer_with_llm`` on queue ``tiergate.llm``,
+which LLM workers (a thread pool) answer with :meth:`~workers.cascade.Cascade.answer`.
+
+Delivery is exactly once per message id: tasks are acknowledged late and rejected when their
+worker is lost, so a crash redelivers them; the delivery ledger's atomic record-and-stream step
+makes a redelivered or resubmitted id a no-op, and the decision cache's single-flight makes a
+redelivered LLM step reuse the first call's answer instead of paying again. Transient failures
+(Redis or the broker unreachable) are retried with exponential backoff, by republishing with a
+countdown; a message that keeps failing, or a payload that is not a message, goes to the
+dead-letter list with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from celery_batches import Batches, SimpleRequest
+from pydantic import ValidationError
+
+from workers.cascade import Cascade, LLMWork, build_cascade, load_policy_book
+from workers.delivery import DecisionLedger, open_ledger
+from workers.errors import TransientError, UnknownPolicyError
+from workers.schemas import Decision, Message, Status
+from workers.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+CLASSIFY_TASK = "tiergate.classify"
+LLM_TASK = "tiergate.answer_with_llm"
+# Seconds before a deferred message (its policy's budget spent) is tried again.
+DEFER_COUNTDOWN_S = 60
+_MAX_BACKOFF_S = 300
+
+
+class WorkerRuntime:
+    """What a worker process holds: the cascade and the delivery ledger, built on first use.
+
+    Built lazily, so a prefork child builds its own (its ONNX Runtime session, its Redis
+    connections) after the fork. Thread-safe.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._cascade: Cascade | None = None
+        self._ledger: DecisionLedger | None = None
+        self._pid = 0
+
+    def _build(self) -> tuple[Cascade, DecisionLedger]:
+        from workers.bert.classifier import BertClassifier  # noqa: PLC0415
+
+        classifier = BertClassifier.from_settings(self.settings)
+        book = load_policy_book(
+            self.settings, classifier.labels, multi_label=classifier.manifest.multi_label
+        )
+        return build_cascade(self.settings, classifier, book), open_ledger(self.settings)
+
+    def parts(self) -> tuple[Cascade, DecisionLedger]:
+        """The cascade and ledger of this process."""
+        with self._lock:
+            if self._cascade is None or self._ledger is None or self._pid != os.getpid():
+                self._cascade, self._ledger = self._build()
+                self._pid = os.getpid()
+            return self._cascade, self._ledger
+
+    def warm_up(self) -> None:
+        """Build the parts and run the model once, so the first batch is not slow."""
+        cascade, _ = self.parts()
+        cascade.classifier.predict(["warm-up"])
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """The Celery app of ``settings``: broker, queues, reliability options and both tasks."""
+    if settings.broker_url is None:
+        raise ValueError("distributed mode needs a broker: set TIERGATE_BROKER_URL")
+    app = Celery(
+        "tiergate",
+        broker=settings.broker_url,
+        backend=settings.result_backend or settings.redis_url,
+    )
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A batch is acknowledged when it returns; buffer enough to fill a batch per process.
+        worker_prefetch_multiplier=settings.bert_flush_every,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Redis broker: sweep for messages of dead workers every tenth of the timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        task_routes={
+            CLASSIFY_TASK: {"queue": settings.bert_queue},
+            LLM_TASK: {"queue": settings.llm_queue},
+        },
+        task_default_queue=settings.bert_queue,
+        worker_hijack_root_logger=False,
+    )
+    runtime = WorkerRuntime(settings)
+    app.tiergate_runtime = runtime
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=CLASSIFY_TASK,
+        base=Batches,
+        flush_every=settings.bert_flush_every,
+        flush_interval=settings.bert_flush_interval_s,
+        acks_late=True,
+        typing=False,
+    )
+    def classify(requests: Sequence[SimpleRequest]) -> None:
+        """Thin: the payloads of a batch of requests go to :func:`run_bert_step`."""
+        payloads = [_payload(request, "message") for request in requests]
+        run_bert_step(app, runtime, payloads)
+
+    @app.task(name=LLM_TASK, acks_late=True, typing=False)  # type: ignore[untyped-decorator]
+    def answer_with_llm(work: Any = None, attempt: int = 0) -> None:
+        """Thin: one LLM step, see :func:`run_llm_step`."""
+        run_llm_step(app, runtime, work, attempt)
+
+    del classify, answer_with_llm  # registered on the app by name
+    return app
+
+
+def _payload(request: SimpleRequest, name: str) -> tuple[Any, int]:
+    kwargs = request.kwargs or {}
+    value = kwargs.get(name, request.args[0] if request.args else None)
+    return value, int(kwargs.get("attempt", 0) or 0)
+
+
+def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[Any, int]]) -> None:
+    """The BERT step for a batch of ``(message payload, attempt)`` pairs.
+
+    Invalid payloads and unknown policies go to the dead letters; ids already answered are
+    skipped; the rest run through one ``first_pass``. A transient failure republishes the
+    batch's messages with backoff (or dead-letters those out of retries).
+    """
+    cascade, ledger = runtime.parts()
+    messages: list[tuple[Message, int]] = []
+    for payload, attempt in payloads:
+        try:
+            message = Message.model_validate(payload)
+            cascade.policies.get(message.policy)
+        except ValidationError as exc:
+            ledger.dead_letter(payload, f"not a message: {_first_error(exc)}")
+            continue
+        except UnknownPolicyError as exc:
+            ledger.dead_letter(payload, str(exc))
+            continue
+        messages.append((message, attempt))
+    if not messages:
+        return
+    try:
+        answered = ledger.get_many([m.id for m, _ in messages])
+        fresh = [pair for pair, done in zip(messages, answered, strict=True) if done is None]
+        results = cascade.first_pass([m for m, _ in fresh])
+        for (message, attempt), result in zip(fresh, results, strict=True):
+            if isinstance(result, LLMWork):
+                app.send_task(
+                    LLM_TASK,
+                    kwargs={"work": result.model_dump(mode="json"), "attempt": 0},
+                    queue=runtime.settings.llm_queue,
+                )
+            else:
+                _deliver_or_defer(app, runtime, ledger, result, message, attempt)
+    except TransientError as exc:
+        log.warning("bert_step.retry", messages=len(messages), error=str(exc))
+        for message, attempt in messages:
+            _retry_or_dead_letter(
+                app,
+                runtime,
+                ledger,
+                CLASSIFY_TASK,
+                {"message": message.model_dump(mode="json")},
+                attempt,
+                str(exc),
+                queue=runtime.settings.bert_queue,
+            )
+
+
+def run_llm_step(app: Celery, runtime: WorkerRuntime, work: Any, attempt: int) -> None:
+    """The LLM step for one :class:`~workers.cascade.LLMWork` payload (idempotent by id)."""
+    cascade, ledger = runtime.parts()
+    try:
+        item = LLMWork.model_validate(work)
+    except ValidationError as exc:
+        ledger.dead_letter(work, f"not an LLM work item: {_first_error(exc)}")
+        return
+    try:
+        if ledger.get_many([item.message.id])[0] is not None:
+            return
+        decision = cascade.answer(item)
+        _deliver_or_defer(app, runtime, ledger, decision, item.message, attempt, work=item)
+    except TransientError as exc:
+        _retry_or_dead_letter(
+            app,
+            runtime,
+            ledger,
+            LLM_TASK,
+            {"work": item.model_dump(mode="json")},
+            attempt,
+            str(exc),
+            queue=runtime.settings.llm_queue,
+        )
+
+
+def _deliver_or_defer(
+    app: Celery,
+    runtime: WorkerRuntime,
+    ledger: DecisionLedger,
+    decision: Decision,
+    message: Message,
+    attempt: int,
+    work: LLMWork | None = None,
+) -> None:
+    """Deliver a final decision; a deferred one is tried again later, not delivered."""
+    if decision.status is not Status.DEFERRED:
+        ledger.deliver(decision)
+        return
+    log.info("decision.deferred", message_id=message.id, policy=decision.policy)
+    if work is not None:
+        name, kwargs, queue = LLM_TASK, {"work": work.model_dump(mode="json")}, "llm"
+    else:
+        name, kwargs, queue = CLASSIFY_TASK, {"message": message.model_dump(mode="json")}, "bert"
+    app.send_task(
+        name,
+        kwargs={**kwargs, "attempt": attempt},
+        countdown=DEFER_COUNTDOWN_S,
+        queue=runtime.settings.llm_queue if queue == "llm" else runtime.settings.bert_queue,
+    )
+
+
+def _retry_or_dead_letter(
+    app: Celery,
+    runtime: WorkerRuntime,
+    ledger: DecisionLedger,
+    name: str,
+    kwargs: dict[str, Any],
+    attempt: int,
+    reason: str,
+    *,
+    queue: str,
+) -> None:
+    """Republish with exponential backoff, or dead-letter once the retries are spent."""
+    if attempt >= runtime.settings.task_max_retries:
+        ledger.dead_letter(kwargs, f"gave up after {attempt + 1} attempts: {reason}")
+        return
+    countdown = min(_MAX_BACKOFF_S, 2**attempt)
+    app.send_task(name, kwargs={**kwargs, "attempt": attempt + 1}, countdown=countdown, queue=queue)
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "payload"
+    return f"{where}: {first['msg']}"
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _warm_up_after_fork(sender: Any = None, **_: Any) -> None:
+    """Each prefork child builds its own cascade and ONNX session, then warms it up."""
+    app = getattr(sender, "app", None) or _current_app()
+    runtime = getattr(app, "tiergate_runtime", None)
+    if isinstance(runtime, WorkerRuntime):
+        runtime.warm_up()
+
+
+def _current_app() -> Celery:
+    from celery import current_app  # noqa: PLC0415
+
+    return current_app

@@ -1,0 +1,141 @@
+"""The distributed path with real parts: broker, Redis, worker processes, HTTP to the fake LLM."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gateway.client import TiergateClient
+from workers.celery_app import CLASSIFY_TASK, create_celery_app
+from workers.delivery import RedisDecisionLedger
+from workers.schemas import Message, Tier
+
+# Real held-out snippets would do as well; these are short, varied and give both tiers work.
+TEXTS = [
+    "A gorgeous, heartfelt film that earns every tear.",
+    "Two hours I will never get back.",
+    "A retired detective returns to his home town to solve one last case.",
+    "Not bad, not great; the second half drags but the leads are charming.",
+    "The plot follows three sisters who inherit a failing vineyard in Napa.",
+    "An ambitious mess, occasionally brilliant, mostly exhausting.",
+    "Sharp, funny and far smarter than it has any right to be.",
+    "A young boxer from Philadelphia gets a shot at the heavyweight title.",
+]
+
+
+def messages(count: int, prefix: str = "m") -> list[Message]:
+    """``count`` messages cycling through TEXTS, ids ``<prefix>-<n>``."""
+    return [Message(id=f"{prefix}-{i}", text=TEXTS[i % len(TEXTS)]) for i in range(count)]
+
+
+def stream_ids(client: TiergateClient) -> list[str]:
+    """The message ids of every entry on the cluster's decisions stream, in order."""
+    entries = client.ledger.client.xrange(client.ledger.stream)
+    return [fields[b"id"].decode() for _, fields in entries]
+
+
+def wait_for_stream(client: TiergateClient, count: int, timeout_s: float) -> list[str]:
+    """Stream ids once at least ``count`` entries arrived (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    ids = stream_ids(client)
+    while len(ids) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+        ids = stream_ids(client)
+    return ids
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_messages_flow_through_bert_and_llm_workers_to_the_stream(make_cluster, fake_llm, broker):
+    """Every message gets one decision on the stream; routed ones are answered by the LLM."""
+    cluster = make_cluster(broker)
+    cluster.start_worker("bert", concurrency=2)
+    cluster.start_worker("llm", concurrency=4)
+    client = TiergateClient.from_settings(cluster.settings)
+    sent = messages(40)
+    client.submit_many(sent)
+    decisions = client.wait_many([m.id for m in sent], timeout_s=90)
+    assert all(d is not None for d in decisions), cluster.log_text()
+    assert sorted(stream_ids(client)) == sorted(m.id for m in sent)
+    by_tier = {tier: [d for d in decisions if d and d.tier is tier] for tier in Tier}
+    assert by_tier[Tier.BERT], "the policy lets confident answers stand"
+    assert by_tier[Tier.LLM], "the 0.9 threshold sends some to the LLM"
+    assert {d.label for d in by_tier[Tier.LLM]} == {"positive"}
+    # Eight distinct texts: the LLM is asked at most once per distinct routed text.
+    routed_texts = {m.text for m, d in zip(sent, decisions, strict=True) if d.tier is Tier.LLM}
+    assert fake_llm.calls == len(routed_texts)
+
+
+def test_same_id_submitted_twice_is_answered_once(make_cluster):
+    """A resubmitted id gets no second decision on the stream."""
+    cluster = make_cluster()
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")
+    client = TiergateClient.from_settings(cluster.settings)
+    batch = messages(10, prefix="dup")
+    client.submit_many(batch)
+    first = client.wait_many([m.id for m in batch], timeout_s=90)
+    assert all(first), cluster.log_text()
+    client.submit_many(batch)
+    client.submit(Message(id="sentinel", text="A last message, after the duplicates."))
+    assert client.wait("sentinel", timeout_s=60) is not None
+    time.sleep(1.0)
+    ids = stream_ids(client)
+    assert sorted(ids) == sorted([m.id for m in batch] + ["sentinel"])
+
+
+def test_poison_message_goes_to_the_dead_letters_with_its_reason(make_cluster):
+    """A payload that is not a message is never lost: it is kept with the reason."""
+    cluster = make_cluster()
+    cluster.start_worker("bert")
+    app = create_celery_app(cluster.settings)
+    app.send_task(
+        CLASSIFY_TASK, kwargs={"message": {"text": "   "}}, queue=cluster.settings.bert_queue
+    )
+    app.send_task(
+        CLASSIFY_TASK,
+        kwargs={"message": {"text": "fine", "policy": "nope"}},
+        queue=cluster.settings.bert_queue,
+    )
+    ledger = RedisDecisionLedger.from_settings(cluster.settings)
+    deadline = time.monotonic() + 60
+    letters = ledger.dead_letters()
+    while len(letters) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        letters = ledger.dead_letters()
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert len(reasons) == 2, cluster.log_text()
+    assert "unknown policy 'nope'" in reasons[1]
+    assert "empty or only whitespace" in reasons[0]
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"])
+def test_worker_killed_mid_batch_loses_nothing_and_pays_no_llm_call_twice(
+    make_cluster, fake_llm, broker
+):
+    """SIGKILL a BERT worker mid-stream; a new one finishes: each id once, no LLM call repeated.
+
+    RabbitMQ redelivers a dead consumer's unacknowledged messages at once; the Redis broker
+    restores them after the visibility timeout (10 s here).
+    """
+    cluster = make_cluster(broker)
+    fake_llm.latency_s = 0.05
+    client = TiergateClient.from_settings(cluster.settings)
+    sent = messages(300, prefix="k")
+    client.submit_many(sent)
+    cluster.start_worker("llm", concurrency=4)
+    victim = cluster.start_worker("bert", concurrency=2)
+    partial = wait_for_stream(client, 20, timeout_s=90)
+    assert partial, cluster.log_text()
+    cluster.kill(victim)
+    answered_before = len(stream_ids(client))
+    cluster.start_worker("bert", concurrency=2)
+    decisions = client.wait_many([m.id for m in sent], timeout_s=120)
+    missing = [m.id for m, d in zip(sent, decisions, strict=True) if d is None]
+    assert not missing, cluster.log_text()
+    time.sleep(1.0)
+    ids = stream_ids(client)
+    assert len(ids) == len(set(ids)) == 300
+    assert answered_before < 300, "the kill happened mid-stream"
+    routed_texts = {m.text for m, d in zip(sent, decisions, strict=True) if d.tier is Tier.LLM}
+    assert fake_llm.calls == len(routed_texts)
