@@ -176,6 +176,7 @@ def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[
     try:
         answered = ledger.get_many([m.id for m, _ in messages])
         fresh = [pair for pair, done in zip(messages, answered, strict=True) if done is None]
+        ledger.count_batch(len(fresh))
         results = cascade.first_pass([m for m, _ in fresh])
         for (message, attempt), result in zip(fresh, results, strict=True):
             if isinstance(result, LLMWork):

@@ -67,6 +67,14 @@ class DecisionLedger(Protocol):
         """Keep a message that cannot be answered, with the reason, for an operator."""
         ...
 
+    def count_batch(self, size: int) -> None:
+        """Count one BERT batch of ``size`` messages (the batch sizes workers really run)."""
+        ...
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many BERT batches of each size have run."""
+        ...
+
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters, newest first."""
         ...
@@ -178,6 +186,23 @@ class RedisDecisionLedger:
             raw = self.client.lrange(self.dead_letter_key, 0, limit - 1)
         return [json.loads(entry) for entry in raw]
 
+    @property
+    def batch_sizes_key(self) -> str:
+        """The Redis hash of BERT batch sizes (size -> batches)."""
+        return f"{self.prefix}:bert-batch-sizes"
+
+    def count_batch(self, size: int) -> None:
+        """See :meth:`DecisionLedger.count_batch`; one ``HINCRBY``."""
+        if size > 0:
+            with redis_errors_as_coordination_errors(self.client, "counting a batch"):
+                self.client.hincrby(self.batch_sizes_key, str(size), 1)
+
+    def batch_sizes(self) -> dict[int, int]:
+        """See :meth:`DecisionLedger.batch_sizes`."""
+        with redis_errors_as_coordination_errors(self.client, "reading batch sizes"):
+            raw: dict[Any, Any] = self.client.hgetall(self.batch_sizes_key)
+        return {int(size): int(count) for size, count in raw.items()}
+
 
 class LocalDecisionLedger:
     """The ledger in one process (embedded mode): the latest ``capacity`` decisions by id.
@@ -190,6 +215,7 @@ class LocalDecisionLedger:
         self.capacity = capacity
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dead: list[dict[str, Any]] = []
+        self._batches: dict[int, int] = {}
         self._changed = threading.Condition()
 
     def deliver(self, decision: Decision) -> bool:
@@ -223,6 +249,17 @@ class LocalDecisionLedger:
         """See :meth:`DecisionLedger.dead_letters`."""
         with self._changed:
             return list(self._dead[:limit])
+
+    def count_batch(self, size: int) -> None:
+        """See :meth:`DecisionLedger.count_batch`."""
+        if size > 0:
+            with self._changed:
+                self._batches[size] = self._batches.get(size, 0) + 1
+
+    def batch_sizes(self) -> dict[int, int]:
+        """See :meth:`DecisionLedger.batch_sizes`."""
+        with self._changed:
+            return dict(self._batches)
 
 
 def open_ledger(settings: Settings) -> DecisionLedger:

@@ -1,0 +1,86 @@
+"""The delivery ledger: one decision per id, one stream entry, waiters woken, nothing lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from policies.routing import Reason
+from workers.delivery import LocalDecisionLedger, RedisDecisionLedger
+from workers.schemas import Decision, Tier
+
+
+def decision(message_id: str, label: str = "positive") -> Decision:
+    """A BERT decision for ``message_id``."""
+    return Decision(
+        id=message_id,
+        label=label,
+        labels=[label],
+        scores={"positive": 0.9, "negative": 0.1},
+        tier=Tier.BERT,
+        reason=Reason.CONFIDENT,
+        chunks=1,
+        model_version="m",
+        policy="p",
+    )
+
+
+@pytest.fixture(params=["redis", "local"])
+def ledger(request, redis_prefix):
+    """Each ledger, the Redis one under a fresh prefix and stream."""
+    if request.param == "local":
+        return LocalDecisionLedger()
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    return RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
+
+
+def test_an_id_is_delivered_once_and_the_first_decision_stays(ledger):
+    """A second delivery for the same id is refused and changes nothing."""
+    assert ledger.deliver(decision("a", "positive"))
+    assert not ledger.deliver(decision("a", "negative"))
+    assert [d.label if d else None for d in ledger.get_many(["a", "b"])] == ["positive", None]
+
+
+def test_concurrent_deliveries_of_one_id_put_one_entry_on_the_stream(redis_prefix):
+    """Twenty racing workers delivering the same id leave exactly one stream entry."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(pool.map(lambda _: ledger.deliver(decision("same")), range(20)))
+    assert outcomes.count(True) == 1
+    entries = client.xrange(ledger.stream)
+    assert [fields[b"id"] for _, fields in entries] == [b"same"]
+    assert Decision.model_validate_json(entries[0][1][b"decision"]).id == "same"
+
+
+def test_wait_wakes_when_the_decision_arrives_and_times_out_otherwise(ledger):
+    """A waiter gets the decision soon after delivery; with none it returns None on time."""
+    threading.Timer(0.2, lambda: ledger.deliver(decision("later"))).start()
+    started = time.monotonic()
+    found = ledger.wait("later", timeout_s=5)
+    assert found is not None
+    assert found.id == "later"
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    assert ledger.wait("never", timeout_s=0.3) is None
+    assert 0.25 < time.monotonic() - started < 2
+
+
+def test_dead_letters_keep_payload_and_reason_newest_first(ledger):
+    """Dead letters are listed with their payload and reason."""
+    ledger.dead_letter({"text": ""}, "empty text")
+    ledger.dead_letter({"oops": 1}, "not a message")
+    letters = ledger.dead_letters()
+    assert [letter["reason"] for letter in letters] == ["not a message", "empty text"]
+    assert letters[1]["payload"] == {"text": ""}
+
+
+def test_batch_sizes_are_counted(ledger):
+    """Each counted batch adds to its size; empty batches are not counted."""
+    for size in (64, 64, 3, 0):
+        ledger.count_batch(size)
+    assert ledger.batch_sizes() == {64: 2, 3: 1}
