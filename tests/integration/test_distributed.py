@@ -139,3 +139,33 @@ def test_worker_killed_mid_batch_loses_nothing_and_pays_no_llm_call_twice(
     assert answered_before < 300, "the kill happened mid-stream"
     routed_texts = {m.text for m, d in zip(sent, decisions, strict=True) if d.tier is Tier.LLM}
     assert fake_llm.calls == len(routed_texts)
+
+
+def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tmp_path):
+    """`tiergate submit` sends a JSONL file through the broker and writes each line's answer."""
+    import json
+    import subprocess
+    import sys
+
+    cluster = make_cluster()
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")
+    data = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"s-{i}", "text": TEXTS[i % len(TEXTS)]}) for i in range(12)]
+    lines.insert(5, '{"id": "broken", "text": ""}')
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "submit", str(data), "-o", str(out), "--timeout", "90"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr  # one record rejected
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 13
+    assert answers[5] == {"line": 6, "error": "'text': text is empty or only whitespace"}
+    assert [a["id"] for a in answers if "id" in a] == [f"s-{i}" for i in range(12)]
+    assert "13 messages: 12 answered, 1 rejected" in result.stderr
