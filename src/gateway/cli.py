@@ -980,6 +980,8 @@ def serve(
     """Run the HTTP gateway: embedded (the cascade in-process) or, with a broker, distributed."""
     import uvicorn  # noqa: PLC0415
 
+    from gateway.api import app_from_environment  # noqa: PLC0415
+
     if workers > 1:
         uvicorn.run(
             "gateway.api:app_from_environment",
@@ -990,9 +992,7 @@ def serve(
             log_level="warning",
         )
         return
-    from gateway.api import create_app  # noqa: PLC0415
-
-    application = _guarded(lambda: create_app(Settings()))
+    application = _guarded(app_from_environment)
     uvicorn.run(application, host=host, port=port, log_level="warning")
 
 

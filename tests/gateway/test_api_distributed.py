@@ -1,0 +1,179 @@
+"""The HTTP gateway in distributed mode, over a Dispatcher double that runs a real cascade.
+
+The double stands where Celery and the Redis ledger stand in production: it decides submitted
+messages on its own thread and delivers them to a ledger the gateway waits on. The real
+Celery path is tested with the client itself.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.api import create_app
+from policies.spec import LabelSpec, PolicySpec
+from workers.cascade import Cascade, PolicyBook
+from workers.delivery import LocalDecisionLedger
+from workers.schemas import Decision, Message
+from workers.settings import Settings
+from workers.testing import FixedScoreClassifier
+
+LABELS = ("negative", "positive")
+
+
+class ThreadDispatcher:
+    """A Dispatcher that decides messages on a worker thread and delivers them to a ledger."""
+
+    def __init__(self, cascade: Cascade) -> None:
+        self.cascade = cascade
+        self.ledger = LocalDecisionLedger()
+        self.health = {"broker": True, "redis": True}
+        self.paused = threading.Event()
+        self.submitted: list[str] = []
+        self._inbox: queue.Queue[list[Message] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        while (batch := self._inbox.get()) is not None:
+            while self.paused.is_set():
+                time.sleep(0.01)
+            for decision in self.cascade.decide(batch):
+                self.ledger.deliver(decision)
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        self.paused.clear()
+        self._inbox.put(None)
+        self._worker.join(timeout=5)
+
+    def submit_many(self, messages: Sequence[Message]) -> list[str]:
+        """Queue the messages for the worker."""
+        self.submitted += [m.id for m in messages]
+        self._inbox.put(list(messages))
+        return [m.id for m in messages]
+
+    def wait_many(self, ids: Sequence[str], timeout_s: float) -> list[Decision | None]:
+        """Block on the ledger for each id, all within one deadline."""
+        deadline = time.monotonic() + timeout_s
+        return [self.ledger.wait(i, max(0.0, deadline - time.monotonic())) for i in ids]
+
+    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
+        """Read the ledger."""
+        return self.ledger.get_many(ids)
+
+    def policies(self) -> list[PolicySpec]:
+        """The cascade's policies."""
+        return list(self.cascade.policies)
+
+    def ready(self) -> dict[str, bool]:
+        """The health this test sets."""
+        return dict(self.health)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Batches not yet taken by the worker."""
+        return {"tiergate.bert": self._inbox.qsize()}
+
+
+@pytest.fixture
+def dispatcher() -> Iterator[ThreadDispatcher]:
+    """A dispatcher over a films cascade: 'good' texts score positive."""
+    scorer = FixedScoreClassifier(LABELS, lambda t: (0.1, 0.9) if "good" in t else (0.9, 0.1))
+    spec = PolicySpec(name="films", version="1", labels=[LabelSpec(name=n) for n in LABELS])
+    double = ThreadDispatcher(Cascade(scorer, PolicyBook([spec])))
+    yield double
+    double.close()
+
+
+def gateway(tmp_path, dispatcher: ThreadDispatcher, **overrides) -> TestClient:
+    """A distributed-mode gateway app over the double, in a test client."""
+    settings = Settings(data_dir=tmp_path, broker_url="memory://", **overrides)
+    return TestClient(create_app(settings, client=dispatcher), raise_server_exceptions=False)
+
+
+def test_classify_waits_for_the_workers(tmp_path, dispatcher):
+    """A classify request is submitted to the workers and returns their decisions in order."""
+    with gateway(tmp_path, dispatcher) as client:
+        response = client.post(
+            "/v1/classify", json={"messages": [{"id": "a", "text": "good"}, {"text": "dull"}]}
+        )
+    assert response.status_code == 200
+    decisions = response.json()["decisions"]
+    assert [d["label"] for d in decisions] == ["positive", "negative"]
+    assert decisions[0]["id"] == "a"
+    assert dispatcher.submitted == [d["id"] for d in decisions]
+
+
+def test_accepted_messages_are_read_back_from_the_ledger(tmp_path, dispatcher):
+    """POST /v1/messages submits and answers 202; GET reads the delivered decision."""
+    with gateway(tmp_path, dispatcher) as client:
+        response = client.post("/v1/messages", json={"id": "later", "text": "good"})
+        assert response.status_code == 202
+        assert response.json() == {"ids": ["later"]}
+        assert dispatcher.ledger.wait("later", 5) is not None
+        found = client.get("/v1/messages/later")
+        assert found.status_code == 200
+        assert found.json()["label"] == "positive"
+        assert client.get("/v1/messages/unknown").status_code == 404
+
+
+def test_classify_times_out_with_504_naming_pending_ids(tmp_path, dispatcher):
+    """When the workers do not answer in time, the gateway answers 504 with the pending ids."""
+    dispatcher.paused.set()
+    with gateway(tmp_path, dispatcher, request_timeout_s=0.2) as client:
+        response = client.post("/v1/classify", json={"id": "stuck", "text": "good"})
+        assert response.status_code == 504
+        assert response.json()["pending"] == ["stuck"]
+        dispatcher.paused.clear()
+        assert dispatcher.ledger.wait("stuck", 5) is not None
+        assert client.get("/v1/messages/stuck").status_code == 200
+
+
+def test_unknown_policy_is_refused_before_submission(tmp_path, dispatcher):
+    """The gateway checks policies against the workers' list and submits nothing on 422."""
+    with gateway(tmp_path, dispatcher) as client:
+        response = client.post("/v1/classify", json={"text": "x", "policy": "elsewhere"})
+    assert response.status_code == 422
+    assert response.json()["policy"] == "elsewhere"
+    assert dispatcher.submitted == []
+
+
+def test_readyz_follows_the_dispatcher(tmp_path, dispatcher):
+    """Ready while broker and Redis answer; 503 naming Redis when the dispatcher reports it down."""
+    with gateway(tmp_path, dispatcher) as client:
+        assert client.get("/readyz").json() == {
+            "ready": True,
+            "checks": {"broker": True, "redis": True},
+        }
+        dispatcher.health["redis"] = False
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["not_ready"] == ["redis"]
+
+
+def test_metrics_show_queue_depth_and_decisions(tmp_path, dispatcher):
+    """/metrics reads the dispatcher's queue depths and counts the decisions it returned."""
+    dispatcher.paused.set()
+    with gateway(tmp_path, dispatcher) as client:
+        client.post("/v1/messages", json={"messages": [{"text": "good"}]})
+        client.post("/v1/messages", json={"messages": [{"text": "dull"}]})
+        deadline = time.monotonic() + 5
+        while dispatcher.queue_depths()["tiergate.bert"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = client.get("/metrics").text
+        dispatcher.paused.clear()
+        client.post("/v1/classify", json={"text": "good"})
+        after = client.get("/metrics").text
+    assert 'tiergate_queue_depth{queue="tiergate.bert"} 1.0' in waiting
+    assert 'tiergate_decisions_total{policy="films",reason="confident",tier="bert"} 1.0' in after
+
+
+def test_distributed_mode_needs_a_dispatcher(tmp_path):
+    """With a broker configured and no Dispatcher, the app refuses to build."""
+    with pytest.raises(ValueError, match="Dispatcher"):
+        create_app(Settings(data_dir=tmp_path, broker_url="memory://"))
