@@ -169,3 +169,50 @@ def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tm
     assert answers[5] == {"line": 6, "error": "'text': text is empty or only whitespace"}
     assert [a["id"] for a in answers if "id" in a] == [f"s-{i}" for i in range(12)]
     assert "13 messages: 12 answered, 1 rejected" in result.stderr
+
+
+def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
+    """The full path: HTTP gateway (distributed mode) → broker → BERT and LLM workers → stream."""
+    import socket
+    import threading
+
+    import httpx2 as httpx
+    import uvicorn
+
+    from gateway.api import create_app
+
+    cluster = make_cluster()
+    cluster.start_worker("bert", concurrency=2)
+    cluster.start_worker("llm", concurrency=4)
+    client = TiergateClient.from_settings(cluster.settings)
+    app = create_app(cluster.settings, client=client)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = {"messages": [{"id": f"h-{i}", "text": TEXTS[i]} for i in range(len(TEXTS))]}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        decisions = response.json()["decisions"]
+        assert [d["id"] for d in decisions] == [f"h-{i}" for i in range(len(TEXTS))]
+        tiers = {d["tier"] for d in decisions}
+        assert tiers == {"bert", "llm"}, cluster.log_text()
+        accepted = httpx.post(
+            f"http://127.0.0.1:{port}/v1/messages",
+            json={"text": "One more, answered later.", "id": "h-async"},
+            timeout=30,
+        )
+        assert accepted.status_code == 202
+        assert client.wait("h-async", timeout_s=60) is not None
+        fetched = httpx.get(f"http://127.0.0.1:{port}/v1/messages/h-async", timeout=30)
+        assert fetched.status_code == 200
+        assert sorted(stream_ids(client)) == sorted([d["id"] for d in decisions] + ["h-async"])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
