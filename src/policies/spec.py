@@ -187,6 +187,20 @@ class BudgetSpec(_Strict):
     when_exhausted: WhenExhausted = WhenExhausted.BERT
 
 
+class WebhookSpec(_Strict):
+    """Where a distributed deployment POSTs every decision of this policy, retried on failure.
+
+    The body is the decision JSON; with ``TIERGATE_WEBHOOK_SECRET`` set, the header
+    ``X-Tiergate-Signature: sha256=<hex>`` is the HMAC-SHA256 of the body with that secret.
+    A 2xx answer is success; anything else is retried with exponential backoff, up to
+    ``max_attempts``, then the delivery goes to the dead letters.
+    """
+
+    url: Annotated[StrictStr, Field(pattern=r"^https?://\S+$", max_length=2000)]
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+
+
 class PolicySpec(_Strict):
     """A validated policy. See the module docstring for the meaning of each section."""
 
@@ -200,6 +214,7 @@ class PolicySpec(_Strict):
     llm: LLMSpec = LLMSpec()
     cache: CacheSpec = CacheSpec()
     budget: BudgetSpec = BudgetSpec()
+    webhook: WebhookSpec | None = None
 
     @model_validator(mode="after")
     def _labels_are_known(self) -> Self:

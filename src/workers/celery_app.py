@@ -26,8 +26,12 @@ dead-letter list with its reason.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 CLASSIFY_TASK = "tiergate.classify"
 LLM_TASK = "tiergate.answer_with_llm"
+WEBHOOK_TASK = "tiergate.webhook"
 # Seconds before a deferred message (its policy's budget spent) is tried again.
 DEFER_COUNTDOWN_S = 60
 _MAX_BACKOFF_S = 300
@@ -116,6 +121,7 @@ def create_celery_app(settings: Settings) -> Celery:
         task_routes={
             CLASSIFY_TASK: {"queue": settings.bert_queue},
             LLM_TASK: {"queue": settings.llm_queue},
+            WEBHOOK_TASK: {"queue": settings.llm_queue},  # I/O-bound, like LLM calls
         },
         task_default_queue=settings.bert_queue,
         worker_hijack_root_logger=False,
@@ -141,7 +147,12 @@ def create_celery_app(settings: Settings) -> Celery:
         """Thin: one LLM step, see :func:`run_llm_step`."""
         run_llm_step(app, runtime, work, attempt)
 
-    del classify, answer_with_llm  # registered on the app by name
+    @app.task(name=WEBHOOK_TASK, acks_late=True, typing=False)  # type: ignore[untyped-decorator]
+    def post_webhook(url: str = "", decision: str = "", attempt: int = 0) -> None:
+        """Thin: one webhook delivery, see :func:`run_webhook`."""
+        run_webhook(app, runtime, url, decision, attempt)
+
+    del classify, answer_with_llm, post_webhook  # registered on the app by name
     return app
 
 
@@ -239,7 +250,8 @@ def _deliver_or_defer(
 ) -> None:
     """Deliver a final decision; a deferred one is tried again later, not delivered."""
     if decision.status is not Status.DEFERRED:
-        ledger.deliver(decision)
+        if ledger.deliver(decision):
+            _announce(app, runtime, decision)
         return
     log.info("decision.deferred", message_id=message.id, policy=decision.policy)
     if work is not None:
@@ -251,6 +263,59 @@ def _deliver_or_defer(
         kwargs={**kwargs, "attempt": attempt},
         countdown=DEFER_COUNTDOWN_S,
         queue=runtime.settings.llm_queue if queue == "llm" else runtime.settings.bert_queue,
+    )
+
+
+def _announce(app: Celery, runtime: WorkerRuntime, decision: Decision) -> None:
+    """Queue the policy's webhook for a decision delivered just now (once per message id)."""
+    cascade, _ = runtime.parts()
+    spec = cascade.policies.get(decision.policy)
+    if spec.webhook is not None:
+        app.send_task(
+            WEBHOOK_TASK,
+            kwargs={"url": spec.webhook.url, "decision": decision.model_dump_json(), "attempt": 0},
+            queue=runtime.settings.llm_queue,
+        )
+
+
+def run_webhook(app: Celery, runtime: WorkerRuntime, url: str, decision: str, attempt: int) -> None:
+    """POST one decision to its policy's webhook; retry with backoff, then dead-letter."""
+    cascade, ledger = runtime.parts()
+    parsed = Decision.model_validate_json(decision)
+    webhook = cascade.policies.get(parsed.policy).webhook
+    timeout_s = webhook.timeout_s if webhook is not None else 10.0
+    attempts = webhook.max_attempts if webhook is not None else 5
+    body = decision.encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "tiergate"}
+    secret = runtime.settings.webhook_secret
+    if secret is not None:
+        digest = hmac.new(secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
+        headers["X-Tiergate-Signature"] = f"sha256={digest}"
+    # The URL is the operator's, from a policy file whose schema admits only http(s).
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status, problem = exc.code, f"HTTP {exc.code}"
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        status, problem = 0, f"unreachable ({exc})"
+    else:
+        problem = f"HTTP {status}"
+    if 200 <= status < 300:
+        return
+    log.warning("webhook.failed", message_id=parsed.id, attempt=attempt, problem=problem)
+    if attempt + 1 >= attempts:
+        ledger.dead_letter(
+            {"webhook": url, "decision": parsed.id},
+            f"webhook gave up after {attempt + 1} attempts: {problem}",
+        )
+        return
+    app.send_task(
+        WEBHOOK_TASK,
+        kwargs={"url": url, "decision": decision, "attempt": attempt + 1},
+        countdown=min(_MAX_BACKOFF_S, 2**attempt),
+        queue=runtime.settings.llm_queue,
     )
 
 

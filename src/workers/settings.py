@@ -201,6 +201,9 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600,
         description="How long a message id's decision is kept (idempotency window).",
     )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Signs webhook bodies (HMAC-SHA256) when set."
+    )
     api_keys: dict[str, list[str]] = Field(
         default_factory=dict,
         description="HTTP API keys: SHA-256 hex of the key -> policies it may use ('*' = "

@@ -216,3 +216,57 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp_path):
+    """A webhook that fails twice still receives the decision, signed, on the third attempt."""
+    import hashlib
+    import hmac
+    import json
+    import threading
+    import uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from policies.spec import Escalation, WebhookSpec, example_policy
+
+    received: list[tuple[bytes, str]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((body, self.headers.get("X-Tiergate-Signature", "")))
+            self.send_response(500 if len(received) <= 2 else 204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    policy = example_policy("rotten-tomatoes").model_copy(
+        update={
+            "escalation": Escalation(min_probability=0.0),
+            "webhook": WebhookSpec(url=f"http://127.0.0.1:{server.server_port}/hook"),
+        }
+    )
+    policy_file = tmp_path / "hooked.yaml"
+    policy_file.write_text(policy.to_yaml())
+    secret = uuid.uuid4().hex
+    cluster = make_cluster(
+        TIERGATE_POLICY_FILES=json.dumps([str(policy_file)]), TIERGATE_WEBHOOK_SECRET=secret
+    )
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")
+    client = TiergateClient.from_settings(cluster.settings)
+    client.submit(Message(id="hooked", text=TEXTS[0]))
+    assert client.wait("hooked", timeout_s=90) is not None, cluster.log_text()
+    deadline = time.monotonic() + 30
+    while len(received) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.shutdown()
+    server.server_close()
+    assert len(received) == 3, cluster.log_text()
+    body, signature = received[-1]
+    assert json.loads(body)["id"] == "hooked"
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert signature == f"sha256={expected}"
