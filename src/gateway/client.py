@@ -16,6 +16,7 @@ Waiting blocks on a per-id reply list in Redis (``BLPOP``), so nothing polls.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,14 @@ class TiergateClient:
         return self.submit_many([message])[0]
 
     def submit_many(self, messages: Sequence[Message]) -> list[str]:
-        """Publish messages (one task each, on one broker connection); returns their ids."""
+        """Publish messages (one task each, on one broker connection); returns their ids.
+
+        Each message is first recorded as accepted in Redis, so that one the broker loses is
+        found by the workers' sweep and published again.
+        """
+        self.ledger.accept(
+            {m.id: json.dumps({"message": m.model_dump(mode="json")}) for m in messages}
+        )
         with self.app.producer_or_acquire() as producer:
             for message in messages:
                 self.app.send_task(

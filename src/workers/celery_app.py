@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import threading
 import urllib.error
@@ -180,6 +181,7 @@ def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[
             continue
         except UnknownPolicyError as exc:
             ledger.dead_letter(payload, str(exc))
+            ledger.forget(message.id)
             continue
         messages.append((message, attempt))
     if not messages:
@@ -333,6 +335,9 @@ def _retry_or_dead_letter(
     """Republish with exponential backoff, or dead-letter once the retries are spent."""
     if attempt >= runtime.settings.task_max_retries:
         ledger.dead_letter(kwargs, f"gave up after {attempt + 1} attempts: {reason}")
+        message = kwargs.get("message") or (kwargs.get("work") or {}).get("message") or {}
+        if isinstance(message, dict) and isinstance(message.get("id"), str):
+            ledger.forget(message["id"])
         return
     countdown = min(_MAX_BACKOFF_S, 2**attempt)
     app.send_task(name, kwargs={**kwargs, "attempt": attempt + 1}, countdown=countdown, queue=queue)
@@ -342,6 +347,56 @@ def _first_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "payload"
     return f"{where}: {first['msg']}"
+
+
+class OverdueSweep:
+    """Publishes accepted messages again when they stay unanswered too long.
+
+    Runs as a daemon thread in each worker's main process; claims are atomic in Redis, so
+    several workers sweeping at once publish a message once. The ledger makes a message that
+    was only slow, not lost, harmless to publish twice.
+    """
+
+    def __init__(self, app: Celery, runtime: WorkerRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.interval_s = max(1.0, min(30.0, runtime.settings.redeliver_after_s / 4))
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Start sweeping in the background."""
+        threading.Thread(target=self._run, name="tiergate-overdue-sweep", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop after the current sweep."""
+        self._stop.set()
+
+    def sweep(self) -> int:
+        """One sweep; returns how many messages were published again."""
+        ledger = open_ledger(self.runtime.settings)
+        overdue = ledger.claim_overdue(self.runtime.settings.redeliver_after_s)
+        for message_id, payload in overdue:
+            log.warning("message.republished", message_id=message_id)
+            self.app.send_task(
+                CLASSIFY_TASK, kwargs=json.loads(payload), queue=self.runtime.settings.bert_queue
+            )
+        return len(overdue)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 -- a failed sweep is retried next interval
+                log.warning("sweep.failed", error=str(exc))
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_sweep(sender: Any = None, **_: Any) -> None:
+    """Each worker's main process sweeps for overdue messages."""
+    app = getattr(sender, "app", None) or _current_app()
+    runtime = getattr(app, "tiergate_runtime", None)
+    if isinstance(runtime, WorkerRuntime) and runtime.settings.redis_url:
+        OverdueSweep(app, runtime).start()
 
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, Self
 
 import redis
@@ -33,9 +33,12 @@ from workers.cache import redis_errors_as_coordination_errors
 from workers.schemas import Decision
 from workers.settings import Settings
 
-# KEYS: record, stream, reply. ARGV: decision JSON, record TTL, stream maxlen, reply TTL.
+# KEYS: record, stream, reply, accepted (zset), accepted payloads (hash).
+# ARGV: decision JSON, record TTL, stream maxlen, reply TTL, message id.
 # Returns 1 when delivered now, 0 when the id already had a decision.
 _DELIVER = """
+redis.call('ZREM', KEYS[4], ARGV[5])
+redis.call('HDEL', KEYS[5], ARGV[5])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then
   return 0
 end
@@ -43,6 +46,25 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[5], 'decisio
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
+"""
+
+# KEYS: accepted (zset), accepted payloads (hash). ARGV: cutoff time, now, limit.
+# Claims accepted messages older than the cutoff by moving their time to now, so that two
+# sweepers never republish the same message at once; returns id, payload, id, payload, ...
+_CLAIM_OVERDUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)
+  local payload = redis.call('HGET', KEYS[2], id)
+  if payload then
+    table.insert(out, id)
+    table.insert(out, payload)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
 """
 
 _REPLY_TTL_S = 300
@@ -69,6 +91,18 @@ class DecisionLedger(Protocol):
 
     def count_batch(self, size: int) -> None:
         """Count one BERT batch of ``size`` messages (the batch sizes workers really run)."""
+        ...
+
+    def accept(self, payloads: Mapping[str, str]) -> None:
+        """Remember messages (id -> republish JSON) as accepted until they are answered."""
+        ...
+
+    def claim_overdue(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """Accepted messages unanswered for ``older_than_s``, claimed for a republish."""
+        ...
+
+    def forget(self, message_id: str) -> None:
+        """Stop tracking an accepted message (it went to the dead letters)."""
         ...
 
     def batch_sizes(self) -> dict[int, int]:
@@ -103,6 +137,7 @@ class RedisDecisionLedger:
         self.record_ttl_s = record_ttl_s
         self.stream_maxlen = stream_maxlen
         self._deliver = client.register_script(_DELIVER)
+        self._claim_overdue = client.register_script(_CLAIM_OVERDUE)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Self:
@@ -132,6 +167,53 @@ class RedisDecisionLedger:
         """The Redis list of dead letters."""
         return f"{self.prefix}:dead-letters"
 
+    @property
+    def accepted_key(self) -> str:
+        """The sorted set of accepted, unanswered message ids, by acceptance time."""
+        return f"{self.prefix}:accepted"
+
+    @property
+    def accepted_payload_key(self) -> str:
+        """The hash of accepted, unanswered messages (id -> task keyword arguments, JSON)."""
+        return f"{self.prefix}:accepted-payload"
+
+    def accept(self, payloads: Mapping[str, str]) -> None:
+        """Remember messages as accepted until their decision is delivered.
+
+        ``payloads`` maps each message id to the JSON a republish needs. A message lost
+        between the broker and a worker (the Redis broker can lose one a worker has popped
+        but not yet recorded as unacknowledged when it is killed) is found by
+        :meth:`claim_overdue` and published again.
+        """
+        if not payloads:
+            return
+        now = time.time()
+        with redis_errors_as_coordination_errors(self.client, "recording accepted messages"):
+            pipe = self.client.pipeline(transaction=True)
+            mapping: dict[str | bytes, str | bytes] = dict(payloads.items())
+            pipe.hset(self.accepted_payload_key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.zadd(self.accepted_key, dict.fromkeys(payloads, now))
+            pipe.execute()
+
+    def claim_overdue(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """Accepted messages still unanswered after ``older_than_s``, claimed for a republish."""
+        now = time.time()
+        with redis_errors_as_coordination_errors(self.client, "claiming overdue messages"):
+            flat = self._claim_overdue(
+                keys=[self.accepted_key, self.accepted_payload_key],
+                args=[now - older_than_s, now, limit],
+            )
+        items = [part.decode() if isinstance(part, bytes) else str(part) for part in flat]
+        return list(zip(items[::2], items[1::2], strict=True))
+
+    def forget(self, message_id: str) -> None:
+        """Stop tracking an accepted message (it went to the dead letters)."""
+        with redis_errors_as_coordination_errors(self.client, "forgetting a message"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(self.accepted_key, message_id)
+            pipe.hdel(self.accepted_payload_key, message_id)
+            pipe.execute()
+
     def deliver(self, decision: Decision) -> bool:
         """See :meth:`DecisionLedger.deliver`; one Lua script, so it is all or nothing."""
         with redis_errors_as_coordination_errors(self.client, "delivering a decision"):
@@ -140,6 +222,8 @@ class RedisDecisionLedger:
                     self.record_key(decision.id),
                     self.stream,
                     self.reply_key(decision.id),
+                    self.accepted_key,
+                    self.accepted_payload_key,
                 ],
                 args=[
                     decision.model_dump_json(),
@@ -216,11 +300,13 @@ class LocalDecisionLedger:
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dead: list[dict[str, Any]] = []
         self._batches: dict[int, int] = {}
+        self._accepted: dict[str, tuple[float, str]] = {}
         self._changed = threading.Condition()
 
     def deliver(self, decision: Decision) -> bool:
         """See :meth:`DecisionLedger.deliver`."""
         with self._changed:
+            self._accepted.pop(decision.id, None)
             if decision.id in self._decisions:
                 return False
             self._decisions[decision.id] = decision
@@ -260,6 +346,31 @@ class LocalDecisionLedger:
         """See :meth:`DecisionLedger.batch_sizes`."""
         with self._changed:
             return dict(self._batches)
+
+    def accept(self, payloads: Mapping[str, str]) -> None:
+        """See :meth:`DecisionLedger.accept`."""
+        now = time.time()
+        with self._changed:
+            for message_id, payload in payloads.items():
+                self._accepted[message_id] = (now, payload)
+
+    def claim_overdue(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """See :meth:`DecisionLedger.claim_overdue`."""
+        now = time.time()
+        with self._changed:
+            due = [
+                (message_id, payload)
+                for message_id, (since, payload) in self._accepted.items()
+                if since <= now - older_than_s
+            ][:limit]
+            for message_id, payload in due:
+                self._accepted[message_id] = (now, payload)
+            return due
+
+    def forget(self, message_id: str) -> None:
+        """See :meth:`DecisionLedger.forget`."""
+        with self._changed:
+            self._accepted.pop(message_id, None)
 
 
 def open_ledger(settings: Settings) -> DecisionLedger:

@@ -188,6 +188,11 @@ class Settings(BaseSettings):
         description="Redis broker: seconds before an unacknowledged task is redelivered; "
         "longer than the longest task.",
     )
+    redeliver_after_s: PositiveFloat = Field(
+        default=600.0,
+        description="A message accepted through the client or gateway and still unanswered "
+        "this long is published again (covers a broker that lost it).",
+    )
     task_max_retries: int = Field(
         default=5, ge=0, description="Retries of a task failing transiently before dead-letter."
     )

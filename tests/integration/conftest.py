@@ -118,6 +118,7 @@ def make_cluster(
             "TIERGATE_OPENAI_BASE_URL": fake_llm.openai_base_url,
             "TIERGATE_LLM_MAX_RETRIES": "0",
             "TIERGATE_VISIBILITY_TIMEOUT_S": "10",
+            "TIERGATE_REDELIVER_AFTER_S": "15",
             "TIERGATE_BERT_FLUSH_EVERY": "16",
             "TIERGATE_LOG_LEVEL": "WARNING",
             **overrides,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -270,3 +271,17 @@ def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp
     assert json.loads(body)["id"] == "hooked"
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     assert signature == f"sha256={expected}"
+
+
+def test_a_message_the_broker_lost_is_published_again_and_answered(make_cluster):
+    """Accepted but never reaching a worker (as when a broker loses it): the sweep resends it."""
+    cluster = make_cluster()
+    cluster.start_worker("bert")
+    client = TiergateClient.from_settings(cluster.settings)
+    lost = Message(id="lost-in-transit", text=TEXTS[2])
+    client.ledger.accept({lost.id: json.dumps({"message": lost.model_dump(mode="json")})})
+    started = time.monotonic()
+    decision = client.wait(lost.id, timeout_s=90)
+    assert decision is not None, cluster.log_text()
+    assert time.monotonic() - started >= 10  # only once it was overdue (15 s here)
+    assert stream_ids(client) == [lost.id]

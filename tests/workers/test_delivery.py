@@ -84,3 +84,17 @@ def test_batch_sizes_are_counted(ledger):
     for size in (64, 64, 3, 0):
         ledger.count_batch(size)
     assert ledger.batch_sizes() == {64: 2, 3: 1}
+
+
+def test_accepted_messages_are_claimed_once_when_overdue_and_dropped_when_answered(ledger):
+    """Overdue unanswered messages are claimed (once per interval); answered ones never are."""
+    ledger.accept({"slow": '{"message": {"id": "slow"}}', "done": '{"message": {"id": "done"}}'})
+    ledger.deliver(decision("done"))
+    assert ledger.claim_overdue(older_than_s=60) == []
+    time.sleep(0.05)
+    claimed = ledger.claim_overdue(older_than_s=0.01)
+    assert claimed == [("slow", '{"message": {"id": "slow"}}')]
+    assert ledger.claim_overdue(older_than_s=0.01) == []  # its clock was reset by the claim
+    ledger.forget("slow")
+    time.sleep(0.05)
+    assert ledger.claim_overdue(older_than_s=0.01) == []
