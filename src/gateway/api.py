@@ -60,7 +60,7 @@ from gateway.batching import BatcherClosedError, MicroBatcher
 from gateway.metrics import BudgetReading, GatewayMetrics
 from policies.spec import Escalation, LabelSpec, PolicySpec
 from workers.budget import BudgetLedger
-from workers.cascade import Cascade, PolicyBook
+from workers.cascade import Cascade, LLMWork, PolicyBook
 from workers.delivery import DecisionLedger
 from workers.errors import InputError, ModelError, TransientError, UnknownPolicyError
 from workers.schemas import Decision, Message
@@ -72,7 +72,6 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Embedded mode: batches in flight at once. A batch holds its slot while its LLM calls run,
 # so more than one keeps a slow LLM answer from stalling the BERT tier for everyone else.
-_EMBEDDED_BATCHES_IN_FLIGHT = 4
 # Distributed mode: threads that may block waiting for results at once (requests in flight).
 _DISTRIBUTED_WAITERS = 256
 _READINESS_TIMEOUT_S = 2.0
@@ -331,11 +330,13 @@ class _EmbeddedBackend:
         self.cascade = cascade
         self.ledger = ledger
         self.metrics = metrics
-        self.batcher = MicroBatcher(
-            self._decide_and_deliver,
+        # The BERT step is CPU-bound: one batch at a time uses every core without contention.
+        # The LLM step waits on the network, so it runs beside it, outside the batcher.
+        self.batcher: MicroBatcher[Decision | LLMWork] = MicroBatcher(
+            cascade.first_pass,
             window_ms=settings.gateway_batch_window_ms,
             max_batch=settings.batch_size,
-            concurrency=_EMBEDDED_BATCHES_IN_FLIGHT,
+            concurrency=1,
             on_batch=metrics.observe_batch,
         )
         self.model_ready = False
@@ -399,9 +400,18 @@ class _EmbeddedBackend:
 
     # -------------------------------------------------------------------------- internals
 
-    def _decide_and_deliver(self, messages: list[Message]) -> list[Decision]:
-        """One cascade call (in a worker thread), each decision delivered and counted."""
-        decisions = self.cascade.decide(messages)
+    def _finish(self, first: list[Decision | LLMWork], started: float) -> list[Decision]:
+        """The LLM step for what the BERT step handed on (in a worker thread), then delivery.
+
+        ``total`` in each decision's timings is the time since the request was submitted.
+        """
+        work = [item for item in first if isinstance(item, LLMWork)]
+        answered = iter(self.cascade.answer_many(work))
+        total = round((time.perf_counter() - started) * 1000.0, 3)
+        finished = [next(answered) if isinstance(item, LLMWork) else item for item in first]
+        decisions = [
+            d.model_copy(update={"timings_ms": {**d.timings_ms, "total": total}}) for d in finished
+        ]
         for decision in decisions:
             self.ledger.deliver(decision)
         self.metrics.observe_decisions(decisions)
@@ -412,7 +422,9 @@ class _EmbeddedBackend:
         for message_id in ids:
             self._pending[message_id] = self._pending.get(message_id, 0) + 1
         try:
-            return await self.batcher.submit(messages)
+            started = time.perf_counter()
+            first = await self.batcher.submit(messages)
+            return await anyio.to_thread.run_sync(self._finish, first, started)
         finally:
             for message_id in ids:
                 left = self._pending.pop(message_id, 1) - 1

@@ -14,15 +14,17 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import anyio.to_thread
 import structlog
 
-from workers.schemas import Decision, Message
+from workers.schemas import Message
 
 log = structlog.get_logger(__name__)
 
-Decide = Callable[[list[Message]], list[Decision]]
+T = TypeVar("T")
+Decide = Callable[[list[Message]], list[T]]
 
 
 class BatcherClosedError(RuntimeError):
@@ -30,12 +32,12 @@ class BatcherClosedError(RuntimeError):
 
 
 @dataclass
-class _Request:
+class _Request(Generic[T]):
     messages: list[Message]
-    future: asyncio.Future[list[Decision]]
+    future: asyncio.Future[list[T]]
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[T]):
     """Runs ``decide`` once for the messages of many concurrent :meth:`submit` calls.
 
     A batch holds the requests that arrive within ``window_ms`` of the first waiting one, up
@@ -51,7 +53,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        decide: Decide,
+        decide: Decide[T],
         *,
         window_ms: float,
         max_batch: int,
@@ -65,7 +67,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.concurrency = concurrency
         self._on_batch = on_batch
-        self._waiting: deque[_Request] = deque()
+        self._waiting: deque[_Request[T]] = deque()
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._gatherer: asyncio.Task[None] | None = None
@@ -105,7 +107,7 @@ class MicroBatcher:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def submit(self, messages: Sequence[Message]) -> list[Decision]:
+    async def submit(self, messages: Sequence[Message]) -> list[T]:
         """The decisions of ``messages``, in order, from the batch they end up in.
 
         Raises whatever ``decide`` raised for these messages, or :class:`BatcherClosedError`.
@@ -114,7 +116,7 @@ class MicroBatcher:
             return []
         if self._gatherer is None or self._arrived is None:
             raise BatcherClosedError("the micro-batcher is not running")
-        future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[T]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Request(list(messages), future))
         self._arrived.set()
         return await future
@@ -149,7 +151,7 @@ class MicroBatcher:
                 async with asyncio.timeout(left):
                     await arrived.wait()
 
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self) -> list[_Request[T]]:
         """The oldest waiting requests that fit in ``max_batch`` (at least one)."""
         batch = [self._waiting.popleft()]
         size = len(batch[0].messages)
@@ -159,7 +161,7 @@ class MicroBatcher:
             size += len(request.messages)
         return batch
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: list[_Request[T]]) -> None:
         assert self._slots is not None
         try:
             live = [request for request in batch if not request.future.done()]
@@ -188,7 +190,7 @@ class MicroBatcher:
         finally:
             self._slots.release()
 
-    async def _isolate(self, batch: list[_Request], error: Exception) -> None:
+    async def _isolate(self, batch: list[_Request[T]], error: Exception) -> None:
         """After a failed batch, decide each request alone so each gets its own outcome."""
         if len(batch) == 1:
             _fail(batch[0], error)
@@ -204,6 +206,6 @@ class MicroBatcher:
                     request.future.set_result(decisions)
 
 
-def _fail(request: _Request, error: BaseException) -> None:
+def _fail(request: _Request[T], error: BaseException) -> None:
     if not request.future.done():
         request.future.set_exception(error)

@@ -180,7 +180,7 @@ class Cascade:
             return []
         started = time.perf_counter()
         first = self.first_pass(messages)
-        answered = iter(self._answer_all([item for item in first if isinstance(item, LLMWork)]))
+        answered = iter(self.answer_many([item for item in first if isinstance(item, LLMWork)]))
         merged = [next(answered) if isinstance(item, LLMWork) else item for item in first]
         total = _ms(started)
         return [
@@ -290,7 +290,7 @@ class Cascade:
                     timings_ms=dict(timings),
                 )
 
-    def _answer_all(self, work: Sequence[LLMWork]) -> list[Decision]:
+    def answer_many(self, work: Sequence[LLMWork]) -> list[Decision]:
         """Answer each work item, asking the LLM once per distinct cache key, in parallel."""
         if not work:
             return []

@@ -31,14 +31,16 @@ import hmac
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import structlog
 from celery import Celery, signals
 from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from workers.cascade import Cascade, LLMWork, build_cascade, load_policy_book
@@ -94,6 +96,64 @@ class WorkerRuntime:
         cascade.classifier.predict(["warm-up"])
 
 
+class PoolAwareBatches(Batches):  # type: ignore[misc]
+    """celery-batches that keeps filling a batch while every pool process is busy.
+
+    Plain ``Batches`` flushes whatever is buffered on every tick of its timer and hands it to
+    the pool even when no process is free, so under a backlog batches stay small (a refill
+    arrives only as batches finish, and the timer cuts it off). Here a partial batch is held
+    while ``pool.limit`` batches are already running, for at most ``max_hold_s``, so a freed
+    process takes a full batch; at idle a lone message still goes at the next tick.
+    """
+
+    abstract = True
+    max_hold_s = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._in_flight = 0
+        self._held_since: float | None = None
+
+    def _do_flush(self) -> None:
+        buffered = self._buffer.qsize()
+        busy = self._pool is not None and self._in_flight >= max(1, int(self._pool.limit or 1))
+        if 0 < buffered < self.flush_every and busy:
+            now = time.monotonic()
+            if self._held_since is None:
+                self._held_since = now
+            if now - self._held_since < self.max_hold_s:
+                return
+        self._held_since = None
+        super()._do_flush()
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        """Send one batch to the pool, counting it as in flight until it returns or fails."""
+        early = [r for r in requests if not r.task.acks_late]
+        late = [r for r in requests if r.task.acks_late]
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        self._in_flight += 1
+
+        def on_accepted(_pid: int, _time_accepted: float) -> None:
+            for request in early:
+                request.acknowledge()
+
+        def on_return(_result: Any) -> None:
+            self._in_flight -= 1
+            for request in late:
+                request.acknowledge()
+
+        def on_error(_error: Any) -> None:
+            self._in_flight -= 1
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, serializable, 0, None),
+            accept_callback=on_accepted,
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+
 def create_celery_app(settings: Settings) -> Celery:
     """The Celery app of ``settings``: broker, queues, reliability options and both tasks."""
     if settings.broker_url is None:
@@ -110,8 +170,9 @@ def create_celery_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # A batch is acknowledged when it returns; buffer enough to fill a batch per process.
-        worker_prefetch_multiplier=settings.bert_flush_every,
+        # A batch is acknowledged when it returns; buffer enough for a batch per process and
+        # the next one, so a process that frees up finds a full batch waiting.
+        worker_prefetch_multiplier=2 * settings.bert_flush_every,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             # Redis broker: sweep for messages of dead workers every tenth of the timeout.
@@ -132,7 +193,7 @@ def create_celery_app(settings: Settings) -> Celery:
 
     @app.task(  # type: ignore[untyped-decorator]
         name=CLASSIFY_TASK,
-        base=Batches,
+        base=PoolAwareBatches,
         flush_every=settings.bert_flush_every,
         flush_interval=settings.bert_flush_interval_s,
         acks_late=True,
