@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 import traceback
@@ -330,13 +331,14 @@ class _EmbeddedBackend:
         self.cascade = cascade
         self.ledger = ledger
         self.metrics = metrics
-        # The BERT step is CPU-bound: one batch at a time uses every core without contention.
-        # The LLM step waits on the network, so it runs beside it, outside the batcher.
+        # The BERT step is CPU-bound: as many batches at once as the cores allow, each with
+        # its share of the cores (see _build_embedded_cascade). The LLM step waits on the
+        # network, so it runs beside them, outside the batcher.
         self.batcher: MicroBatcher[Decision | LLMWork] = MicroBatcher(
             cascade.first_pass,
             window_ms=settings.gateway_batch_window_ms,
             max_batch=settings.batch_size,
-            concurrency=1,
+            concurrency=settings.gateway_batches_in_flight,
             on_batch=metrics.observe_batch,
         )
         self.model_ready = False
@@ -650,7 +652,11 @@ def _build_embedded_cascade(settings: Settings) -> Cascade:
     from workers.bert.classifier import BertClassifier  # noqa: PLC0415 -- loads ONNX Runtime
     from workers.cascade import build_cascade, load_policy_book  # noqa: PLC0415
 
-    classifier = BertClassifier.from_settings(settings)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // settings.gateway_batches_in_flight)
+    classifier = BertClassifier.from_settings(
+        settings.model_copy(update={"intra_op_threads": threads})
+    )
     book = load_policy_book(
         settings, classifier.labels, multi_label=classifier.manifest.multi_label
     )

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     inter_op_threads: PositiveInt = Field(
         default=1, description="ONNX Runtime threads across operators (the graph is sequential)."
     )
+    intra_op_spin_wait: bool = Field(
+        default=False,
+        description="Let idle ONNX Runtime threads spin between batches (a little faster on a "
+        "dedicated machine; wasteful beside other processes).",
+    )
     batch_size: PositiveInt = Field(
         default=32, description="Windows per ONNX Runtime call; batches are sorted by length."
     )
@@ -225,6 +230,11 @@ class Settings(BaseSettings):
     )
     request_timeout_s: PositiveFloat = Field(
         default=30.0, description="How long POST /v1/classify waits for decisions."
+    )
+    gateway_batches_in_flight: PositiveInt = Field(
+        default=1,
+        description="Embedded gateway: BERT batches run at once, each with cores / batches "
+        "ONNX Runtime threads (one batch with every core measured best on 2 cores).",
     )
     gateway_batch_window_ms: NonNegativeFloat = Field(
         default=2.0,

@@ -67,6 +67,7 @@ class BertClassifier:
         batch_size: int = 32,
         chunk_overlap: int | None = None,
         verify: bool = True,
+        spin_wait: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: ModelManifest = read_manifest(self.model_dir, verify=verify)
@@ -74,6 +75,7 @@ class BertClassifier:
         if unknown:
             raise ModelIntegrityError(self.model_dir, f"unsupported ONNX inputs {sorted(unknown)}")
         self.intra_op_threads = intra_op_threads
+        self.spin_wait = spin_wait
         self.inter_op_threads = inter_op_threads
         self.batch_size = batch_size
         window = self.manifest.max_length
@@ -103,6 +105,7 @@ class BertClassifier:
             inter_op_threads=settings.inter_op_threads,
             batch_size=settings.batch_size,
             chunk_overlap=settings.chunk_overlap,
+            spin_wait=settings.intra_op_spin_wait,
         )
 
     @property
@@ -132,6 +135,10 @@ class BertClassifier:
         options.inter_op_num_threads = self.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self.spin_wait:
+            # Idle ONNX Runtime threads otherwise spin on the CPU between batches, taking it
+            # from the web server, the broker client and other processes on a small machine.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(
                 str(self.model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
