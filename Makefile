@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-bert bench-cascade venv clean
+.PHONY: demo test lint typecheck unit bench bench-bert bench-cascade bench-gateway venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -37,7 +37,7 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-bench: bench-bert bench-cascade
+bench: bench-bert bench-cascade bench-gateway
 
 bench-bert: $(STAMP)
 	$(BIN)/tiergate model build-default
@@ -46,6 +46,11 @@ bench-bert: $(STAMP)
 bench-cascade: $(STAMP)
 	$(BIN)/tiergate model build-default
 	$(BIN)/python bench/cascade.py
+
+# Needs Redis on 127.0.0.1:6379 (databases 0 and 1: decisions, cache and the Celery broker).
+bench-gateway: $(STAMP)
+	$(BIN)/tiergate model build-default
+	$(BIN)/python bench/service_paths.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
