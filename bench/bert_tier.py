@@ -39,8 +39,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -49,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +56,7 @@ from rich.table import Table
 from transformers import logging as transformers_logging
 from transformers import pipeline
 
+from measurement import evenly_spaced, fail, machine, read_test_split
 from workers.bert.classifier import BertClassifier
 from workers.bert.default_model import DATASET_NAME
 from workers.bert.manifest import MANIFEST_FILE, package_versions
@@ -106,18 +105,9 @@ print(json.dumps({
 }))
 """
 
-T = TypeVar("T")
 
 out = Console()
 err = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """Held-out messages and their gold labels, in file order."""
-
-    texts: list[str]
-    labels: list[str]
 
 
 @dataclass(frozen=True)
@@ -140,12 +130,6 @@ class Spread:
             "min": round(self.low, 2),
             "max": round(self.high, 2),
         }
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as an error and exit with status 1."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise SystemExit(1)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -183,30 +167,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     return args
-
-
-def evenly_spaced(items: Sequence[T], count: int | None) -> list[T]:
-    """``count`` items spread evenly over ``items``, in order (all of them when ``count`` is None).
-
-    The test split is not shuffled (its synopses, the longest messages, come first), so a
-    prefix would not have the split's mix of lengths and labels; a spread-out subset does.
-    """
-    if count is None or count >= len(items):
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
-
-
-def read_test_split(path: Path, limit: int | None) -> HeldOut:
-    """``limit`` (default: all) messages of a ``{"id", "text", "label"}`` JSONL file."""
-    with path.open(encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    if not records:
-        fail(f"{path} holds no messages; rebuild it with `tiergate model build-default --force`")
-    chosen = evenly_spaced(records, limit)
-    return HeldOut(
-        texts=[record["text"] for record in chosen],
-        labels=[record["label"] for record in chosen],
-    )
 
 
 def timed(call: Callable[[], list[str]]) -> tuple[float, list[str]]:
@@ -283,18 +243,6 @@ def measure_rss(model_dir: Path, texts: Sequence[str]) -> dict[str, Any]:
     if probe.returncode != 0:
         fail(f"the RSS probe failed (exit {probe.returncode}):\n{probe.stderr.strip()}")
     return dict(json.loads(probe.stdout.strip().splitlines()[-1]))
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers come from."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

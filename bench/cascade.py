@@ -56,8 +56,6 @@ import datetime as dt
 import gc
 import json
 import multiprocessing
-import os
-import platform
 import queue
 import shlex
 import statistics
@@ -71,7 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
@@ -80,6 +78,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.report import evaluation_table, write_evaluation
+from measurement import HeldOut, fail, machine, read_test_split
 from policies.evaluate import Answer, Evaluation, evaluate_cascade, simulate_llm
 from policies.routing import Target, decide
 from policies.spec import PolicySpec, Task
@@ -113,15 +112,6 @@ err = Console(stderr=True)
 
 
 @dataclass(frozen=True)
-class HeldOut:
-    """Held-out messages, their ids and gold labels, in file order."""
-
-    ids: list[str]
-    texts: list[str]
-    labels: list[str]
-
-
-@dataclass(frozen=True)
 class CallPrice:
     """What one LLM call costs on each message: the policy's first model at its list price."""
 
@@ -135,12 +125,6 @@ class CallPrice:
     def mean(self) -> float:
         """The mean cost of one call, in USD."""
         return statistics.fmean(self.per_message) if self.per_message else 0.0
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as an error and exit with status 1."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise SystemExit(1)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -201,31 +185,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.burst % args.burst_processes:
         parser.error("--burst must be a multiple of --burst-processes")
     return args
-
-
-def evenly_spaced(records: Sequence[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
-    """``count`` records spread evenly over ``records``, in order (all when ``count`` is None).
-
-    The test split is not shuffled (its synopses come first), so a prefix would not have the
-    split's mix of labels; a spread-out subset does.
-    """
-    if count is None or count >= len(records):
-        return list(records)
-    return [records[i * len(records) // count] for i in range(count)]
-
-
-def read_test_split(path: Path, limit: int | None) -> HeldOut:
-    """``limit`` (default: all) messages of a ``{"id", "text", "label"}`` JSONL file."""
-    with path.open(encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    if not records:
-        fail(f"{path} holds no messages; rebuild it with `tiergate model build-default --force`")
-    chosen = evenly_spaced(records, limit)
-    return HeldOut(
-        ids=[str(record["id"]) for record in chosen],
-        texts=[record["text"] for record in chosen],
-        labels=[record["label"] for record in chosen],
-    )
 
 
 def batches(count: int, size: int) -> Iterator[slice]:
@@ -767,20 +726,6 @@ def bursts(
 
 
 # ---------------------------------------------------------------------------------- main
-
-
-def machine(client: redis.Redis) -> dict[str, Any]:
-    """Where the numbers come from."""
-    server = client.info("server")
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "redis_server": server.get("redis_version"),
-        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
-    }
 
 
 def burst_text(predictions: Sequence[Prediction], spec: PolicySpec, split: HeldOut) -> str:

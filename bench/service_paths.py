@@ -75,7 +75,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import queue
 import random
 import shlex
@@ -91,7 +90,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx2 as httpx
 import numpy as np
@@ -101,6 +100,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.client import TiergateClient
+from measurement import evenly_spaced, fail, machine, read_jsonl
 from workers.bert import default_model
 from workers.bert.classifier import BertClassifier
 from workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
@@ -160,12 +160,6 @@ class HttpRun:
             self.service_s.append(service_s)
             self.tiers[outcome["tier"]] += 1
             self.skipped[str(outcome.get("llm_skipped"))] += 1
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as an error and exit with status 1."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise SystemExit(1)
 
 
 def note(message: str) -> None:
@@ -234,23 +228,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------- messages
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``{"id", "text", "label"}`` JSONL file."""
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def evenly_spaced(records: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """``count`` records spread evenly over ``records``, in order (all when there are fewer).
-
-    The splits are not shuffled (synopses first), so a prefix would not have their mix of
-    labels; a spread-out subset does.
-    """
-    if count >= len(records):
-        return list(records)
-    return [records[i * len(records) // count] for i in range(count)]
 
 
 def assemble_messages(datasets: Path, count: int, warm_up: int) -> MessageSet:
@@ -927,20 +904,6 @@ def through_http(
 
 
 # ---------------------------------------------------------------------------------- report
-
-
-def machine(client: redis.Redis) -> dict[str, Any]:
-    """Where the numbers come from."""
-    server = client.info("server")
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "redis_server": server.get("redis_version"),
-        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
-    }
 
 
 def results_table(results: dict[str, Any]) -> Table:
