@@ -156,16 +156,22 @@ class Cascade:
 
     def cache_key(self, message: Message, spec: PolicySpec) -> str:
         """The decision-cache key of ``message`` under ``spec`` (never contains the text)."""
+        return self._cache_key(message, spec, self._llm_route(spec))
+
+    def _llm_route(self, spec: PolicySpec) -> str:
+        """The provider chain part of ``spec``'s cache keys (the same for all its messages)."""
+        return self.llm.route_key(spec) if self.llm is not None else NO_LLM_ROUTE
+
+    def _cache_key(self, message: Message, spec: PolicySpec, llm_route: str) -> str:
         from workers.cache import cache_key  # noqa: PLC0415 -- keeps the cache optional
 
-        llm = self.llm
         return cache_key(
             message.text,
             policy=spec.name,
             policy_version=spec.version,
             model_version=self.classifier.model_version,
-            llm_route=llm.route_key(spec) if llm is not None else NO_LLM_ROUTE,
-            prompt_version=llm.prompt_version if llm is not None else NO_LLM_ROUTE,
+            llm_route=llm_route,
+            prompt_version=self.llm.prompt_version if self.llm is not None else NO_LLM_ROUTE,
             task=message.task.value,
         )
 
@@ -196,7 +202,8 @@ class Cascade:
         if not messages:
             return []
         specs = [self.policies.get(m.policy) for m in messages]
-        keys = [self.cache_key(m, s) for m, s in zip(messages, specs, strict=True)]
+        routes = {spec.name: self._llm_route(spec) for spec in specs}  # once per policy
+        keys = [self._cache_key(m, s, routes[s.name]) for m, s in zip(messages, specs, strict=True)]
         results: list[Decision | LLMWork | None] = [None] * len(messages)
 
         lookup_ms = 0.0
