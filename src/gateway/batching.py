@@ -1,10 +1,9 @@
 """Micro-batching: concurrent requests share one cascade call, so one ONNX batch.
 
 Each HTTP request in embedded mode carries a handful of messages; ONNX Runtime is far faster
-per message on a batch than on one text at a time. :class:`MicroBatcher` gathers what arrives
-within a short window of the first waiting request (or until ``max_batch`` messages wait),
-runs one ``decide`` call for all of it in a worker thread, and hands every request its own
-decisions, in its own order.
+per message on a batch than on one text at a time. :class:`MicroBatcher` runs one ``decide``
+call, in a worker thread, for everything that waits when the cores free up (up to
+``max_batch`` messages), and hands every request its own decisions, in its own order.
 """
 
 from __future__ import annotations
@@ -40,10 +39,13 @@ class _Request(Generic[T]):
 class MicroBatcher(Generic[T]):
     """Runs ``decide`` once for the messages of many concurrent :meth:`submit` calls.
 
-    A batch holds the requests that arrive within ``window_ms`` of the first waiting one, up
-    to ``max_batch`` messages in all (a single larger request runs alone, whole). At most
-    ``concurrency`` batches run at once, each in a worker thread; while they all run, new
-    requests wait and form the next, larger batch. When ``decide`` raises for a batch of
+    When no batch is running, a request starts at once, with whatever else is already
+    waiting: an idle gateway adds no delay. While a batch runs, a new batch holds the requests
+    that arrive within ``window_ms`` of its first one (or until the batcher is idle again), up
+    to ``max_batch`` messages in all (a
+    single larger request runs alone, whole). At most ``concurrency`` batches run at once, each
+    in a worker thread; while they all run, new requests wait and form the next, larger batch,
+    so batches grow with the load by themselves. When ``decide`` raises for a batch of
     several requests, each of them is decided again on its own, so a request fails only with
     its own error. ``on_batch`` is told the size of every batch run (for metrics).
 
@@ -131,17 +133,24 @@ class MicroBatcher(Generic[T]):
             while not self._waiting:
                 arrived.clear()
                 await arrived.wait()
-            await self._fill_window(arrived)
+            if self._running:
+                # Another batch holds the cores: gathering for a moment costs nothing more.
+                await self._fill_window(arrived)
             await slots.acquire()
             batch = self._take_batch()
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._arrived is not None:
+            self._arrived.set()  # a gathering window ends early when the batcher goes idle
 
     async def _fill_window(self, arrived: asyncio.Event) -> None:
-        """Wait until the window closes or a full batch waits."""
+        """Wait until the window closes, a full batch waits, or no batch runs any more."""
         deadline = asyncio.get_running_loop().time() + self.window_s
-        while self.queued_messages < self.max_batch:
+        while self._running and self.queued_messages < self.max_batch:
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 return

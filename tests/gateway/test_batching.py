@@ -160,3 +160,38 @@ def test_invalid_configuration_is_refused():
     """A non-positive batch size or concurrency is a ValueError."""
     with pytest.raises(ValueError, match="positive"):
         MicroBatcher(lambda _messages: [], window_ms=1, max_batch=0)
+
+
+def test_an_idle_batcher_starts_at_once_and_a_busy_one_gathers_the_next_batch():
+    """No window while idle; requests arriving during a running batch form the next one."""
+    decider, _ = cascade()
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def decide(messages: list[Message]) -> list[Decision]:
+        if messages[0].text == "first":
+            release.wait(5)
+        return decider.decide(messages)
+
+    async def scenario():
+        # A window far longer than the test's bound: an idle start must not wait for it.
+        batcher = MicroBatcher(decide, window_ms=60_000, max_batch=64, on_batch=sizes.append)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit([Message(text="first")]))
+            while not sizes:
+                await asyncio.sleep(0.001)
+            later = [
+                asyncio.ensure_future(batcher.submit([Message(text=f"later {i}")]))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.05)
+            assert sizes == [1], "the first request ran alone, the others wait"
+            release.set()
+            return await asyncio.gather(first, *later)
+        finally:
+            await batcher.stop()
+
+    answers = run(scenario())
+    assert [len(a) for a in answers] == [1, 1, 1, 1]
+    assert sizes == [1, 3]
