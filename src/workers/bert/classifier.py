@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from policies.calibration import sigmoid, softmax
 from workers.bert.manifest import ONNX_FILE, TOKENIZER_FILE, ModelManifest, read_manifest
+from workers.bert.scheduling import StepScheduler, plan_steps
 from workers.errors import InputError, ModelIntegrityError
 from workers.schemas import Prediction
 from workers.settings import Settings
@@ -68,6 +69,7 @@ class BertClassifier:
         chunk_overlap: int | None = None,
         verify: bool = True,
         spin_wait: bool = False,
+        scheduler: StepScheduler | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: ModelManifest = read_manifest(self.model_dir, verify=verify)
@@ -78,6 +80,7 @@ class BertClassifier:
         self.spin_wait = spin_wait
         self.inter_op_threads = inter_op_threads
         self.batch_size = batch_size
+        self.scheduler = scheduler
         window = self.manifest.max_length
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / TOKENIZER_FILE))
         self.tokenizer.no_padding()
@@ -97,7 +100,12 @@ class BertClassifier:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, model_dir: Path | None = None) -> BertClassifier:
+    def from_settings(
+        cls,
+        settings: Settings,
+        model_dir: Path | None = None,
+        scheduler: StepScheduler | None = None,
+    ) -> BertClassifier:
         """Build a classifier with thread counts, batch size and overlap from ``settings``."""
         return cls(
             model_dir or settings.resolved_model_dir,
@@ -106,6 +114,7 @@ class BertClassifier:
             batch_size=settings.batch_size,
             chunk_overlap=settings.chunk_overlap,
             spin_wait=settings.intra_op_spin_wait,
+            scheduler=scheduler,
         )
 
     @property
@@ -193,14 +202,33 @@ class BertClassifier:
         return Windows(ids=ids, owner=owner, counts=counts)
 
     def run(self, windows: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        """Logits for every window, in input order, computed in length-sorted sub-batches."""
+        """Logits for every window, in input order, computed in length-sorted sub-batches.
+
+        With a :class:`StepScheduler`, the sub-batches are cut to its step size and each one
+        waits for its turn at the shared session (see :mod:`workers.bert.scheduling`).
+        """
         order = sorted(range(len(windows)), key=lambda j: len(windows[j]))
         logits = np.empty((len(windows), len(self.labels)), dtype=np.float32)
         session = self.session
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        lengths = [len(windows[j]) for j in order]
+        if self.scheduler is None:
+            steps = [
+                list(range(start, min(start + self.batch_size, len(order))))
+                for start in range(0, len(order), self.batch_size)
+            ]
+        else:
+            steps = plan_steps(lengths, self.scheduler.step_tokens, self.batch_size)
+        tokens_left = sum(lengths)
+        for step in steps:
+            chunk = [order[position] for position in step]
             feed = self._feed([windows[j] for j in chunk])
-            out: Any = session.run(None, feed)[0]
+            out: Any
+            if self.scheduler is None:
+                out = session.run(None, feed)[0]
+            else:
+                with self.scheduler.turn(tokens_left):
+                    out = session.run(None, feed)[0]
+            tokens_left -= sum(lengths[position] for position in step)
             logits[chunk] = out
         return logits
 
