@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
 import traceback
@@ -50,7 +49,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -166,7 +165,9 @@ class ModerationRequest(BaseModel):
         | Annotated[list[str], Tag("many-inputs"), Field(min_length=1)],
         Discriminator(_moderation_shape),
     ]
-    model: str | None = None
+    # Constrained like Message.policy: the length bound also makes pydantic refuse a lone
+    # surrogate, which an error echoing the name could not encode (a 500).
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
 
 
 class ModerationResult(BaseModel):
@@ -227,6 +228,9 @@ class ErrorResponse(BaseModel):
     pending: list[str] | None = None
     not_ready: list[str] | None = None
 
+
+_NOT_JSON = "the body must be a JSON object sent with Content-Type: application/json"
+_NO_BODY = "the request body is empty; send a JSON object"
 
 _ERROR_TEXT = {
     400: "The request cannot be served as asked (for example no multi-label policy).",
@@ -650,12 +654,12 @@ def app_from_environment() -> FastAPI:
 
 def _build_embedded_cascade(settings: Settings) -> Cascade:
     from workers.bert.classifier import BertClassifier  # noqa: PLC0415 -- loads ONNX Runtime
+    from workers.bert.scheduling import StepScheduler  # noqa: PLC0415
     from workers.cascade import build_cascade, load_policy_book  # noqa: PLC0415
 
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // settings.gateway_batches_in_flight)
+    # Concurrent micro-batches share one session (with every core), taking turns step by step.
     classifier = BertClassifier.from_settings(
-        settings.model_copy(update={"intra_op_threads": threads})
+        settings, scheduler=StepScheduler(settings.gateway_step_tokens)
     )
     book = load_policy_book(
         settings, classifier.labels, multi_label=classifier.manifest.multi_label
@@ -673,7 +677,9 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------- dependencies
 
 
-def _gateway(request: Request) -> _Gateway:
+# The dependencies are coroutines on purpose: FastAPI runs a plain function dependency in its
+# thread pool, which would cost every request two thread hops for a few microseconds of work.
+async def _gateway(request: Request) -> _Gateway:
     gateway: _Gateway = request.app.state.tiergate
     return gateway
 
@@ -682,7 +688,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
 
 
-def _grant(
+async def _grant(
     gateway: Annotated[_Gateway, Depends(_gateway)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key)],
@@ -998,14 +1004,44 @@ async def _gateway_error(_: Request, exc: Exception) -> Response:
 
 async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    unreadable = _unreadable_body(exc)
+    if unreadable is not None:
+        error = FieldError(field="body", message=unreadable, type="json_invalid")
+        return error_response(
+            422, f"invalid request: body: {unreadable}", errors=[error], field="body"
+        )
     headers = dict(exc.headers) if exc.headers else None
     return error_response(exc.status_code, str(exc.detail), headers)
+
+
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not decode a JSON body, or ``None`` for any other HTTP error.
+
+    FastAPI answers a body that ``json.loads`` rejects with anything but a JSONDecodeError (bytes
+    that are not UTF-8, nesting past the interpreter's recursion limit, an integer too long to
+    convert) with an undocumented, unexplained 400; its cause says which it was.
+    """
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start + 1})"
+    if isinstance(cause, RecursionError):
+        return "malformed JSON: nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "malformed JSON: a number has too many digits"
+    return None
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     # One error per field and message: a union reports each member's failure separately.
     errors = list({(e.field, e.message): e for e in map(_field_error, exc.errors())}.values())
+    if isinstance(exc.body, bytes):
+        # FastAPI reads a body as JSON only when its Content-Type says JSON; it left this raw.
+        errors = [FieldError(field="body", message=_NOT_JSON, type="content_type")]
+    elif exc.body is None and any(e.field == "body" and e.type == "missing" for e in errors):
+        errors = [FieldError(field="body", message=_NO_BODY, type="missing")]
     first = errors[0] if errors else FieldError(field="body", message="invalid", type="invalid")
     return error_response(
         422,

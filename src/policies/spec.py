@@ -282,6 +282,16 @@ def parse_policy_text(text: str, *, source: str = "policy") -> PolicySpec:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PolicyError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: not valid YAML: nested too deeply") from None
+    except (ValueError, TypeError, AttributeError, LookupError):
+        # PyYAML's constructors let these out for a scalar they cannot convert (``!!int x``,
+        # ``!!int`` with no value, ``!!bool x``, ``!!timestamp x``, a date out of range, an
+        # integer of 5,000 digits).
+        raise PolicyError(
+            f"{source}: not valid YAML: a value cannot be converted to its type "
+            "(a malformed number, boolean, date or timestamp)"
+        ) from None
     return parse_policy(data, source=source)
 
 
@@ -295,6 +305,8 @@ def load_policy(path: Path) -> PolicySpec:
         raise PolicyError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise PolicyError(f"{path}: cannot be read ({exc.strerror})") from None
+    except ValueError:  # a path the OS cannot take, such as one with a NUL byte
+        raise PolicyError(f"{str(path)!r}: not a usable file name") from None
     return parse_policy_text(text, source=str(path))
 
 

@@ -85,7 +85,8 @@ def read_records(
         text_field: the field a plain-text line becomes.
 
     Raises:
-        DataFileError: the CSV header lacks a required column, or the input has no header.
+        DataFileError: the CSV header lacks a required column, is malformed or not UTF-8, or
+            the input has no header.
     """
     if fmt is InputFormat.CSV:
         yield from _read_csv(data, required=required, source=source)
@@ -117,6 +118,12 @@ def _read_lines(
         except json.JSONDecodeError as exc:
             yield RecordError(number, f"malformed JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield RecordError(number, "malformed JSON: nested too deeply")
+            continue
+        except ValueError:  # an integer past Python's int-from-string digit limit
+            yield RecordError(number, "malformed JSON: a number has too many digits")
+            continue
         if not isinstance(value, dict):
             yield RecordError(number, f"expected a JSON object, got {_json_type(value)}")
             continue
@@ -133,6 +140,11 @@ def _read_csv(
         header = next(reader)
     except StopIteration:
         raise DataFileError(f"{source}: empty CSV, expected a header row") from None
+    except csv.Error as exc:
+        raise DataFileError(f"{source}: malformed CSV header row: {exc}") from None
+    if any(_has_surrogates(name) for name in header):
+        # Column names become fields (and metadata keys) of every record: no record is usable.
+        raise DataFileError(f"{source}: the CSV header row is not valid UTF-8")
     missing = [name for name in required if name not in header]
     if missing:
         raise DataFileError(

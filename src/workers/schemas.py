@@ -12,11 +12,17 @@ from policies.prediction import Prediction
 from policies.routing import Reason
 from policies.spec import Task
 
-JSONScalar = StrictStr | int | float | bool | None
+# JSON has no NaN or infinity: a producer's metadata must survive a round trip through JSON.
+JSONScalar = StrictStr | int | Annotated[float, Field(allow_inf_nan=False)] | bool | None
 
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _has_surrogates(value: str) -> bool:
+    """Whether ``value`` holds a lone surrogate: bytes that were not UTF-8, or a bad escape."""
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
 
 
 class Message(BaseModel):
@@ -40,8 +46,18 @@ class Message(BaseModel):
     def _text_has_content(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("text is empty or only whitespace")
-        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        if _has_surrogates(value):
             raise ValueError("text is not valid UTF-8")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_is_valid_unicode(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # A lone surrogate (from a "\ud800" escape) cannot be written as UTF-8 again: the
+        # decision carrying it could be neither stored nor sent.
+        for key, item in value.items():
+            if _has_surrogates(key) or (isinstance(item, str) and _has_surrogates(item)):
+                raise ValueError("a metadata key or value is not valid UTF-8")
         return value
 
 

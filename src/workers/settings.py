@@ -232,9 +232,15 @@ class Settings(BaseSettings):
         default=30.0, description="How long POST /v1/classify waits for decisions."
     )
     gateway_batches_in_flight: PositiveInt = Field(
-        default=1,
-        description="Embedded gateway: BERT batches run at once, each with cores / batches "
-        "ONNX Runtime threads (one batch with every core measured best on 2 cores).",
+        default=2,
+        description="Embedded gateway: micro-batches classified at once. Their ONNX Runtime "
+        "steps take turns on one session with every core, the batch with the least work left "
+        "first, so a short message overtakes a long text.",
+    )
+    gateway_step_tokens: PositiveInt = Field(
+        default=256,
+        description="Embedded gateway: the most padded tokens in one ONNX Runtime step; a "
+        "batch of more waits for its turn again between steps.",
     )
     gateway_batch_window_ms: NonNegativeFloat = Field(
         default=2.0,

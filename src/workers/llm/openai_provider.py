@@ -110,6 +110,6 @@ def _json_object(raw: str) -> dict[str, Any] | None:
     """``raw`` parsed as a JSON object, or ``None`` when it is not one."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, or nested past the interpreter's stack
         return None
     return value if isinstance(value, dict) else None

@@ -37,8 +37,33 @@ PROMPT_VERSION = "1"
 SCHEMA_NAME = "record_classification"
 
 _OPEN, _CLOSE = "<message>", "</message>"
-# Anything that a reader could take for either delimiter: any case, inner spaces, attributes.
-_DELIMITER = re.compile(r"<(?=\s*/?\s*message\b)", re.IGNORECASE)
+
+
+def _delimiter_pattern() -> re.Pattern[str]:
+    """Anything a reader could take for either delimiter, matching its opening bracket.
+
+    Any case, spaces or attributes; brackets, slashes and letters that look alike (fullwidth
+    forms, angle quotes, Cyrillic letters shaped like Latin ones); invisible characters (zero
+    widths, soft hyphens, direction marks) slipped between them.
+    """
+    gap = "[\\s\u00ad\u034f\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]*"
+    bracket = "[<\uff1c\ufe64\u2329\u3008\u27e8\u2039\u276e\u2770\u29fc]"
+    slash = "[/\uff0f\u2215\u2044\u29f8\u2571]"
+    alike = {
+        "m": "\u043c\u041c",  # Cyrillic em
+        "e": "\u0435\u0415",  # Cyrillic ie
+        "s": "\u0455\u0405",  # Cyrillic dze
+        "a": "\u0430\u0410",  # Cyrillic a
+        "g": "\u0261",  # Latin script g
+    }
+    letters = [
+        f"[{ch}{ch.upper()}{chr(ord(ch) + 0xFEE0)}{chr(ord(ch.upper()) + 0xFEE0)}{alike[ch]}]"
+        for ch in "message"
+    ]
+    return re.compile(f"{bracket}(?={gap}(?:{slash}{gap})?{gap.join(letters)}(?!\\w))")
+
+
+_DELIMITER = _delimiter_pattern()
 
 _TASK_INSTRUCTIONS: dict[Task, str] = {
     Task.REPLY: (
@@ -64,8 +89,9 @@ _PLACEHOLDERS = (
 def neutralise_delimiters(text: str) -> str:
     """``text`` with every ``<message>``/``</message>`` look-alike defused (``<`` → ``&lt;``).
 
-    Only the opening bracket changes, so the text still reads the same to the model while it
-    can no longer close the data block early and smuggle in instructions after it.
+    Only the opening bracket changes (a look-alike bracket becomes ``&lt;`` too), so the text
+    still reads the same to the model while it can no longer close the data block early and
+    smuggle in instructions after it.
     """
     return _DELIMITER.sub("&lt;", text)
 
