@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from functools import partial
 from importlib import resources
@@ -40,6 +41,7 @@ from workers.cascade import (
     check_policy_fits_model,
     load_policy_book,
 )
+from workers.delivery import RedisDecisionLedger
 from workers.errors import DataFileError, RecordError, TiergateError, UnknownPolicyError
 from workers.logs import configure_logging
 from workers.records import InputFormat, Record, detect_format, read_bytes, read_records
@@ -57,6 +59,10 @@ model_app = typer.Typer(help="Build and inspect model directories.", no_args_is_
 app.add_typer(model_app, name="model")
 policy_app = typer.Typer(help="Check and list policy files.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+dead_app = typer.Typer(
+    help="Read and replay the dead letters (distributed mode).", no_args_is_help=True
+)
+app.add_typer(dead_app, name="dead-letters")
 
 err = Console(stderr=True)
 
@@ -1067,6 +1073,90 @@ def submit(
     _summary(tally, time.perf_counter() - started)
     if tally.rejected:
         raise typer.Exit(REJECTED)
+
+
+# ------------------------------------------------------------------------------ dead letters
+
+
+def _dead_letter_ledger() -> RedisDecisionLedger:
+    settings = Settings()
+    if settings.redis_url is None:
+        raise _fail("dead letters are kept in Redis: set TIERGATE_REDIS_URL")
+    return RedisDecisionLedger.from_settings(settings)
+
+
+def _dead_message(payload: Any) -> Message | None:
+    """The message a dead letter holds, if any: a classify payload, its task kwargs or LLM work."""
+    candidates = [payload]
+    if isinstance(payload, dict):
+        work = payload.get("work")
+        candidates += [
+            payload.get("message"),
+            work.get("message") if isinstance(work, dict) else None,
+        ]
+    for candidate in candidates:
+        if isinstance(candidate, dict):
+            try:
+                return Message.model_validate(candidate)
+            except ValidationError:
+                continue
+    return None
+
+
+@dead_app.command("list")
+def dead_letters_list(
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Show the dead letters: when, why, and the message id where there is one."""
+    ledger = _dead_letter_ledger()
+    entries = _guarded(lambda: ledger.dead_letters(limit))
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"{len(entries)} dead letter(s), newest first")
+    for column in ("at (UTC)", "reason", "message id", "replayable"):
+        table.add_column(column)
+    for entry in entries:
+        at = datetime.fromtimestamp(float(entry.get("at", 0)), tz=UTC)
+        message = _dead_message(entry.get("payload"))
+        table.add_row(
+            at.strftime("%Y-%m-%d %H:%M:%S"),
+            _excerpt(str(entry.get("reason", "")), 80),
+            message.id if message else "-",
+            "yes" if message else "no",
+        )
+    Console().print(table)
+
+
+@dead_app.command("replay")
+def dead_letters_replay(
+    limit: Annotated[int, typer.Option(min=1, help="Replay at most this many.")] = 1000,
+) -> None:
+    """Publish the dead letters that hold a message again, and remove them from the list.
+
+    Run it once the cause is fixed (a policy deployed, a provider key set). A message whose id
+    was answered meanwhile is not answered twice. Dead letters that hold no message (a
+    webhook that gave up, a payload that never was a message) stay in the list.
+    """
+    from gateway.client import TiergateClient  # noqa: PLC0415
+
+    settings = Settings()
+    if settings.broker_url is None or settings.redis_url is None:
+        raise _fail("replay needs TIERGATE_BROKER_URL and TIERGATE_REDIS_URL")
+    client = _guarded(lambda: TiergateClient.from_settings(settings))
+    ledger = client.ledger
+    replayed = kept = 0
+    for stored, entry in _guarded(lambda: ledger.dead_letter_entries(limit)):
+        message = _dead_message(entry.get("payload"))
+        if message is None:
+            kept += 1
+            continue
+        _guarded(partial(client.submit_many, [message]))
+        _guarded(partial(ledger.discard_dead_letter, stored))
+        replayed += 1
+    err.print(f"replayed {replayed} message(s); kept {kept} dead letter(s) that hold no message")
 
 
 # ---------------------------------------------------------------------------------- policies

@@ -266,9 +266,22 @@ class RedisDecisionLedger:
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """See :meth:`DecisionLedger.dead_letters`."""
+        return [entry for _, entry in self.dead_letter_entries(limit)]
+
+    def dead_letter_entries(self, limit: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """The most recent dead letters, newest first, each with its stored form.
+
+        The stored form is what :meth:`discard_dead_letter` takes to remove that one entry.
+        """
         with redis_errors_as_coordination_errors(self.client, "reading dead letters"):
             raw = self.client.lrange(self.dead_letter_key, 0, limit - 1)
-        return [json.loads(entry) for entry in raw]
+        stored = [e.decode() if isinstance(e, bytes) else str(e) for e in raw]
+        return [(entry, json.loads(entry)) for entry in stored]
+
+    def discard_dead_letter(self, stored: str) -> bool:
+        """Remove one dead letter, given its stored form; False when it was already gone."""
+        with redis_errors_as_coordination_errors(self.client, "removing a dead letter"):
+            return bool(self.client.lrem(self.dead_letter_key, 1, stored))
 
     @property
     def batch_sizes_key(self) -> str:
