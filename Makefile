@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-bert bench-cascade bench-gateway venv clean
+.PHONY: demo test lint typecheck unit test-reliability bench bench-bert bench-cascade bench-gateway venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -36,6 +36,13 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Only the reliability suite (also part of `unit`): workers killed mid-stream, a private Redis
+# restarted, the LLM API down, twice the measured throughput for a minute. Needs Redis and
+# RabbitMQ on localhost; about 5 minutes plus the shared test model's training. Its figures are
+# printed at the end and written to reliability-figures.json in pytest's temporary directory.
+test-reliability: $(STAMP)
+	$(BIN)/pytest tests/reliability
 
 bench: bench-bert bench-cascade bench-gateway
 

@@ -21,7 +21,18 @@ makes a redelivered or resubmitted id a no-op, and the decision cache's single-f
 redelivered LLM step reuse the first call's answer instead of paying again. Transient failures
 (Redis or the broker unreachable) are retried with exponential backoff, by republishing with a
 countdown; a message that keeps failing, or a payload that is not a message, goes to the
-dead-letter list with its reason.
+dead-letter list with its reason (so do the messages Celery itself would drop: an undecodable
+body, a refused content type, an unknown task name; see :class:`DeadLetteringConsumer`).
+
+A task is acknowledged once its step returns, so a step never ends with work neither done nor
+republished: a batch that fails half-way republishes only its messages not yet answered or
+handed to the LLM step, and work whose dead letter cannot be written (Redis down) is published
+again instead of being dropped.
+
+Tasks are published with ``ignore_result=True``: results are never stored or read, and
+otherwise Celery subscribes to a result channel on the result backend (Redis) for every task
+it sends, which costs two Redis round trips per message and, while Redis is down, blocks a
+publish to a healthy broker for 20 s before failing it.
 """
 
 from __future__ import annotations
@@ -39,12 +50,13 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
+from celery.worker.consumer import Consumer
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from workers.cascade import Cascade, LLMWork, build_cascade, load_policy_book
-from workers.delivery import DecisionLedger, open_ledger
+from workers.delivery import DecisionLedger, RedisDecisionLedger, open_ledger
 from workers.errors import TransientError, UnknownPolicyError
 from workers.schemas import Decision, Message, Status
 from workers.settings import Settings
@@ -57,6 +69,8 @@ WEBHOOK_TASK = "tiergate.webhook"
 # Seconds before a deferred message (its policy's budget spent) is tried again.
 DEFER_COUNTDOWN_S = 60
 _MAX_BACKOFF_S = 300
+# Characters of an undecodable message body kept in its dead letter.
+_DEAD_BODY_CHARS = 10_000
 
 
 class WorkerRuntime:
@@ -94,6 +108,61 @@ class WorkerRuntime:
         """Build the parts and run the model once, so the first batch is not slow."""
         cascade, _ = self.parts()
         cascade.classifier.predict(["warm-up"])
+
+
+class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
+    """Celery's worker consumer, keeping the messages no task can take in the dead letters.
+
+    Celery logs and drops (acknowledges, or rejects without requeue) a message whose body
+    cannot be decoded, whose content type is not accepted (only JSON is), that is not a task
+    message, or that names a task this worker does not serve. tiergate keeps every payload it
+    cannot answer, with the reason, so each of these is dead-lettered first: the headers that
+    name the task, the content type and the body as text. Best effort: while Redis is down it
+    is only logged, as Celery does.
+    """
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """Dead-letter a message whose body is not valid in its content type, then drop it."""
+        _dead_letter_message(self.app, message, f"undecodable message body: {exc}")
+        super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        """Dead-letter a message that is not a Celery task message, then drop it."""
+        _dead_letter_message(self.app, message, "not a task message")
+        super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """Dead-letter a task no worker here serves (a misrouted or newer task), then drop it."""
+        name = (message.headers or {}).get("task")
+        _dead_letter_message(self.app, message, f"unknown task {name!r}")
+        super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """Dead-letter an invalid task message (a refused content type), then drop it."""
+        _dead_letter_message(self.app, message, f"invalid task message: {exc}")
+        super().on_invalid_task(body, message, exc)
+
+
+def _dead_letter_message(app: Celery, message: Any, reason: str) -> None:
+    runtime = getattr(app, "tiergate_runtime", None)
+    if not isinstance(runtime, WorkerRuntime) or not runtime.settings.redis_url:
+        return
+    headers = message.headers or {}
+    body = message.body
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else str(body)
+    payload = {
+        "task": headers.get("task"),
+        "task_id": headers.get("id"),
+        "content_type": message.content_type,
+        "body": text[:_DEAD_BODY_CHARS],
+    }
+    ledger = RedisDecisionLedger.from_settings(runtime.settings)
+    try:
+        ledger.dead_letter(payload, reason)
+    except TransientError as exc:
+        log.warning("dead_letter.unavailable", reason=reason, error=str(exc))
+    finally:
+        ledger.client.close()
 
 
 class PoolAwareBatches(Batches):  # type: ignore[misc]
@@ -187,6 +256,7 @@ def create_celery_app(settings: Settings) -> Celery:
         },
         task_default_queue=settings.bert_queue,
         worker_hijack_root_logger=False,
+        worker_consumer=f"{__name__}:{DeadLetteringConsumer.__name__}",
     )
     runtime = WorkerRuntime(settings)
     app.tiergate_runtime = runtime
@@ -232,23 +302,34 @@ def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[
     batch's messages with backoff (or dead-letters those out of retries).
     """
     cascade, ledger = runtime.parts()
+    bert_queue = runtime.settings.bert_queue
     messages: list[tuple[Message, int]] = []
     for payload, attempt in payloads:
         try:
             message = Message.model_validate(payload)
             cascade.policies.get(message.policy)
         except ValidationError as exc:
-            ledger.dead_letter(payload, f"not a message: {_first_error(exc)}")
+            reason = f"not a message: {_first_error(exc)}"
+            _dead_letter_or_republish(
+                app, ledger, payload, reason, CLASSIFY_TASK, "message", attempt, queue=bert_queue
+            )
             continue
         except UnknownPolicyError as exc:
-            ledger.dead_letter(payload, str(exc))
-            ledger.forget(message.id)
+            if _dead_letter_or_republish(
+                app, ledger, payload, str(exc), CLASSIFY_TASK, "message", attempt, queue=bert_queue
+            ):
+                _forget(ledger, message.id)
             continue
         messages.append((message, attempt))
     if not messages:
         return
+    # Ids answered (now or before) or handed to the LLM step: a failure later in the batch
+    # must not republish them (after a Redis restart without persistence, a republished id
+    # whose record was lost would be answered a second time).
+    settled: set[str] = set()
     try:
         answered = ledger.get_many([m.id for m, _ in messages])
+        settled.update(m.id for (m, _), done in zip(messages, answered, strict=True) if done)
         fresh = [pair for pair, done in zip(messages, answered, strict=True) if done is None]
         ledger.count_batch(len(fresh))
         results = cascade.first_pass([m for m, _ in fresh])
@@ -258,12 +339,15 @@ def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[
                     LLM_TASK,
                     kwargs={"work": result.model_dump(mode="json"), "attempt": 0},
                     queue=runtime.settings.llm_queue,
+                    ignore_result=True,
                 )
             else:
                 _deliver_or_defer(app, runtime, ledger, result, message, attempt)
+            settled.add(message.id)
     except TransientError as exc:
-        log.warning("bert_step.retry", messages=len(messages), error=str(exc))
-        for message, attempt in messages:
+        unsettled = [(m, attempt) for m, attempt in messages if m.id not in settled]
+        log.warning("bert_step.retry", messages=len(unsettled), error=str(exc))
+        for message, attempt in unsettled:
             _retry_or_dead_letter(
                 app,
                 runtime,
@@ -282,7 +366,11 @@ def run_llm_step(app: Celery, runtime: WorkerRuntime, work: Any, attempt: int) -
     try:
         item = LLMWork.model_validate(work)
     except ValidationError as exc:
-        ledger.dead_letter(work, f"not an LLM work item: {_first_error(exc)}")
+        reason = f"not an LLM work item: {_first_error(exc)}"
+        llm_queue = runtime.settings.llm_queue
+        _dead_letter_or_republish(
+            app, ledger, work, reason, LLM_TASK, "work", attempt, queue=llm_queue
+        )
         return
     try:
         if ledger.get_many([item.message.id])[0] is not None:
@@ -326,6 +414,7 @@ def _deliver_or_defer(
         kwargs={**kwargs, "attempt": attempt},
         countdown=DEFER_COUNTDOWN_S,
         queue=runtime.settings.llm_queue if queue == "llm" else runtime.settings.bert_queue,
+        ignore_result=True,
     )
 
 
@@ -338,6 +427,7 @@ def _announce(app: Celery, runtime: WorkerRuntime, decision: Decision) -> None:
             WEBHOOK_TASK,
             kwargs={"url": spec.webhook.url, "decision": decision.model_dump_json(), "attempt": 0},
             queue=runtime.settings.llm_queue,
+            ignore_result=True,
         )
 
 
@@ -379,6 +469,7 @@ def run_webhook(app: Celery, runtime: WorkerRuntime, url: str, decision: str, at
         kwargs={"url": url, "decision": decision, "attempt": attempt + 1},
         countdown=min(_MAX_BACKOFF_S, 2**attempt),
         queue=runtime.settings.llm_queue,
+        ignore_result=True,
     )
 
 
@@ -395,13 +486,64 @@ def _retry_or_dead_letter(
 ) -> None:
     """Republish with exponential backoff, or dead-letter once the retries are spent."""
     if attempt >= runtime.settings.task_max_retries:
-        ledger.dead_letter(kwargs, f"gave up after {attempt + 1} attempts: {reason}")
-        message = kwargs.get("message") or (kwargs.get("work") or {}).get("message") or {}
-        if isinstance(message, dict) and isinstance(message.get("id"), str):
-            ledger.forget(message["id"])
+        given_up = f"gave up after {attempt + 1} attempts: {reason}"
+        if _dead_letter_or_republish(
+            app, ledger, kwargs, given_up, name, None, attempt, queue=queue
+        ):
+            message = kwargs.get("message") or (kwargs.get("work") or {}).get("message") or {}
+            if isinstance(message, dict) and isinstance(message.get("id"), str):
+                _forget(ledger, message["id"])
         return
     countdown = min(_MAX_BACKOFF_S, 2**attempt)
-    app.send_task(name, kwargs={**kwargs, "attempt": attempt + 1}, countdown=countdown, queue=queue)
+    app.send_task(
+        name,
+        kwargs={**kwargs, "attempt": attempt + 1},
+        countdown=countdown,
+        queue=queue,
+        ignore_result=True,
+    )
+
+
+def _dead_letter_or_republish(
+    app: Celery,
+    ledger: DecisionLedger,
+    payload: Any,
+    reason: str,
+    name: str,
+    argument: str | None,
+    attempt: int,
+    *,
+    queue: str,
+) -> bool:
+    """Dead-letter ``payload``; True when written.
+
+    While the dead-letter list cannot be written (Redis down), the task is published again
+    with backoff instead, its payload under keyword ``argument`` (``None``: ``payload`` is the
+    task's keyword arguments), so it is not acknowledged away: it comes back, and either
+    succeeds or is dead-lettered once Redis answers.
+    """
+    try:
+        ledger.dead_letter(payload, reason)
+    except TransientError as exc:
+        log.warning("dead_letter.unavailable", task=name, attempt=attempt, error=str(exc))
+        kwargs = {argument: payload} if argument is not None else dict(payload)
+        app.send_task(
+            name,
+            kwargs={**kwargs, "attempt": attempt + 1},
+            countdown=min(_MAX_BACKOFF_S, 2**attempt),
+            queue=queue,
+            ignore_result=True,
+        )
+        return False
+    return True
+
+
+def _forget(ledger: DecisionLedger, message_id: str) -> None:
+    """Stop tracking a dead-lettered message; if Redis is down the sweep may resend it later."""
+    try:
+        ledger.forget(message_id)
+    except TransientError as exc:
+        log.warning("forget.failed", message_id=message_id, error=str(exc))
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -439,7 +581,10 @@ class OverdueSweep:
         for message_id, payload in overdue:
             log.warning("message.republished", message_id=message_id)
             self.app.send_task(
-                CLASSIFY_TASK, kwargs=json.loads(payload), queue=self.runtime.settings.bert_queue
+                CLASSIFY_TASK,
+                kwargs=json.loads(payload),
+                queue=self.runtime.settings.bert_queue,
+                ignore_result=True,
             )
         return len(overdue)
 

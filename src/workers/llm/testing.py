@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -80,10 +80,15 @@ Step = Respond | RespondRaw | Fail | Stall | Refuse
 
 @dataclass(frozen=True)
 class ReceivedRequest:
-    """One request the server received: its path and its JSON body."""
+    """One request the server received: its path, its JSON body, and when it arrived.
+
+    ``at`` is the arrival time (``time.time()``), so a test can tell which calls were in flight
+    at a given moment, or count calls per minute.
+    """
 
     path: str
     body: dict[str, Any]
+    at: float = field(default_factory=time.time)
 
 
 def schema_of(body: dict[str, Any]) -> dict[str, Any]:
@@ -180,10 +185,11 @@ class FakeLLMServer:
 
     ``script(*steps)`` queues steps (:class:`Respond`, :class:`RespondRaw`, :class:`Fail`,
     :class:`Stall`, :class:`Refuse`), used one per request in arrival order, whatever the
-    path; then ``answerer`` decides. ``latency_s`` delays every answer. ``calls`` counts
-    requests (``calls_by_path`` per path) and ``requests`` keeps their bodies; all three are
-    safe to read while requests are served. Start and stop it as a context manager or with
-    :meth:`start` and :meth:`stop`.
+    path; then ``answerer`` decides. ``set_outage(step)`` answers every request with one
+    failure until it is lifted. ``latency_s`` delays every answer. ``calls`` counts requests
+    (``calls_by_path`` per path, ``statuses`` per response status) and ``requests`` keeps
+    their bodies and arrival times; all are safe to read while requests are served. Start and
+    stop it as a context manager or with :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, answerer: Answerer = first_label_answer, *, latency_s: float = 0.0) -> None:
@@ -191,7 +197,9 @@ class FakeLLMServer:
         self.latency_s = latency_s
         self._lock = threading.Lock()
         self._steps: deque[Step] = deque()
+        self._outage: Fail | Stall | None = None
         self._requests: list[ReceivedRequest] = []
+        self._statuses: Counter[int] = Counter()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._server = _LocalHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -252,6 +260,21 @@ class FakeLLMServer:
         with self._lock:
             self._steps.extend(steps)
 
+    def set_outage(self, step: Fail | Stall | None) -> None:
+        """Answer every request with ``step`` from now on, ahead of the script; ``None`` ends it.
+
+        A provider down for a while (5xx, a 429 storm, timeouts) rather than for a number of
+        calls. Requests are still counted.
+        """
+        with self._lock:
+            self._outage = step
+
+    @property
+    def statuses(self) -> dict[int, int]:
+        """Responses sent so far, per HTTP status (a stalled answer counts when it is sent)."""
+        with self._lock:
+            return dict(self._statuses)
+
     @property
     def calls(self) -> int:
         """Requests received so far, on any path."""
@@ -275,7 +298,13 @@ class FakeLLMServer:
     def _next_step(self, path: str, body: dict[str, Any]) -> Step | None:
         with self._lock:
             self._requests.append(ReceivedRequest(path=path, body=body))
+            if self._outage is not None:
+                return self._outage
             return self._steps.popleft() if self._steps else None
+
+    def _count_status(self, status: int) -> None:
+        with self._lock:
+            self._statuses[status] += 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -311,6 +340,7 @@ class FakeLLMServer:
             headers = {}
             if step.retry_after is not None:
                 headers["Retry-After"] = f"{step.retry_after:g}"
+            self._count_status(step.status_code)
             self._send(
                 handler, step.status_code, _error_body(step.status_code, openai=openai), headers
             )
@@ -323,6 +353,7 @@ class FakeLLMServer:
             if openai
             else _anthropic_response(step, body, number)
         )
+        self._count_status(HTTPStatus.OK)
         self._send(handler, HTTPStatus.OK, payload)
 
     @staticmethod

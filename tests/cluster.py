@@ -1,0 +1,287 @@
+"""Real tiergate deployments on this machine, for the integration and reliability suites.
+
+A :class:`ClusterFactory` makes :class:`Cluster` objects: settings and an environment with
+their own queues, key prefix and decisions stream (so tests never see each other's messages),
+over a real broker (Redis database 1 or RabbitMQ) and real Redis, with Celery BERT and LLM
+workers started as subprocesses (``python -m gateway worker --queue bert|llm``). The LLM
+provider is the local fake server, reached by the workers over HTTP through the OpenAI SDK.
+Both suites' conftests build their fixtures on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kombu
+import redis
+
+from policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
+from workers.llm.testing import FakeLLMServer
+from workers.schemas import Decision
+from workers.settings import Settings
+
+BROKERS = {
+    "redis": "redis://127.0.0.1:6379/1",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
+
+
+def default_test_policy(min_probability: float = 0.9) -> PolicySpec:
+    """The shipped Rotten Tomatoes policy with a 0.9 threshold (a third go to the LLM)."""
+    return example_policy("rotten-tomatoes").with_escalation(
+        Escalation(min_probability=min_probability), version="itest"
+    )
+
+
+def positive_answer(_body: dict[str, Any]) -> dict[str, Any]:
+    """The fake LLM's answer in these suites: always ``positive``."""
+    return {"label": "positive"}
+
+
+@dataclass
+class Cluster:
+    """A tiergate deployment on this machine: settings, environment and worker processes."""
+
+    settings: Settings
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self, queue: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
+        """Start ``tiergate worker --queue <queue>`` in its own process group."""
+        command = [sys.executable, "-m", "gateway", "worker", "--queue", queue]
+        command += ["--concurrency", str(concurrency)]
+        with (self.logs / f"{queue}-{len(self.processes)}.log").open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker and every process it forked."""
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        """Stop every worker still running."""
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    def log_text(self) -> str:
+        """Everything the workers wrote, for failure messages."""
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs.glob("*.log"))
+
+    def log_events(self, event: str) -> int:
+        """How many times the workers logged ``event`` (structlog's JSON lines)."""
+        needle = f'"event": "{event}"'
+        return sum(p.read_text(errors="replace").count(needle) for p in self.logs.glob("*.log"))
+
+
+def process_tree_rss_kib(pid: int) -> int:
+    """Resident memory (``VmRSS``, KiB) of a process and all its descendants; 0 once gone."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name (2nd field) may hold spaces; the parent id follows its ')'.
+            after_name = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(after_name[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+class ClusterFactory:
+    """Makes clusters over one trained model and one fake LLM; :meth:`close` tears them down.
+
+    Teardown stops every worker, deletes the clusters' RabbitMQ queues and every key under
+    their prefixes in the shared Redis (databases 0 and 1).
+    """
+
+    def __init__(self, model_dir: Path, tmp_path: Path, fake_llm: FakeLLMServer) -> None:
+        self.model_dir = model_dir
+        self.tmp_path = tmp_path
+        self.fake_llm = fake_llm
+        self.made: list[Cluster] = []
+
+    def make(
+        self, broker: str = "redis", *, policy: PolicySpec | None = None, **overrides: str
+    ) -> Cluster:
+        """A cluster over ``broker`` (``redis`` or ``rabbitmq``); ``overrides`` are env vars.
+
+        The policy is ``policy``, by default the shipped Rotten Tomatoes one with a 0.9
+        threshold, so that about a third of the messages go to the LLM.
+        """
+        name = f"itest-{uuid.uuid4().hex[:12]}"
+        if policy is None:
+            policy = default_test_policy()
+        policy_file = self.tmp_path / f"{name}.yaml"
+        policy_file.write_text(policy.to_yaml())
+        values = {
+            "TIERGATE_BROKER_URL": BROKERS[broker],
+            "TIERGATE_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "TIERGATE_CACHE_PREFIX": name,
+            "TIERGATE_BERT_QUEUE": f"{name}.bert",
+            "TIERGATE_LLM_QUEUE": f"{name}.llm",
+            "TIERGATE_DECISIONS_STREAM": f"{name}:decisions",
+            "TIERGATE_MODEL_DIR": str(self.model_dir),
+            "TIERGATE_DATA_DIR": str(self.tmp_path / "data"),
+            "TIERGATE_POLICY_FILES": f'["{policy_file}"]',
+            "TIERGATE_OPENAI_API_KEY": "test-key",
+            "TIERGATE_OPENAI_BASE_URL": self.fake_llm.openai_base_url,
+            "TIERGATE_LLM_MAX_RETRIES": "0",
+            "TIERGATE_VISIBILITY_TIMEOUT_S": "10",
+            "TIERGATE_REDELIVER_AFTER_S": "15",
+            "TIERGATE_BERT_FLUSH_EVERY": "16",
+            "TIERGATE_LOG_LEVEL": "WARNING",
+            **overrides,
+        }
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("TIERGATE_") and not k.endswith("_API_KEY")
+        }
+        env.update(values)
+        fields: dict[str, Any] = {k.removeprefix("TIERGATE_").lower(): v for k, v in values.items()}
+        fields["policy_files"] = [Path(p) for p in json.loads(values["TIERGATE_POLICY_FILES"])]
+        settings = Settings(**fields)
+        logs = self.tmp_path / f"{name}-logs"
+        logs.mkdir()
+        cluster = Cluster(settings=settings, env=env, logs=logs)
+        self.made.append(cluster)
+        return cluster
+
+    def close(self) -> None:
+        """Stop every cluster's workers and delete its queues and keys."""
+        for cluster in self.made:
+            cluster.stop_all()
+            if cluster.settings.broker_url and cluster.settings.broker_url.startswith("amqp"):
+                with kombu.Connection(cluster.settings.broker_url) as connection:
+                    channel = connection.channel()
+                    for queue in (cluster.settings.bert_queue, cluster.settings.llm_queue):
+                        with contextlib.suppress(Exception):
+                            channel.queue_delete(queue)
+            prefix = cluster.settings.cache_prefix
+            for db in (0, 1):
+                scoped = redis.Redis(host="127.0.0.1", port=6379, db=db)
+                keys = list(scoped.scan_iter(match=f"{prefix}*"))
+                if keys:
+                    scoped.delete(*keys)
+                scoped.close()
+
+
+class StreamTail:
+    """Reads a decisions stream continuously in a background thread, as a consumer would.
+
+    ``XREAD`` from the last entry id seen, so every entry is read once, with the time it was
+    read. Redis going away is survived: errors are counted, and reading resumes from the last
+    id once Redis answers again (a Redis restarted without persistence starts an empty stream,
+    and its new ids are later than any seen before, so nothing new is skipped).
+    """
+
+    def __init__(self, redis_url: str, stream: str) -> None:
+        self.redis_url = redis_url
+        self.stream = stream
+        self.errors = 0
+        self.last_id = "0"
+        self._entries: list[tuple[str, float, Decision]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-tail", daemon=True)
+
+    def __enter__(self) -> StreamTail:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        while not self._stop.is_set():
+            try:
+                batches: Any = client.xread({self.stream: self.last_id}, count=1000, block=500)
+            except redis.RedisError:
+                self.errors += 1
+                self._stop.wait(0.2)
+                continue
+            now = time.monotonic()
+            read = []
+            last = self.last_id
+            for _, items in batches or []:
+                for entry_id, fields in items:
+                    last = entry_id.decode()
+                    decision = Decision.model_validate_json(fields[b"decision"])
+                    read.append((fields[b"id"].decode(), now, decision))
+            with self._lock:
+                self._entries += read
+                self.last_id = last
+        client.close()
+
+    def entries(self) -> list[tuple[str, float, Decision]]:
+        """``(message id, monotonic time read, decision)`` of every entry read so far."""
+        with self._lock:
+            return list(self._entries)
+
+    def ids(self) -> list[str]:
+        """The message ids read so far, in stream order (repeats included)."""
+        with self._lock:
+            return [message_id for message_id, _, _ in self._entries]
+
+    def wait_for(self, ids: Collection[str], timeout_s: float) -> set[str]:
+        """Wait until every id in ``ids`` was read or ``timeout_s`` passed; the ids missing."""
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = wanted - set(self.ids())
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, cluster: Cluster, what: str
+) -> float:
+    """Poll ``condition`` until it holds; seconds it took. Fails naming ``what``, with the logs."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}\n{cluster.log_text()}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def unlimited_policy(min_probability: float = 0.9) -> PolicySpec:
+    """The test policy with no LLM budget, so that every routed message is put to the LLM."""
+    return default_test_policy(min_probability).model_copy(update={"budget": BudgetSpec()})

@@ -1,0 +1,178 @@
+"""Fixtures of the reliability suite: clusters, a private Redis, held-out texts, figures.
+
+Every test here runs real worker processes over real Redis and RabbitMQ (the LLM API is the
+only fake) and records the figures it measured with the ``figures`` fixture. They are printed
+in pytest's terminal summary, under "reliability figures", and written as JSON to
+``reliability-figures.json`` in pytest's base temporary directory (outside the repository; the
+summary prints the path).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cluster import Cluster, ClusterFactory, positive_answer
+from workers.bert.default_model import load_default_splits
+from workers.llm.testing import FakeLLMServer
+
+FIGURES_FILE = "reliability-figures.json"
+
+# Figures of every test that ran in this session, by test id, in the order they ran.
+_figures: dict[str, dict[str, Any]] = {}
+_written_to: list[Path] = []
+
+
+class Figures:
+    """The named figures one test reports; floats are rounded to three decimals."""
+
+    def __init__(self, store: dict[str, Any]) -> None:
+        self._store = store
+
+    def record(self, **values: Any) -> None:
+        """Record figures by name (a later value of the same name replaces the earlier one)."""
+        for name, value in values.items():
+            self._store[name] = round(value, 3) if isinstance(value, float) else value
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Where a test records its figures; written out after the test, even when it fails."""
+    store: dict[str, Any] = {}
+    _figures[request.node.nodeid] = store
+    yield Figures(store)
+    path = tmp_path_factory.getbasetemp() / FIGURES_FILE
+    path.write_text(json.dumps(_figures, indent=2) + "\n")
+    if not _written_to:
+        _written_to.append(path)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print every reliability test's figures after the run."""
+    if not _figures:
+        return
+    terminalreporter.section("reliability figures")
+    for test, values in _figures.items():
+        terminalreporter.write_line(test)
+        for name, value in values.items():
+            terminalreporter.write_line(f"    {name:<34} {value}")
+    if _written_to:
+        terminalreporter.write_line(f"(also written to {_written_to[0]})")
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeLLMServer]:
+    """The fake LLM provider, answering 'positive' unless a test scripts otherwise."""
+    with FakeLLMServer(positive_answer) as server:
+        yield server
+
+
+@pytest.fixture
+def make_cluster(
+    trained_model, tmp_path: Path, fake_llm: FakeLLMServer
+) -> Iterator[Callable[..., Cluster]]:
+    """A factory of clusters over a broker, torn down (workers and keys) after the test."""
+    factory = ClusterFactory(trained_model.directory, tmp_path, fake_llm)
+    yield factory.make
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def snippets() -> list[str]:
+    """Distinct real Rotten Tomatoes snippets in a fixed order: the held-out test split first.
+
+    The test split (about 2,300 snippets) was never trained on; validation and train follow.
+    Each split is shuffled with a fixed seed, since the files group snippets by label (the
+    model is sure of synopses and unsure of many opinions, so the share sent to the LLM would
+    otherwise drift along the sequence).
+    """
+    splits = load_default_splits()
+    seen: dict[str, None] = {}
+    for number, split in enumerate((splits.test, splits.validation, splits.train)):
+        texts = [" ".join(example.text.split()) for example in split]
+        random.Random(number).shuffle(texts)
+        for text in texts:
+            if text:
+                seen.setdefault(text, None)
+    return list(seen)
+
+
+class RedisServer:
+    """A ``redis-server`` of this test's own, on a free port, without persistence.
+
+    It can be shut down (``SHUTDOWN NOSAVE``) and started again on the same port, so a test
+    can take Redis away from a cluster without touching the shared Redis on 6379.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """The URL of database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client with short timeouts and no retries of its own."""
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        with (self.directory / f"redis-{self.starts}.log").open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as probe:
+                    probe.ping()
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            else:
+                return
+
+    def shutdown(self) -> None:
+        """``SHUTDOWN NOSAVE``: everything in memory is gone; wait for the process to exit."""
+        with self.client() as admin:
+            admin.shutdown(nosave=True)
+        if self.process is not None:
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self) -> None:
+        """Kill the server if it runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own (started), stopped after the test."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
