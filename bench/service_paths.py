@@ -24,15 +24,18 @@ b. **Celery with the Redis broker** (``redis://127.0.0.1:6379/1``): ONE ``tierga
    (``queue_efficiency_tuned``).
 c. **HTTP**: ``tiergate serve`` as a subprocess in embedded mode (no broker: the gateway runs
    the cascade in-process and micro-batches concurrent requests; decision cache and ledger in
-   Redis under the run's prefix, as in (a)). First 16 closed-loop clients (threads, each with a
-   keep-alive ``httpx`` client) POST one message at a time to ``/v1/classify`` as fast as they
-   can: the maximum throughput and its p50/p99. Then, on a fresh server, an open loop at HALF
-   that throughput for about 20 s: requests start on a seeded Poisson schedule whatever the
-   server does, sent by a pool of 32 client threads, and a request's latency runs from its
-   scheduled start (so a client that falls behind counts against the gateway, not in its
-   favour) to the response. The target is p99 <= 50 ms there. Both runs are then repeated
-   in distributed mode (``--no-http-distributed`` skips them): ``tiergate serve`` with the
-   Redis broker in front of the workers of (b), fresh ones per run; the gateway runs no model.
+   Redis under the run's prefix, as in (a)). First 16 closed-loop clients (each its own
+   keep-alive connection, all driven by one asyncio event loop with ``httpx.AsyncClient``) POST
+   one message at a time to ``/v1/classify`` as fast as they can: the maximum throughput and
+   its p50/p99. Then, on a fresh server, an open loop at HALF that throughput for about 20 s:
+   requests start on a seeded Poisson schedule whatever the server does, at most 32 in flight
+   (32 keep-alive connections), and a request's latency runs from its scheduled start (so a
+   client that falls behind counts against the gateway, not in its favour) to the response.
+   The open loop runs three times (``--half-load-runs``), each on a fresh gateway, and the run
+   with the median p99 is reported with every run's p99; the target is that median p99 <= 50
+   ms. Both runs are then repeated in distributed mode
+   (``--no-http-distributed`` skips them): ``tiergate serve`` with the Redis broker in front
+   of the workers of (b), fresh ones per run; the gateway runs no model.
    The batches run behind the gateway are reported too (from its ``/metrics`` in embedded
    mode, from the workers' ledger in distributed mode).
 
@@ -70,12 +73,12 @@ Run ``tiergate model build-default`` first; ``make bench-gateway`` does both.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import gc
 import json
 import os
-import queue
 import random
 import shlex
 import signal
@@ -206,10 +209,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--clients", type=int, default=16, help="closed-loop HTTP clients in (c) (16)"
     )
     parser.add_argument(
-        "--open-loop-workers", type=int, default=32, help="client threads of the open loop (32)"
+        "--open-loop-workers", type=int, default=32, help="connections of the open loop (32)"
     )
     parser.add_argument(
         "--open-loop-s", type=float, default=20.0, help="length of the open-loop run (20 s)"
+    )
+    parser.add_argument(
+        "--half-load-runs",
+        type=int,
+        default=3,
+        help="open-loop runs at half load, each on a fresh gateway; the median p99 is judged (3)",
     )
     parser.add_argument("--seed", type=int, default=13, help="seed of the Poisson arrivals (13)")
     parser.add_argument(
@@ -222,6 +231,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for option in ("messages", "batch_size", "bert_concurrency", "flush_every", "clients"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    if args.half_load_runs < 1:
+        parser.error("--half-load-runs must be at least 1")
     if args.open_loop_workers < 1 or args.open_loop_s <= 0 or args.flush_interval_s <= 0:
         parser.error("--open-loop-workers, --open-loop-s and --flush-interval-s must be positive")
     return args
@@ -657,10 +668,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def classify_one(http: httpx.Client, message: Message) -> dict[str, Any] | str:
+async def classify_one(http: httpx.AsyncClient, message: Message) -> dict[str, Any] | str:
     """POST one message to /v1/classify: its decision, or a short description of the error."""
     try:
-        response = http.post("/v1/classify", json={"id": message.id, "text": message.text})
+        response = await http.post("/v1/classify", json={"id": message.id, "text": message.text})
     except httpx.HTTPError as exc:
         return type(exc).__name__
     if response.status_code != 200:
@@ -669,37 +680,47 @@ def classify_one(http: httpx.Client, message: Message) -> dict[str, Any] | str:
     return decision
 
 
+def _client_pool(base_url: str, connections: int) -> httpx.AsyncClient:
+    """One asyncio HTTP client with ``connections`` keep-alive connections.
+
+    The load generator is one event loop, not one thread per client: on the two cores it
+    shares with the gateway, threads contending for the interpreter lock added their waits to
+    every measured latency.
+    """
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base_url, timeout=HTTP_TIMEOUT_S, limits=limits)
+
+
+async def _open_connections(http: httpx.AsyncClient, connections: int) -> None:
+    """Open the keep-alive connections before the clock starts."""
+    await asyncio.gather(*(http.get("/healthz") for _ in range(connections)))
+
+
 def closed_loop(base_url: str, messages: Sequence[Message], clients: int) -> HttpRun:
-    """``clients`` threads, each sending its next message as soon as the last is answered."""
+    """``clients`` concurrent clients, each sending its next message once the last is answered."""
     run = HttpRun()
-    cursor = iter(range(len(messages)))
-    take = threading.Lock()
-    ready = threading.Barrier(clients + 1)
-    finished: list[float] = []
 
-    def client_loop() -> None:
-        with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
-            http.get("/healthz")  # open the keep-alive connection before the clock starts
-            ready.wait()
-            while True:
-                with take:
-                    index = next(cursor, None)
-                if index is None:
-                    break
-                sent = time.perf_counter()
-                outcome = classify_one(http, messages[index])
-                took = time.perf_counter() - sent
-                run.record(outcome, took, took)
-            finished.append(time.perf_counter())
+    async def main() -> None:
+        cursor = iter(range(len(messages)))
+        async with _client_pool(base_url, clients) as http:
+            await _open_connections(http, clients)
+            started = time.perf_counter()
+            finished: list[float] = []
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join(RUN_TIMEOUT_S)
-    run.wall_s = max(finished, default=started) - started
+            async def client_loop() -> None:
+                while (index := next(cursor, None)) is not None:
+                    sent = time.perf_counter()
+                    outcome = await classify_one(http, messages[index])
+                    took = time.perf_counter() - sent
+                    run.record(outcome, took, took)
+                finished.append(time.perf_counter())
+
+            await asyncio.wait_for(
+                asyncio.gather(*(client_loop() for _ in range(clients))), RUN_TIMEOUT_S
+            )
+            run.wall_s = max(finished, default=started) - started
+
+    asyncio.run(main())
     return run
 
 
@@ -708,8 +729,8 @@ def open_loop(
 ) -> HttpRun:
     """Requests started on a seeded Poisson schedule at ``rate`` per second, whatever happens.
 
-    A pool of ``workers`` client threads sends them; a request's latency runs from its
-    scheduled start, so time spent waiting for a free client thread counts too.
+    At most ``workers`` requests are in flight (one keep-alive connection each); a request's
+    latency runs from its scheduled start, so time spent waiting for a free connection counts.
     """
     run = HttpRun()
     rng = random.Random(seed)
@@ -718,36 +739,33 @@ def open_loop(
     for _ in messages:
         at += rng.expovariate(rate)
         offsets.append(at)
-    work: queue.Queue[tuple[int, float] | None] = queue.Queue()
-    ready = threading.Barrier(workers + 1)
-    finished: list[float] = []
 
-    def client_loop() -> None:
-        with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S) as http:
-            http.get("/healthz")
-            ready.wait()
-            while (item := work.get()) is not None:
-                index, due = item
-                sent = time.perf_counter()
-                outcome = classify_one(http, messages[index])
+    async def main() -> None:
+        async with _client_pool(base_url, workers) as http:
+            await _open_connections(http, workers)
+            slots = asyncio.Semaphore(workers)
+            finished: list[float] = []
+
+            async def one(index: int, due: float) -> None:
+                async with slots:
+                    sent = time.perf_counter()
+                    outcome = await classify_one(http, messages[index])
                 done = time.perf_counter()
                 run.record(outcome, done - due, done - sent)
-            finished.append(time.perf_counter())
+                finished.append(done)
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    started = time.perf_counter()
-    for index, offset in enumerate(offsets):
-        due = started + offset
-        time.sleep(max(0.0, due - time.perf_counter()))
-        work.put((index, due))
-    for _ in threads:
-        work.put(None)
-    for thread in threads:
-        thread.join(RUN_TIMEOUT_S)
-    run.wall_s = max(finished, default=started) - started
+            started = time.perf_counter()
+            requests = []
+            for index, offset in enumerate(offsets):
+                due = started + offset
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                requests.append(asyncio.create_task(one(index, due)))
+            await asyncio.wait_for(asyncio.gather(*requests), RUN_TIMEOUT_S)
+            run.wall_s = max(finished, default=started) - started
+
+    asyncio.run(main())
     return run
 
 
@@ -878,25 +896,35 @@ def through_http(
         run = closed_loop(running.base_url, messages, args.clients)
         maximum = http_summary(run, len(messages))
         maximum["batch_sizes"] = batch_summary(before, running.batches(), running.full_batch)
-    maximum["load"] = f"closed loop: {args.clients} client threads, one message per request"
+    maximum["load"] = f"closed loop: {args.clients} clients (connections), one message per request"
     note(f"(c) {mode} max: {maximum['msgs_per_s']:.0f} msg/s, p99 {maximum['p99_ms']:.1f} ms")
 
     rate = maximum["msgs_per_s"] / 2
     count = min(len(texts.texts), max(1, round(rate * args.open_loop_s)))
-    prefix = new_prefix(prefixes, f"http-{mode}-half")
-    with gateway(model_dir, data_dir, prefix, args) as running:
-        closed_loop(running.base_url, messages_for(texts.warm_up, f"{prefix}-warm"), args.clients)
-        before = running.batches()
-        messages = messages_for(texts.texts[:count], prefix)
-        run = open_loop(running.base_url, messages, rate, args.open_loop_workers, args.seed)
-        half = http_summary(run, count)
-        half["batch_sizes"] = batch_summary(before, running.batches(), running.full_batch)
+    runs: list[tuple[dict[str, Any], HttpRun]] = []
+    for attempt in range(args.half_load_runs):
+        prefix = new_prefix(prefixes, f"http-{mode}-half-{attempt}")
+        with gateway(model_dir, data_dir, prefix, args) as running:
+            warm = messages_for(texts.warm_up, f"{prefix}-warm")
+            closed_loop(running.base_url, warm, args.clients)
+            before = running.batches()
+            messages = messages_for(texts.texts[:count], prefix)
+            run = open_loop(running.base_url, messages, rate, args.open_loop_workers, args.seed)
+            summary = http_summary(run, count)
+            summary["batch_sizes"] = batch_summary(before, running.batches(), running.full_batch)
+        note(f"(c) {mode} half, run {attempt + 1}: p99 {summary['p99_ms']:.1f} ms")
+        runs.append((summary, run))
+    # The run with the median p99 stands for all of them; every run's p99 is kept.
+    runs.sort(key=lambda pair: pair[0]["p99_ms"])
+    half, run = runs[len(runs) // 2]
+    half["p99_ms_per_run"] = sorted(summary["p99_ms"] for summary, _ in runs)
+    half["runs"] = len(runs)
     half["offered_msgs_per_s"] = round(rate, 1)
     half["service"] = percentiles_ms(run.service_s)
     half["load"] = (
         f"open loop: seeded Poisson arrivals (seed {args.seed}) at half the closed-loop maximum, "
-        f"{args.open_loop_workers} client threads, the first {count} messages; latency from "
-        "each request's scheduled start ('service': from when a client thread sent it)"
+        f"at most {args.open_loop_workers} in flight, the first {count} messages; latency from "
+        "each request's scheduled start ('service': from when it was sent)"
     )
     half["latency_of"] = "BERT-answered messages (all of them: no LLM provider is configured)"
     note(f"(c) {mode} half: {half['msgs_per_s']:.0f} msg/s, p99 {half['p99_ms']:.1f} ms")
@@ -1052,8 +1080,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "http_modes": {
             "http_max, http_half": "embedded: tiergate serve without a broker, the cascade in "
             "the gateway process (micro-batching concurrent requests, at most "
-            f"{settings.batch_size} messages a batch, {settings.gateway_batch_window_ms} ms "
-            "window); decision cache and ledger in Redis",
+            f"{settings.batch_size} messages a batch, {settings.gateway_batches_in_flight} "
+            "batches in flight taking turns at one ONNX session in steps of at most "
+            f"{settings.gateway_step_tokens} tokens, the least work left first); decision cache "
+            "and ledger in Redis",
             "http_distributed_max, http_distributed_half": "distributed: tiergate serve with the "
             "Redis broker in front of the same workers as part b (fresh ones per run); the "
             "gateway runs no model"
@@ -1083,10 +1113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "in_process_intra_op_threads": baseline["intra_op_threads"],
             "embedded_gateway_intra_op_threads": os.cpu_count(),
             "gateway_batch_window_ms": settings.gateway_batch_window_ms,
+            "gateway_batches_in_flight": settings.gateway_batches_in_flight,
+            "gateway_step_tokens": settings.gateway_step_tokens,
             "gateway_max_batch": settings.batch_size,
             "http_clients": args.clients,
             "open_loop_workers": args.open_loop_workers,
             "open_loop_s": args.open_loop_s,
+            "half_load_runs": args.half_load_runs,
             "broker": BROKER_URL,
             "redis": REDIS_URL,
         },

@@ -63,6 +63,7 @@ from workers.budget import BudgetLedger
 from workers.cascade import Cascade, LLMWork, PolicyBook
 from workers.delivery import DecisionLedger
 from workers.errors import InputError, ModelError, TransientError, UnknownPolicyError
+from workers.logs import configure_logging
 from workers.schemas import Decision, Message
 from workers.settings import Settings
 
@@ -339,7 +340,7 @@ class _EmbeddedBackend:
         # its share of the cores (see _build_embedded_cascade). The LLM step waits on the
         # network, so it runs beside them, outside the batcher.
         self.batcher: MicroBatcher[Decision | LLMWork] = MicroBatcher(
-            cascade.first_pass,
+            self._first_pass,
             window_ms=settings.gateway_batch_window_ms,
             max_batch=settings.batch_size,
             concurrency=settings.gateway_batches_in_flight,
@@ -347,6 +348,7 @@ class _EmbeddedBackend:
         )
         self.model_ready = False
         self._pending: dict[str, int] = {}
+        self._submitted: dict[str, float] = {}  # message id -> when its request came in
         self._background: set[asyncio.Task[Any]] = set()
         self._redis: redis.Redis | None = None
 
@@ -406,36 +408,62 @@ class _EmbeddedBackend:
 
     # -------------------------------------------------------------------------- internals
 
-    def _finish(self, first: list[Decision | LLMWork], started: float) -> list[Decision]:
-        """The LLM step for what the BERT step handed on (in a worker thread), then delivery.
+    def _first_pass(self, messages: list[Message]) -> list[Decision | LLMWork]:
+        """The BERT step for a micro-batch (in its worker thread), delivering what it decided.
 
-        ``total`` in each decision's timings is the time since the request was submitted.
+        Decisions the LLM has no part in are finished here, in the batch's own thread, so a
+        BERT-answered request costs no second thread hop. ``total`` in each decision's
+        timings is the time since its request was submitted.
         """
+        first = self.cascade.first_pass(messages)
+        now = time.perf_counter()
+        out: list[Decision | LLMWork] = []
+        for message, item in zip(messages, first, strict=True):
+            if isinstance(item, LLMWork):
+                out.append(item)
+            else:
+                out.append(self._finished(item, self._submitted.get(message.id, now), now))
+        self._deliver([item for item in out if not isinstance(item, LLMWork)])
+        return out
+
+    def _answer_llm(self, first: list[Decision | LLMWork], started: float) -> list[Decision]:
+        """The LLM step for what the BERT step handed on (in a worker thread), then delivery."""
         work = [item for item in first if isinstance(item, LLMWork)]
-        answered = iter(self.cascade.answer_many(work))
-        total = round((time.perf_counter() - started) * 1000.0, 3)
-        finished = [next(answered) if isinstance(item, LLMWork) else item for item in first]
-        decisions = [
-            d.model_copy(update={"timings_ms": {**d.timings_ms, "total": total}}) for d in finished
-        ]
+        answered = self.cascade.answer_many(work)
+        now = time.perf_counter()
+        finished = [self._finished(d, started, now) for d in answered]
+        self._deliver(finished)
+        llm_answers = iter(finished)
+        return [next(llm_answers) if isinstance(item, LLMWork) else item for item in first]
+
+    @staticmethod
+    def _finished(decision: Decision, started: float, now: float) -> Decision:
+        total = round((now - started) * 1000.0, 3)
+        return decision.model_copy(update={"timings_ms": {**decision.timings_ms, "total": total}})
+
+    def _deliver(self, decisions: list[Decision]) -> None:
         for decision in decisions:
             self.ledger.deliver(decision)
         self.metrics.observe_decisions(decisions)
-        return decisions
 
     async def _answer(self, messages: list[Message]) -> list[Decision]:
         ids = [m.id for m in messages]
+        started = time.perf_counter()
         for message_id in ids:
             self._pending[message_id] = self._pending.get(message_id, 0) + 1
+            self._submitted.setdefault(message_id, started)
         try:
-            started = time.perf_counter()
             first = await self.batcher.submit(messages)
-            return await anyio.to_thread.run_sync(self._finish, first, started)
+            if not any(isinstance(item, LLMWork) for item in first):
+                return [item for item in first if not isinstance(item, LLMWork)]
+            return await anyio.to_thread.run_sync(self._answer_llm, first, started)
         finally:
             for message_id in ids:
                 left = self._pending.pop(message_id, 1) - 1
                 if left > 0:
                     self._pending[message_id] = left
+                else:
+                    self._submitted.pop(message_id, None)
 
     def _spawn(self, work: Any) -> asyncio.Task[Any]:
         # The loop keeps only weak references to tasks; this set keeps them alive.
@@ -644,6 +672,7 @@ def app_from_environment() -> FastAPI:
     gives one app per uvicorn worker process).
     """
     settings = Settings()
+    configure_logging(settings.log_level)  # a uvicorn worker process starts with none
     client: Dispatcher | None = None
     if settings.broker_url:
         from gateway.client import TiergateClient  # noqa: PLC0415 -- distributed mode only

@@ -82,6 +82,8 @@ def _configure(
         configure_logging(log_level)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from None
+    # Processes this command starts (`serve --workers N`) configure their logs from it.
+    os.environ["TIERGATE_LOG_LEVEL"] = log_level
 
 
 USAGE_ERROR = 2
