@@ -10,7 +10,8 @@ the model) and reads decisions from the delivery ledger in Redis::
     for decision in client.stream(group="billing-consumers", consumer="worker-1"):
         ...  # every decision, once per consumer group, acknowledged after the loop body
 
-Waiting blocks on a per-id reply list in Redis (``BLPOP``), so nothing polls.
+Waiting blocks on a per-id reply list in Redis (``BLPOP``), so nothing polls. The stream
+reconnects, with backoff, when Redis restarts, and recreates a consumer group the restart lost.
 """
 
 from __future__ import annotations
@@ -104,37 +105,73 @@ class TiergateClient:
         *,
         group: str,
         consumer: str | None = None,
-        block_ms: int = 5000,
+        block_ms: int = 2000,
         count: int = 100,
         start: str = "0",
         stop_after_idle: bool = False,
+        reconnect_timeout_s: float = 60.0,
     ) -> Iterator[Decision]:
         """Every decision on the decisions stream, once per consumer ``group``.
 
         Creates the group (reading from ``start``: ``"0"`` for the whole stream, ``"$"`` for
         new entries) if needed. An entry is acknowledged after the caller's loop body for it
         returns, so a consumer that crashes gets its unacknowledged entries again. With
-        ``stop_after_idle`` the iterator ends when nothing arrives within ``block_ms``.
+        ``stop_after_idle`` the iterator ends when nothing arrives within ``block_ms`` (keep it
+        below the Redis client's socket timeout, 5 s by default, or an idle wait times out).
+
+        A Redis restart does not end the iterator. Connection errors and timeouts are retried
+        with exponential backoff (0.1 s doubling to at most 5 s) and raised once Redis has been
+        unreachable for ``reconnect_timeout_s``; after reconnecting, this consumer's own
+        unacknowledged entries are read first (one whose acknowledgement was lost comes again).
+        A group that vanished with the restart (``NOGROUP``: Redis kept no data) is created
+        again from ``"0"``, so no decision written after the restart is missed.
         """
         client = self.ledger.client
         name = consumer or f"{socket.gethostname()}-{id(self):x}"
         stream = self.ledger.stream
-        try:
-            client.xgroup_create(stream, group, id=start, mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        backoff = _Backoff(reconnect_timeout_s)
+
+        def wait_for_redis(exc: redis.RedisError) -> None:
+            """Sleep before the next try; raise ``exc`` once Redis has been gone too long."""
+            delay = backoff.next_delay()
+            if delay is None:
+                raise exc
+            log.warning(
+                "stream.redis_unavailable",
+                stream=stream,
+                group=group,
+                error=str(exc),
+                retry_in_s=delay,
+            )
+            time.sleep(delay)
+
+        create_from: str | None = start  # (re)create the group from this id before reading
         pending_first = True
         while True:
-            # First our own unacknowledged entries (after a crash), then new ones.
+            # First our own unacknowledged entries (after a crash or reconnect), then new ones.
             read_from = "0" if pending_first else ">"
-            batches: Any = client.xreadgroup(
-                group,
-                name,
-                {stream: read_from},
-                count=count,
-                block=None if pending_first else block_ms,
-            )
+            try:
+                if create_from is not None:
+                    _create_group(client, stream, group, create_from)
+                    create_from = None
+                batches: Any = client.xreadgroup(
+                    group,
+                    name,
+                    {stream: read_from},
+                    count=count,
+                    block=None if pending_first else block_ms,
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("stream.group_recreated", stream=stream, group=group)
+                create_from = "0"
+                continue
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                wait_for_redis(exc)
+                pending_first = True
+                continue
+            backoff.reset()
             entries: list[tuple[Any, dict[Any, Any]]] = [
                 entry for _, items in batches or [] for entry in items
             ]
@@ -147,7 +184,13 @@ class TiergateClient:
                 raw = fields.get(b"decision") or fields.get("decision")
                 if raw is not None:
                     yield Decision.model_validate_json(raw)
-                client.xack(stream, group, entry_id)
+                try:
+                    client.xack(stream, group, entry_id)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # This entry and the rest of the batch stay pending: read again after.
+                    wait_for_redis(exc)
+                    pending_first = True
+                    break
 
     def policies(self) -> list[PolicySpec]:
         """The policies the workers serve: ``settings.policy_files``, else the default model's."""
@@ -179,3 +222,44 @@ class TiergateClient:
                     count = 0
                 depths[queue] = int(count)
         return depths
+
+
+def _create_group(client: redis.Redis, stream: str, group: str, start: str) -> None:
+    """Create consumer ``group`` on ``stream`` (and the stream) from ``start``, unless it exists."""
+    try:
+        client.xgroup_create(stream, group, id=start, mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class _Backoff:
+    """The delays between tries while Redis is unreachable: 0.1 s, doubling, at most 5 s.
+
+    ``next_delay`` returns ``None`` once the outage (from the first delay asked since the last
+    ``reset``) has lasted ``limit_s``: time to give up.
+    """
+
+    FIRST_S = 0.1
+    MAX_S = 5.0
+
+    def __init__(self, limit_s: float) -> None:
+        self._limit_s = limit_s
+        self._since: float | None = None
+        self._delay = self.FIRST_S
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next try, or ``None`` when the outage lasted too long."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self._limit_s:
+            return None
+        delay = self._delay
+        self._delay = min(2 * delay, self.MAX_S)
+        return delay
+
+    def reset(self) -> None:
+        """Redis answered: the next outage starts from the first delay again."""
+        self._since = None
+        self._delay = self.FIRST_S

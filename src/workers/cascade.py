@@ -8,7 +8,8 @@ The CLI, the HTTP gateway (embedded mode) and the Celery workers all call
 3. ``policies.decide`` per message, with the policy's budget state;
 4. the LLM tier for the messages routed to it, with bounded concurrency, single-flight per
    cache key (many identical messages cause one LLM call, across processes when the cache is
-   shared) and a budget reservation before each call, settled with the real cost afterwards;
+   shared) and a budget reservation before each call, settled with the real cost afterwards
+   (no reservation while every provider's circuit breaker is open: no call would be made);
 5. cache writes for final decisions; decisions come back in input order with per-step timings.
 
 When the policy wants the LLM but cannot have it (no provider configured, budget spent, every
@@ -37,6 +38,7 @@ from policies.spec import (
     load_policy,
 )
 from workers.errors import (
+    BreakerOpenError,
     LLMError,
     PermanentLLMError,
     SingleFlightTimeout,
@@ -228,9 +230,11 @@ class Cascade:
     def answer(self, work: LLMWork) -> Decision:
         """The LLM step for one message: from another worker's call, or from our own.
 
-        Waits on the single-flight lease of its cache key, reserves the budget, asks the LLM
-        tier, settles the budget and caches the answer. An LLM that cannot answer gives the
-        BERT answer with ``llm_skipped`` saying why (not cached).
+        Waits on the single-flight lease of its cache key, checks that some provider's breaker
+        would let the call out, reserves the budget, asks the LLM tier, settles the budget and
+        caches the answer. An LLM that cannot answer gives the BERT answer with ``llm_skipped``
+        saying why (not cached); with every breaker open that is ``llm_unavailable``, and no
+        budget is reserved.
         """
         spec = self.policies.get(work.policy)
         lease = None
@@ -321,6 +325,12 @@ class Cascade:
         llm = self.llm
         if llm is None or not llm.configured(spec):
             return _fallback(work, spec, LLMSkip.NO_PROVIDER, "no LLM provider is configured")
+        try:
+            # Before reserving: a call every breaker would refuse must not spend the budget.
+            llm.check_breakers(spec)
+        except BreakerOpenError as exc:
+            log.warning("llm.failed", policy=spec.name, message_id=work.message.id, error=str(exc))
+            return _fallback(work, spec, LLMSkip.LLM_UNAVAILABLE, str(exc))
         reservation = None
         if self.budget is not None:
             estimate = llm.estimate_cost(spec, work.message.text)

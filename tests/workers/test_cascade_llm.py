@@ -7,6 +7,7 @@ reached the fake provider.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +28,7 @@ from policies.spec import (
 from workers.budget import RedisBudgetLedger
 from workers.cache import RedisDecisionCache
 from workers.cascade import Cascade, PolicyBook
-from workers.llm.breaker import LocalBreakerStore
+from workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
 from workers.llm.testing import (
     Fail,
     FakeLLMServer,
@@ -269,3 +270,40 @@ def test_a_mixed_batch_answers_every_message_once_in_order(server, redis_prefix)
     assert [d.tier for d in decisions] == [Tier.BERT, Tier.LLM, Tier.LLM, Tier.BERT, Tier.LLM]
     assert decisions[1].cached
     assert server.calls == 2
+
+
+def test_an_open_breaker_spends_no_budget_and_its_probe_answers_after_recovery(
+    server, redis_prefix
+):
+    """Messages met by an open breaker reserve no budget; once half-open, the LLM answers."""
+    spec = policy(budget=BudgetSpec(calls_per_minute=5))
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    budget = RedisBudgetLedger(client, redis_prefix, clock=lambda: 1_700_000_010.0)
+    tier = LLMTier(
+        settings_for(server, breaker_failures=1, breaker_reset_s=0.5),
+        breaker_store=RedisBreakerStore(client, redis_prefix),
+    )
+    cascade = Cascade(
+        FixedScoreClassifier(LABELS, {}, default=UNSURE),
+        PolicyBook([spec]),
+        llm=tier,
+        cache=RedisDecisionCache(client, redis_prefix),
+        budget=budget,
+    )
+    server.answerer = answering("synopsis")
+    tier.breaker.record_failure("openai:gpt-4o-mini")
+    outage = cascade.decide([Message(id=str(i), text=f"hard {i}") for i in range(8)])
+    assert {(d.tier, d.llm_skipped) for d in outage} == {(Tier.BERT, LLMSkip.LLM_UNAVAILABLE)}
+    assert all("circuit breaker open" in (d.llm_error or "") for d in outage)
+    assert budget.state(spec.name, spec.budget).calls_left == 5
+    assert server.calls == 0
+    time.sleep(0.6)  # the breaker is half-open: checking must leave its probe for the call
+    recovered = cascade.decide([Message(id="r", text="hard 0")])[0]
+    assert (recovered.tier, recovered.label, recovered.llm_skipped) == (
+        Tier.LLM,
+        "synopsis",
+        None,
+    )
+    assert budget.state(spec.name, spec.budget).calls_left == 4
+    assert server.calls == 1
+    client.close()

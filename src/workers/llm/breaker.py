@@ -195,6 +195,7 @@ class CircuitBreaker:
 
     ``key`` names one breaker, conventionally ``"{provider}:{model}"``. ``allow(key)`` says
     whether a call may go out now (and in half-open state hands out the single probe);
+    ``would_allow(key)`` asks the same without taking the probe or writing anything;
     report the outcome of every allowed call with ``record_success`` or ``record_failure``
     (only transient failures count: a provider that answered, even with an error of ours,
     is up). ``clock`` gives seconds as a float; it must agree across workers that share a
@@ -225,15 +226,30 @@ class CircuitBreaker:
         now = self._clock()
 
         def transition(record: BreakerRecord) -> tuple[BreakerRecord, bool]:
+            if not self._admits(record, now):
+                return record, False
             if record.opened_at is None:
                 return record, True
-            if now < record.opened_at + self._reset_s:
-                return record, False
-            if record.probe_until is not None and now < record.probe_until:
-                return record, False  # a probe is already out
-            return replace(record, probe_until=now + self._reset_s), True
+            return replace(record, probe_until=now + self._reset_s), True  # take the probe
 
         return self._store.update(key, transition, self._ttl_s)
+
+    def would_allow(self, key: str) -> bool:
+        """Whether :meth:`allow` would let a call to ``key`` go out now; a read, changing nothing.
+
+        In half-open state it answers ``True`` while the probe is still free, without taking it,
+        so a caller may check before doing work and then ask :meth:`allow` for the call itself.
+        The answer can be stale by then (another caller may take the probe first).
+        """
+        return self._admits(self._store.read(key), self._clock())
+
+    def _admits(self, record: BreakerRecord, now: float) -> bool:
+        """Whether ``record`` lets a call through at ``now``: closed, or half-open, probe free."""
+        if record.opened_at is None:
+            return True
+        if now < record.opened_at + self._reset_s:
+            return False
+        return record.probe_until is None or now >= record.probe_until  # else a probe is out
 
     def record_success(self, key: str) -> None:
         """A call to ``key`` succeeded: the breaker closes and its failure count resets."""

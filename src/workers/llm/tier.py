@@ -230,8 +230,24 @@ class LLMTier:
             )
         if last_error is not None:
             raise last_error
-        names = ", ".join(f"{provider.name}/{provider.model}" for provider in chain)
-        raise BreakerOpenError("llm", f"circuit breaker open for every provider ({names})")
+        raise _all_breakers_open(chain)
+
+    def check_breakers(self, spec: PolicySpec) -> None:
+        """Raise :class:`BreakerOpenError` when no provider of ``spec``'s chain would be called.
+
+        It only reads the breakers (:meth:`CircuitBreaker.would_allow`): a half-open breaker's
+        probe is not taken, so the :meth:`answer` that follows can still make it. Callers check
+        before spending on a call (a budget reservation) that an outage would waste. It is
+        advisory: a breaker that opens between this check and :meth:`answer` is handled there
+        as usual. A breaker store that is down passes the check, as it lets calls out in
+        :meth:`answer`; a policy with no usable provider passes too (:meth:`answer` says so).
+        """
+        chain = self.chain(spec)
+        if chain and not any(
+            self._breaker_allows(f"{provider.name}:{provider.model}", take_probe=False)
+            for provider in chain
+        ):
+            raise _all_breakers_open(chain)
 
     def _ask(
         self,
@@ -301,14 +317,16 @@ class LLMTier:
         )
         return reply
 
-    def _breaker_allows(self, key: str) -> bool:
+    def _breaker_allows(self, key: str, *, take_probe: bool = True) -> bool:
         """Whether the breaker lets a call to ``key`` go out; yes when its store is down.
 
-        The breaker only protects providers, so losing its shared store (Redis) must not stop
-        the LLM tier: calls go out unguarded and the outage is logged.
+        With ``take_probe=False`` it only looks (:meth:`CircuitBreaker.would_allow`) and leaves
+        a half-open breaker's probe for the call. The breaker only protects providers, so
+        losing its shared store (Redis) must not stop the LLM tier: calls go out unguarded and
+        the outage is logged.
         """
         try:
-            return self._breaker.allow(key)
+            return self._breaker.allow(key) if take_probe else self._breaker.would_allow(key)
         except CoordinationError as exc:
             log.warning("llm.breaker_unavailable", key=key, error=str(exc))
             return True
@@ -343,3 +361,9 @@ class LLMTier:
                     )
                     self._built[ref] = None
             return self._built[ref]
+
+
+def _all_breakers_open(chain: list[Provider]) -> BreakerOpenError:
+    """The error for a chain whose every provider is held back by its breaker."""
+    names = ", ".join(f"{provider.name}/{provider.model}" for provider in chain)
+    return BreakerOpenError("llm", f"circuit breaker open for every provider ({names})")

@@ -80,6 +80,21 @@ def test_after_the_reset_time_exactly_one_probe_goes_through(store):
     assert breaker.state(KEY) == "half_open"
 
 
+def test_would_allow_answers_like_allow_without_taking_the_probe(store):
+    """would_allow is a read: open says no, half-open says yes until allow takes the probe."""
+    clock = Clock()
+    breaker = CircuitBreaker(store, failures=3, reset_s=10, clock=clock)
+    assert breaker.would_allow(KEY)
+    open_breaker(breaker)
+    assert not breaker.would_allow(KEY)
+    clock.now += 10
+    assert breaker.would_allow(KEY)
+    assert breaker.would_allow(KEY)
+    assert breaker.allow(KEY)
+    assert not breaker.would_allow(KEY)
+    assert not breaker.allow(KEY)
+
+
 def test_a_successful_probe_closes_the_breaker(store):
     """The probe's success closes the breaker for everyone."""
     clock = Clock()
