@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 import kombu
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
 from workers.llm.testing import FakeLLMServer
@@ -285,3 +288,68 @@ def wait_until(
 def unlimited_policy(min_probability: float = 0.9) -> PolicySpec:
     """The test policy with no LLM budget, so that every routed message is put to the LLM."""
     return default_test_policy(min_probability).model_copy(update={"budget": BudgetSpec()})
+
+
+class RedisServer:
+    """A ``redis-server`` of this test's own, on a free port, without persistence.
+
+    It can be shut down (``SHUTDOWN NOSAVE``) and started again on the same port, so a test
+    can take Redis away from a cluster without touching the shared Redis on 6379.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """The URL of database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client with short timeouts and no retries of its own (SHUTDOWN returns at once)."""
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        with (self.directory / f"redis-{self.starts}.log").open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as probe:
+                    probe.ping()
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            else:
+                return
+
+    def shutdown(self) -> None:
+        """``SHUTDOWN NOSAVE``: everything in memory is gone; wait for the process to exit."""
+        with self.client() as admin:
+            admin.shutdown(nosave=True)
+        if self.process is not None:
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self) -> None:
+        """Kill the server if it runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None

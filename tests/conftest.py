@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from cluster import RedisServer
 from workers.bert.dataset import LabelledExample
 from workers.bert.default_model import LABELS, base_model_dir, load_default_splits
 from workers.bert.train import ModelCard, TrainOptions, train_model
@@ -127,3 +128,14 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own (started), stopped after the test."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from cluster import Cluster, ClusterFactory, positive_answer
 from workers.bert.default_model import load_default_splits
@@ -104,75 +100,3 @@ def snippets() -> list[str]:
             if text:
                 seen.setdefault(text, None)
     return list(seen)
-
-
-class RedisServer:
-    """A ``redis-server`` of this test's own, on a free port, without persistence.
-
-    It can be shut down (``SHUTDOWN NOSAVE``) and started again on the same port, so a test
-    can take Redis away from a cluster without touching the shared Redis on 6379.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        """The URL of database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        """A client with short timeouts and no retries of its own."""
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2
-        )
-
-    def start(self) -> None:
-        """Start the server and wait until it answers PING."""
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-        with (self.directory / f"redis-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as probe:
-                    probe.ping()
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            else:
-                return
-
-    def shutdown(self) -> None:
-        """``SHUTDOWN NOSAVE``: everything in memory is gone; wait for the process to exit."""
-        with self.client() as admin:
-            admin.shutdown(nosave=True)
-        if self.process is not None:
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def stop(self) -> None:
-        """Kill the server if it runs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis server of this test's own (started), stopped after the test."""
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()

@@ -29,8 +29,13 @@ def test_steps_cover_every_window_once_within_the_budget(lengths, step_tokens, m
             assert len(step) * max(lengths[p] for p in step) <= step_tokens
 
 
-def _queue_behind_holder(scheduler: StepScheduler, costs: list[int]) -> list[int]:
-    """Hold the turn, queue one caller per cost (in this order), release; the order served."""
+def _queue_behind_holder(
+    scheduler: StepScheduler, costs: list[int], pause_s: float = 0.0
+) -> list[int]:
+    """Hold the turn, queue one caller per cost (in this order, ``pause_s`` apart), release.
+
+    Returns the costs in the order the callers were served.
+    """
     served: list[int] = []
     holding = threading.Event()
     release = threading.Event()
@@ -54,6 +59,7 @@ def _queue_behind_holder(scheduler: StepScheduler, costs: list[int]) -> list[int
         callers.append(thread)
         while len(scheduler._waiting) < len(callers):
             time.sleep(0.001)
+        time.sleep(pause_s)
     release.set()
     for thread in [first, *callers]:
         thread.join(5)
@@ -70,33 +76,11 @@ def test_the_caller_with_the_least_work_left_goes_next():
 def test_a_caller_waiting_too_long_goes_first_whatever_its_size():
     """Past max_wait_s, a long caller is no longer overtaken."""
     scheduler = StepScheduler(step_tokens=256, max_wait_s=0.05)
-    served: list[int] = []
-    holding = threading.Event()
-
-    def holder() -> None:
-        with scheduler.turn(1):
-            holding.set()
-            time.sleep(0.2)  # the long caller queued below waits past max_wait_s
-
-    def caller(cost: int) -> None:
-        with scheduler.turn(cost):
-            served.append(cost)
-
-    first = threading.Thread(target=holder)
-    first.start()
-    assert holding.wait(5)
-    long_caller = threading.Thread(target=caller, args=(5000,))
-    long_caller.start()
-    while not scheduler._waiting:
-        time.sleep(0.001)
-    time.sleep(0.1)
-    short_caller = threading.Thread(target=caller, args=(10,))
-    short_caller.start()
-    while len(scheduler._waiting) < 2:
-        time.sleep(0.001)
-    for thread in (first, long_caller, short_caller):
-        thread.join(5)
-    assert served == [5000, 10]
+    # The long caller queues first and has waited 0.1 s when the short one arrives.
+    assert _queue_behind_holder(scheduler, [5000, 10], pause_s=0.1) == [5000, 10]
+    # Within max_wait_s the short caller would have gone first.
+    patient = StepScheduler(step_tokens=256, max_wait_s=10)
+    assert _queue_behind_holder(patient, [5000, 10], pause_s=0.1) == [10, 5000]
 
 
 def test_invalid_scheduler_settings_are_refused():
