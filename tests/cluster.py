@@ -5,7 +5,8 @@ their own queues, key prefix and decisions stream (so tests never see each other
 over a real broker (Redis database 1 or RabbitMQ) and real Redis, with Celery BERT and LLM
 workers started as subprocesses (``python -m gateway worker --queue bert|llm``). The LLM
 provider is the local fake server, reached by the workers over HTTP through the OpenAI SDK.
-Both suites' conftests build their fixtures on it.
+The shared fixtures (``make_cluster``, ``fake_llm``, ``private_redis``) in ``tests/conftest.py``
+build on it.
 """
 
 from __future__ import annotations
@@ -194,13 +195,19 @@ class ClusterFactory:
                     for queue in (cluster.settings.bert_queue, cluster.settings.llm_queue):
                         with contextlib.suppress(Exception):
                             channel.queue_delete(queue)
-            prefix = cluster.settings.cache_prefix
             for db in (0, 1):
-                scoped = redis.Redis(host="127.0.0.1", port=6379, db=db)
-                keys = list(scoped.scan_iter(match=f"{prefix}*"))
-                if keys:
-                    scoped.delete(*keys)
-                scoped.close()
+                delete_keys(f"{cluster.settings.cache_prefix}*", db=db)
+
+
+def delete_keys(pattern: str, db: int = 0) -> None:
+    """Delete every key of the local Redis (database ``db``) that matches ``pattern``."""
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    try:
+        keys = list(client.scan_iter(match=pattern))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 class StreamTail:

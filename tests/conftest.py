@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
-from cluster import RedisServer
+from cluster import Cluster, ClusterFactory, RedisServer, delete_keys, positive_answer
 from workers.bert.dataset import LabelledExample
 from workers.bert.default_model import LABELS, base_model_dir, load_default_splits
 from workers.bert.train import ModelCard, TrainOptions, train_model
+from workers.llm.testing import FakeLLMServer
 
 
 @dataclass(frozen=True)
@@ -74,48 +74,72 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random two-layer DistilBERT with a 32-token window, as a tiergate model directory."""
+def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build a random two-layer DistilBERT with a 32-token window as a tiergate model directory.
+
+    Called with a name, the label set and 24 labelled examples (18 to train, 6 to validate);
+    ``multi_label`` gives it a sigmoid head. A random model's scores sit near ties, so the
+    export's agreement with torch is not checked (tests assert closeness themselves).
+    """
     from transformers import (
         AutoTokenizer,
         DistilBertConfig,
         DistilBertForSequenceClassification,
     )
 
-    root = tmp_path_factory.mktemp("tiny")
-    checkpoint = root / "distilbert"
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-    config = DistilBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
-    tokenizer.save_pretrained(str(checkpoint))
+    def make(
+        name: str,
+        labels: tuple[str, ...],
+        examples: Sequence[LabelledExample],
+        *,
+        multi_label: bool = False,
+        save_checkpoint: bool = False,
+    ) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        checkpoint = root / "distilbert"
+        tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
+        config = DistilBertConfig(
+            vocab_size=tokenizer.vocab_size,
+            dim=32,
+            hidden_dim=64,
+            n_layers=2,
+            n_heads=2,
+            max_position_embeddings=64,
+            num_labels=len(labels),
+        )
+        DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
+        tokenizer.save_pretrained(str(checkpoint))
+        options = TrainOptions(
+            base_model=checkpoint,
+            output=root / "model",
+            labels=labels,
+            multi_label=multi_label,
+            name=name,
+            epochs=1,
+            batch_size=8,
+            max_length=32,
+            min_agreement=0.0,
+            save_checkpoint=save_checkpoint,
+            show_progress=False,
+        )
+        train_model(options, examples[:18], examples[18:])
+        return root / "model"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_tiny_model: Callable[..., Path]) -> Path:
+    """A random two-layer DistilBERT with a 32-token window, as a tiergate model directory."""
     examples = [
         LabelledExample(text=f"message number {i} about {word}", labels=(label,), line=i + 1)
         for i, (word, label) in enumerate(
             [("refunds", "billing"), ("passwords", "account"), ("crashes", "bug")] * 8
         )
     ]
-    options = TrainOptions(
-        base_model=checkpoint,
-        output=root / "model",
-        labels=("account", "billing", "bug"),
-        name="tiny-distilbert",
-        epochs=1,
-        batch_size=8,
-        max_length=32,
-        min_agreement=0.0,  # a random model's logits are near ties; closeness is asserted instead
-        save_checkpoint=True,
-        show_progress=False,
+    return make_tiny_model(
+        "tiny-distilbert", ("account", "billing", "bug"), examples, save_checkpoint=True
     )
-    train_model(options, examples[:18], examples[18:])
-    return root / "model"
 
 
 @pytest.fixture
@@ -123,11 +147,7 @@ def redis_prefix() -> Iterator[str]:
     """A fresh key prefix in the local Redis; every key under it is deleted afterwards."""
     prefix = f"tiergate-test-{uuid.uuid4().hex}"
     yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_keys(f"{prefix}:*")
 
 
 @pytest.fixture
@@ -139,3 +159,24 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeLLMServer]:
+    """The fake LLM provider, answering 'positive' unless a test scripts otherwise."""
+    with FakeLLMServer(positive_answer) as server:
+        yield server
+
+
+@pytest.fixture
+def make_cluster(
+    trained_model: TrainedModel, tmp_path: Path, fake_llm: FakeLLMServer
+) -> Iterator[Callable[..., Cluster]]:
+    """Real worker processes (``tests/cluster.py``): a factory of clusters over a broker.
+
+    Each cluster gets its own queues, key prefix and decisions stream; its workers and keys
+    are torn down after the test.
+    """
+    factory = ClusterFactory(trained_model.directory, tmp_path, fake_llm)
+    yield factory.make
+    factory.close()

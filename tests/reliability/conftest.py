@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cluster import Cluster, ClusterFactory, positive_answer
 from workers.bert.default_model import load_default_splits
-from workers.llm.testing import FakeLLMServer
 
 FIGURES_FILE = "reliability-figures.json"
 
@@ -63,23 +60,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"    {name:<34} {value}")
     if _written_to:
         terminalreporter.write_line(f"(also written to {_written_to[0]})")
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeLLMServer]:
-    """The fake LLM provider, answering 'positive' unless a test scripts otherwise."""
-    with FakeLLMServer(positive_answer) as server:
-        yield server
-
-
-@pytest.fixture
-def make_cluster(
-    trained_model, tmp_path: Path, fake_llm: FakeLLMServer
-) -> Iterator[Callable[..., Cluster]]:
-    """A factory of clusters over a broker, torn down (workers and keys) after the test."""
-    factory = ClusterFactory(trained_model.directory, tmp_path, fake_llm)
-    yield factory.make
-    factory.close()
 
 
 @pytest.fixture(scope="session")

@@ -26,16 +26,14 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-import redis
 import structlog
 import uvicorn
 import yaml
 
+from cluster import delete_keys
 from gateway.api import create_app
 from gateway.auth import hash_api_key
 from workers.bert.dataset import LabelledExample
-from workers.bert.default_model import base_model_dir
-from workers.bert.train import TrainOptions, train_model
 from workers.llm.testing import FakeLLMServer
 from workers.logs import configure_logging
 from workers.settings import Settings
@@ -215,36 +213,12 @@ def make_shared_gateway(
         with FakeLLMServer() as fake, contextlib.ExitStack() as stack:
             yield gateway_factory(stack, directory, tiny_model, prefix, fake)
     finally:
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_keys(f"{prefix}:*")
 
 
 @pytest.fixture(scope="session")
-def tiny_multi_label_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_multi_label_model(make_tiny_model: Callable[..., Path]) -> Path:
     """A random two-layer DistilBERT with a multi-label head over ``MODERATION_LABELS``."""
-    from transformers import (
-        AutoTokenizer,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-    )
-
-    root = tmp_path_factory.mktemp("tiny-multi")
-    checkpoint = root / "distilbert"
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-    config = DistilBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=64,
-        num_labels=len(MODERATION_LABELS),
-    )
-    DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
-    tokenizer.save_pretrained(str(checkpoint))
     examples = [
         LabelledExample(text=f"comment {i} about {word}", labels=labels, line=i + 1)
         for i, (word, labels) in enumerate(
@@ -257,21 +231,7 @@ def tiny_multi_label_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             * 6
         )
     ]
-    options = TrainOptions(
-        base_model=checkpoint,
-        output=root / "model",
-        labels=MODERATION_LABELS,
-        multi_label=True,
-        name="tiny-moderation",
-        epochs=1,
-        batch_size=8,
-        max_length=32,
-        min_agreement=0.0,  # a random model's scores sit near 0.5; agreement is not the point
-        save_checkpoint=False,
-        show_progress=False,
-    )
-    train_model(options, examples[:18], examples[18:])
-    return root / "model"
+    return make_tiny_model("tiny-moderation", MODERATION_LABELS, examples, multi_label=True)
 
 
 @pytest.fixture(scope="module")
