@@ -77,9 +77,6 @@ class TiergateClient:
                     kwargs={"message": message.model_dump(mode="json")},
                     queue=self.settings.bert_queue,
                     producer=producer,
-                    # Results are never read; without this Celery subscribes to a result
-                    # channel in Redis for every message published.
-                    ignore_result=True,
                 )
         return [message.id for message in messages]
 

@@ -29,10 +29,11 @@ republished: a batch that fails half-way republishes only its messages not yet a
 handed to the LLM step, and work whose dead letter cannot be written (Redis down) is published
 again instead of being dropped.
 
-Tasks are published with ``ignore_result=True``: results are never stored or read, and
-otherwise Celery subscribes to a result channel on the result backend (Redis) for every task
-it sends, which costs two Redis round trips per message and, while Redis is down, blocks a
-publish to a healthy broker for 20 s before failing it.
+Tasks are published with ``ignore_result=True`` (:class:`TiergateCelery` makes it the default
+of ``send_task``, which does not follow ``task_ignore_result``): results are never stored or
+read, and otherwise Celery subscribes to a result channel on the result backend (Redis) for
+every task it sends, which costs two Redis round trips per message and, while Redis is down,
+blocks a publish to a healthy broker for 20 s before failing it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ DEFER_COUNTDOWN_S = 60
 _MAX_BACKOFF_S = 300
 # Characters of an undecodable message body kept in its dead letter.
 _DEAD_BODY_CHARS = 10_000
+
+
+class TiergateCelery(Celery):  # type: ignore[misc]
+    """Celery whose ``send_task`` ignores results unless told otherwise.
+
+    ``task_ignore_result`` covers tasks called through their objects, not ``send_task``, which
+    tiergate publishes with everywhere; no tiergate task's result is ever read.
+    """
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> Any:
+        """Publish task ``name`` (see ``Celery.send_task``), ignoring its result by default."""
+        options.setdefault("ignore_result", True)
+        return super().send_task(name, *args, **options)
 
 
 class WorkerRuntime:
@@ -227,7 +241,7 @@ def create_celery_app(settings: Settings) -> Celery:
     """The Celery app of ``settings``: broker, queues, reliability options and both tasks."""
     if settings.broker_url is None:
         raise ValueError("distributed mode needs a broker: set TIERGATE_BROKER_URL")
-    app = Celery(
+    app = TiergateCelery(
         "tiergate",
         broker=settings.broker_url,
         backend=settings.result_backend or settings.redis_url,
@@ -339,7 +353,6 @@ def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[
                     LLM_TASK,
                     kwargs={"work": result.model_dump(mode="json"), "attempt": 0},
                     queue=runtime.settings.llm_queue,
-                    ignore_result=True,
                 )
             else:
                 _deliver_or_defer(app, runtime, ledger, result, message, attempt)
@@ -414,7 +427,6 @@ def _deliver_or_defer(
         kwargs={**kwargs, "attempt": attempt},
         countdown=DEFER_COUNTDOWN_S,
         queue=runtime.settings.llm_queue if queue == "llm" else runtime.settings.bert_queue,
-        ignore_result=True,
     )
 
 
@@ -427,7 +439,6 @@ def _announce(app: Celery, runtime: WorkerRuntime, decision: Decision) -> None:
             WEBHOOK_TASK,
             kwargs={"url": spec.webhook.url, "decision": decision.model_dump_json(), "attempt": 0},
             queue=runtime.settings.llm_queue,
-            ignore_result=True,
         )
 
 
@@ -469,7 +480,6 @@ def run_webhook(app: Celery, runtime: WorkerRuntime, url: str, decision: str, at
         kwargs={"url": url, "decision": decision, "attempt": attempt + 1},
         countdown=min(_MAX_BACKOFF_S, 2**attempt),
         queue=runtime.settings.llm_queue,
-        ignore_result=True,
     )
 
 
@@ -500,7 +510,6 @@ def _retry_or_dead_letter(
         kwargs={**kwargs, "attempt": attempt + 1},
         countdown=countdown,
         queue=queue,
-        ignore_result=True,
     )
 
 
@@ -532,7 +541,6 @@ def _dead_letter_or_republish(
             kwargs={**kwargs, "attempt": attempt + 1},
             countdown=min(_MAX_BACKOFF_S, 2**attempt),
             queue=queue,
-            ignore_result=True,
         )
         return False
     return True
@@ -584,7 +592,6 @@ class OverdueSweep:
                 CLASSIFY_TASK,
                 kwargs=json.loads(payload),
                 queue=self.runtime.settings.bert_queue,
-                ignore_result=True,
             )
         return len(overdue)
 
