@@ -475,11 +475,8 @@ def run_webhook(app: Celery, runtime: WorkerRuntime, url: str, decision: str, at
             f"webhook gave up after {attempt + 1} attempts: {problem}",
         )
         return
-    app.send_task(
-        WEBHOOK_TASK,
-        kwargs={"url": url, "decision": decision, "attempt": attempt + 1},
-        countdown=min(_MAX_BACKOFF_S, 2**attempt),
-        queue=runtime.settings.llm_queue,
+    _republish(
+        app, WEBHOOK_TASK, {"url": url, "decision": decision}, attempt, runtime.settings.llm_queue
     )
 
 
@@ -504,11 +501,15 @@ def _retry_or_dead_letter(
             if isinstance(message, dict) and isinstance(message.get("id"), str):
                 _forget(ledger, message["id"])
         return
-    countdown = min(_MAX_BACKOFF_S, 2**attempt)
+    _republish(app, name, kwargs, attempt, queue)
+
+
+def _republish(app: Celery, name: str, kwargs: dict[str, Any], attempt: int, queue: str) -> None:
+    """Publish task ``name`` again as attempt ``attempt + 1``, after an exponential backoff."""
     app.send_task(
         name,
         kwargs={**kwargs, "attempt": attempt + 1},
-        countdown=countdown,
+        countdown=min(_MAX_BACKOFF_S, 2**attempt),
         queue=queue,
     )
 
@@ -536,12 +537,7 @@ def _dead_letter_or_republish(
     except TransientError as exc:
         log.warning("dead_letter.unavailable", task=name, attempt=attempt, error=str(exc))
         kwargs = {argument: payload} if argument is not None else dict(payload)
-        app.send_task(
-            name,
-            kwargs={**kwargs, "attempt": attempt + 1},
-            countdown=min(_MAX_BACKOFF_S, 2**attempt),
-            queue=queue,
-        )
+        _republish(app, name, kwargs, attempt, queue)
         return False
     return True
 
