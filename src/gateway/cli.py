@@ -41,7 +41,7 @@ from workers.cascade import (
     check_policy_fits_model,
     load_policy_book,
 )
-from workers.delivery import RedisDecisionLedger
+from workers.delivery import RedisDecisionLedger, held_messages
 from workers.errors import DataFileError, RecordError, TiergateError, UnknownPolicyError
 from workers.logs import configure_logging
 from workers.records import InputFormat, Record, detect_format, read_bytes, read_records
@@ -1088,20 +1088,12 @@ def _dead_letter_ledger() -> RedisDecisionLedger:
 
 
 def _dead_message(payload: Any) -> Message | None:
-    """The message a dead letter holds, if any: a classify payload, its task kwargs or LLM work."""
-    candidates = [payload]
-    if isinstance(payload, dict):
-        work = payload.get("work")
-        candidates += [
-            payload.get("message"),
-            work.get("message") if isinstance(work, dict) else None,
-        ]
-    for candidate in candidates:
-        if isinstance(candidate, dict):
-            try:
-                return Message.model_validate(candidate)
-            except ValidationError:
-                continue
+    """The message a dead letter holds, if any (see :func:`workers.delivery.held_messages`)."""
+    for candidate in held_messages(payload):
+        try:
+            return Message.model_validate(candidate)
+        except ValidationError:
+            continue
     return None
 
 

@@ -57,7 +57,7 @@ from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from workers.cascade import Cascade, LLMWork, build_cascade, load_policy_book
-from workers.delivery import DecisionLedger, RedisDecisionLedger, open_ledger
+from workers.delivery import DecisionLedger, RedisDecisionLedger, held_messages, open_ledger
 from workers.errors import TransientError, UnknownPolicyError
 from workers.schemas import Decision, Message, Status
 from workers.settings import Settings
@@ -497,9 +497,9 @@ def _retry_or_dead_letter(
         if _dead_letter_or_republish(
             app, ledger, kwargs, given_up, name, None, attempt, queue=queue
         ):
-            message = kwargs.get("message") or (kwargs.get("work") or {}).get("message") or {}
-            if isinstance(message, dict) and isinstance(message.get("id"), str):
-                _forget(ledger, message["id"])
+            ids = [m["id"] for m in held_messages(kwargs) if isinstance(m.get("id"), str)]
+            if ids:
+                _forget(ledger, ids[0])
         return
     _republish(app, name, kwargs, attempt, queue)
 

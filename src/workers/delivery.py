@@ -70,6 +70,19 @@ return out
 _REPLY_TTL_S = 300
 
 
+def held_messages(payload: Any) -> list[dict[str, Any]]:
+    """What in a dead letter's payload may be the message, most likely first.
+
+    A BERT step's task arguments hold it under ``message``, an LLM step's under
+    ``work.message``, and a payload that failed validation may be the message itself.
+    """
+    if not isinstance(payload, dict):
+        return []
+    work = payload.get("work")
+    candidates = [payload.get("message"), work.get("message") if isinstance(work, dict) else None]
+    return [c for c in [*candidates, payload] if isinstance(c, dict)]
+
+
 class DecisionLedger(Protocol):
     """Where decisions are delivered, looked up by message id, and waited for."""
 

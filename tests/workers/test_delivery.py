@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from policies.routing import Reason
-from workers.delivery import LocalDecisionLedger, RedisDecisionLedger
+from workers.delivery import LocalDecisionLedger, RedisDecisionLedger, held_messages
 from workers.schemas import Decision, Tier
 
 
@@ -98,3 +98,15 @@ def test_accepted_messages_are_claimed_once_when_overdue_and_dropped_when_answer
     ledger.forget("slow")
     time.sleep(0.05)
     assert ledger.claim_overdue(older_than_s=0.01) == []
+
+
+def test_held_messages_finds_the_message_in_each_dead_letter_shape():
+    """Task arguments, LLM work and a bare message each yield their message first."""
+    message = {"id": "m-1", "text": "hello"}
+    assert held_messages({"message": message, "attempt": 5})[0] == message
+    assert held_messages({"work": {"message": message, "prediction": {}}})[0] == message
+    assert held_messages(message) == [message]
+    assert held_messages({"webhook": "http://hook", "decision": "m-0"}) == [
+        {"webhook": "http://hook", "decision": "m-0"}
+    ]
+    assert held_messages("not json") == []
