@@ -345,6 +345,7 @@ class _EmbeddedBackend:
             max_batch=settings.batch_size,
             concurrency=settings.gateway_batches_in_flight,
             on_batch=metrics.observe_batch,
+            solo=self._has_long_text,
         )
         self.model_ready = False
         self._pending: dict[str, int] = {}
@@ -408,6 +409,10 @@ class _EmbeddedBackend:
 
     # -------------------------------------------------------------------------- internals
 
+    def _has_long_text(self, messages: Sequence[Message]) -> bool:
+        """Whether a request holds a text of several model windows (it then runs alone)."""
+        return any(self.cascade.classifier.is_long(message.text) for message in messages)
+
     def _first_pass(self, messages: list[Message]) -> list[Decision | LLMWork]:
         """The BERT step for a micro-batch (in its worker thread), delivering what it decided.
 
@@ -442,8 +447,7 @@ class _EmbeddedBackend:
         return decision.model_copy(update={"timings_ms": {**decision.timings_ms, "total": total}})
 
     def _deliver(self, decisions: list[Decision]) -> None:
-        for decision in decisions:
-            self.ledger.deliver(decision)
+        self.ledger.deliver_many(decisions)
         self.metrics.observe_decisions(decisions)
 
     async def _answer(self, messages: list[Message]) -> list[Decision]:
@@ -686,9 +690,14 @@ def _build_embedded_cascade(settings: Settings) -> Cascade:
     from workers.bert.scheduling import StepScheduler  # noqa: PLC0415
     from workers.cascade import build_cascade, load_policy_book  # noqa: PLC0415
 
-    # Concurrent micro-batches share one session (with every core), taking turns step by step.
+    # Concurrent micro-batches share one session, taking turns step by step. By default its
+    # intra-op threads become as many single-threaded steps at once: a step's threads do not
+    # wait for each other at every operator, and a second step runs beside a long one.
+    threads = settings.intra_op_threads
+    slots = min(threads, settings.gateway_parallel_steps or threads)
     classifier = BertClassifier.from_settings(
-        settings, scheduler=StepScheduler(settings.gateway_step_tokens)
+        settings.model_copy(update={"intra_op_threads": max(1, threads // slots)}),
+        scheduler=StepScheduler(settings.gateway_step_tokens, slots=slots),
     )
     book = load_policy_book(
         settings, classifier.labels, multi_label=classifier.manifest.multi_label

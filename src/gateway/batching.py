@@ -34,6 +34,7 @@ class BatcherClosedError(RuntimeError):
 class _Request(Generic[T]):
     messages: list[Message]
     future: asyncio.Future[list[T]]
+    solo: bool = False
 
 
 class MicroBatcher(Generic[T]):
@@ -45,7 +46,10 @@ class MicroBatcher(Generic[T]):
     to ``max_batch`` messages in all (a
     single larger request runs alone, whole). At most ``concurrency`` batches run at once, each
     in a worker thread; while they all run, new requests wait and form the next, larger batch,
-    so batches grow with the load by themselves. When ``decide`` raises for a batch of
+    so batches grow with the load by themselves. A request ``solo`` picks (a long text, say)
+    runs in a batch of its own, and the others pass it by: every request of a batch gets its
+    answers when the whole batch is done, so a short message must not share a batch with a
+    text that takes ten times as long. When ``decide`` raises for a batch of
     several requests, each of them is decided again on its own, so a request fails only with
     its own error. ``on_batch`` is told the size of every batch run (for metrics).
 
@@ -61,6 +65,7 @@ class MicroBatcher(Generic[T]):
         max_batch: int,
         concurrency: int = 4,
         on_batch: Callable[[int], None] | None = None,
+        solo: Callable[[Sequence[Message]], bool] | None = None,
     ) -> None:
         if max_batch < 1 or concurrency < 1 or window_ms < 0:
             raise ValueError("max_batch and concurrency must be positive, window_ms not negative")
@@ -69,6 +74,7 @@ class MicroBatcher(Generic[T]):
         self.max_batch = max_batch
         self.concurrency = concurrency
         self._on_batch = on_batch
+        self._solo = solo
         self._waiting: deque[_Request[T]] = deque()
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -119,7 +125,8 @@ class MicroBatcher(Generic[T]):
         if self._gatherer is None or self._arrived is None:
             raise BatcherClosedError("the micro-batcher is not running")
         future: asyncio.Future[list[T]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Request(list(messages), future))
+        solo = self._solo is not None and self._solo(messages)
+        self._waiting.append(_Request(list(messages), future, solo))
         self._arrived.set()
         return await future
 
@@ -133,7 +140,7 @@ class MicroBatcher(Generic[T]):
             while not self._waiting:
                 arrived.clear()
                 await arrived.wait()
-            if self._running:
+            if self._running and not self._waiting[0].solo:
                 # Another batch holds the cores: gathering for a moment costs nothing more.
                 await self._fill_window(arrived)
             await slots.acquire()
@@ -161,13 +168,27 @@ class MicroBatcher(Generic[T]):
                     await arrived.wait()
 
     def _take_batch(self) -> list[_Request[T]]:
-        """The oldest waiting requests that fit in ``max_batch`` (at least one)."""
-        batch = [self._waiting.popleft()]
-        size = len(batch[0].messages)
-        while self._waiting and size + len(self._waiting[0].messages) <= self.max_batch:
+        """The oldest waiting request: alone if it is solo, else with what fits after it.
+
+        What fits: the oldest other requests that are not solo, up to ``max_batch`` messages
+        in all; solo requests passed by keep their place in line.
+        """
+        first = self._waiting.popleft()
+        if first.solo:
+            return [first]
+        batch, passed = [first], []
+        size = len(first.messages)
+        while self._waiting and size < self.max_batch:
             request = self._waiting.popleft()
-            batch.append(request)
-            size += len(request.messages)
+            if request.solo:
+                passed.append(request)
+            elif size + len(request.messages) <= self.max_batch:
+                batch.append(request)
+                size += len(request.messages)
+            else:
+                self._waiting.appendleft(request)
+                break
+        self._waiting.extendleft(reversed(passed))
         return batch
 
     async def _run(self, batch: list[_Request[T]]) -> None:

@@ -991,6 +991,9 @@ def serve(
     from gateway.api import app_from_environment  # noqa: PLC0415
 
     if workers > 1:
+        # Each process classifies with its share of the cores (unless told otherwise).
+        cores = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("TIERGATE_INTRA_OP_THREADS", str(cores))
         uvicorn.run(
             "gateway.api:app_from_environment",
             factory=True,

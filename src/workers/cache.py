@@ -145,6 +145,10 @@ class DecisionCache(Protocol):
         """Store ``decision`` under ``key`` for ``ttl_seconds``; a ttl of 0 stores nothing."""
         ...
 
+    def put_many(self, entries: Sequence[tuple[str, Decision, int]]) -> None:
+        """:meth:`put` each ``(key, decision, ttl_seconds)``, in one round trip to the store."""
+        ...
+
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """Take the single-flight lease on ``key`` for ``lease_s`` seconds.
 
@@ -275,10 +279,18 @@ class RedisDecisionCache:
 
     def put(self, key: str, decision: Decision, ttl_seconds: int) -> None:
         """See :meth:`DecisionCache.put` (``SET EX``)."""
-        if ttl_seconds <= 0:
+        self.put_many([(key, decision, ttl_seconds)])
+
+    def put_many(self, entries: Sequence[tuple[str, Decision, int]]) -> None:
+        """See :meth:`DecisionCache.put_many` (pipelined ``SET EX``)."""
+        kept = [(key, decision, ttl) for key, decision, ttl in entries if ttl > 0]
+        if not kept:
             return
         with redis_errors_as_coordination_errors(self._client, "writing the decision cache"):
-            self._client.set(self._decision_key(key), decision.model_dump_json(), ex=ttl_seconds)
+            pipe = self._client.pipeline(transaction=False)
+            for key, decision, ttl in kept:
+                pipe.set(self._decision_key(key), decision.model_dump_json(), ex=ttl)
+            pipe.execute()
 
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """See :meth:`DecisionCache.claim` (``SET NX PX`` with a random token)."""
@@ -419,17 +431,23 @@ class SqliteDecisionCache:
 
     def put(self, key: str, decision: Decision, ttl_seconds: int) -> None:
         """See :meth:`DecisionCache.put`."""
-        if ttl_seconds <= 0:
+        self.put_many([(key, decision, ttl_seconds)])
+
+    def put_many(self, entries: Sequence[tuple[str, Decision, int]]) -> None:
+        """See :meth:`DecisionCache.put_many` (one ``executemany``)."""
+        now = time.time()
+        rows = [(key, d.model_dump_json(), now + ttl) for key, d, ttl in entries if ttl > 0]
+        if not rows:
             return
         with self._errors("writing the decision cache"):
             connection = self._connection()
-            connection.execute(
+            connection.executemany(
                 "INSERT OR REPLACE INTO decisions (key, decision, expires_at) VALUES (?, ?, ?)",
-                (key, decision.model_dump_json(), time.time() + ttl_seconds),
+                rows,
             )
             with self._lock:
-                self._puts += 1
-                purge = self._puts % _PUTS_BETWEEN_PURGES == 0
+                before, self._puts = self._puts, self._puts + len(rows)
+                purge = before // _PUTS_BETWEEN_PURGES != self._puts // _PUTS_BETWEEN_PURGES
             if purge:
                 self._purge(connection)
 

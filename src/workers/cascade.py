@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.routing import BudgetState, Reason, Route, Target, decide
+from policies.routing import UNLIMITED, BudgetState, Reason, Route, Target, decide
 from policies.spec import (
     EXAMPLES,
     PolicyError,
@@ -68,6 +68,14 @@ class Classifier(Protocol):
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Score ``texts``; raise :class:`~workers.errors.InputError` for an unusable text."""
+        ...
+
+    def is_long(self, text: str) -> bool:
+        """Whether scoring ``text`` takes more than one model window.
+
+        Such a text costs several times what a short one does. Cheap enough to ask on the
+        event loop.
+        """
         ...
 
 
@@ -268,17 +276,19 @@ class Cascade:
         timings: Mapping[str, float],
         results: list[Decision | LLMWork | None],
     ) -> None:
-        """Apply each message's policy; answer what the BERT tier may answer, hand on the rest."""
+        """Apply each message's policy; answer what the BERT tier may answer, hand on the rest.
+
+        The budget is read (once per policy) only for a message that would go to the LLM: a
+        confident BERT answer does not depend on it.
+        """
         states: dict[str, BudgetState] = {}
         for i, prediction in zip(misses, predictions, strict=True):
             message, spec = messages[i], specs[i]
-            if spec.name not in states:
-                states[spec.name] = (
-                    self.budget.state(spec.name, spec.budget)
-                    if self.budget is not None
-                    else BudgetState()
-                )
-            route = decide(prediction, spec, states[spec.name], message.task)
+            route = decide(prediction, spec, UNLIMITED, message.task)
+            if route.target is not Target.BERT and self.budget is not None:
+                if spec.name not in states:
+                    states[spec.name] = self.budget.state(spec.name, spec.budget)
+                route = decide(prediction, spec, states[spec.name], message.task)
             if route.target is Target.BERT:
                 skipped = LLMSkip.BUDGET_EXHAUSTED if route.budget_exhausted else None
                 results[i] = _bert_decision(message, spec, prediction, route, timings, skipped)
@@ -371,6 +381,7 @@ class Cascade:
         """Cache the final BERT decisions (LLM answers are cached under their lease)."""
         if self.cache is None:
             return
+        entries = []
         for i in indices:
             decision = results[i]
             if (
@@ -380,7 +391,8 @@ class Cascade:
                 and decision.status is Status.ANSWERED
                 and not decision.cached
             ):
-                self.cache.put(keys[i], decision, specs[i].cache.ttl_seconds)
+                entries.append((keys[i], decision, specs[i].cache.ttl_seconds))
+        self.cache.put_many(entries)
 
 
 # ---------------------------------------------------------------------------------- decisions

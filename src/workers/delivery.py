@@ -90,6 +90,10 @@ class DecisionLedger(Protocol):
         """Record, stream and announce ``decision``; False when its id was already answered."""
         ...
 
+    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
+        """:meth:`deliver` each decision, in order, in one round trip to the store."""
+        ...
+
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """The delivered decision of each id, in order (``None`` where there is none yet)."""
         ...
@@ -229,24 +233,45 @@ class RedisDecisionLedger:
 
     def deliver(self, decision: Decision) -> bool:
         """See :meth:`DecisionLedger.deliver`; one Lua script, so it is all or nothing."""
-        with redis_errors_as_coordination_errors(self.client, "delivering a decision"):
-            delivered = self._deliver(
-                keys=[
-                    self.record_key(decision.id),
-                    self.stream,
-                    self.reply_key(decision.id),
-                    self.accepted_key,
-                    self.accepted_payload_key,
-                ],
-                args=[
-                    decision.model_dump_json(),
-                    self.record_ttl_s,
-                    self.stream_maxlen,
-                    _REPLY_TTL_S,
-                    decision.id,
-                ],
+        return self.deliver_many([decision])[0]
+
+    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
+        """See :meth:`DecisionLedger.deliver_many`: the script once per decision, pipelined."""
+        if not decisions:
+            return []
+        calls = [
+            (
+                self.record_key(decision.id),
+                self.stream,
+                self.reply_key(decision.id),
+                self.accepted_key,
+                self.accepted_payload_key,
+                decision.model_dump_json(),
+                self.record_ttl_s,
+                self.stream_maxlen,
+                _REPLY_TTL_S,
+                decision.id,
             )
-        return bool(delivered)
+            for decision in decisions
+        ]
+        with redis_errors_as_coordination_errors(self.client, "delivering decisions"):
+            try:
+                delivered = self._run_deliveries(calls)
+            except redis.exceptions.NoScriptError:
+                # Redis lost its scripts (a restart): none of the calls ran. Load it, go again.
+                self.client.script_load(_DELIVER)
+                delivered = self._run_deliveries(calls)
+        return [bool(flag) for flag in delivered]
+
+    def _run_deliveries(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """One ``EVALSHA`` of the delivery script per call, in one round trip.
+
+        A pipeline of registered scripts would first ask ``SCRIPT EXISTS``: a second round trip.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._deliver.sha, 5, *call)
+        return pipe.execute()
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """See :meth:`DecisionLedger.get_many`; one ``MGET``."""
@@ -340,6 +365,10 @@ class LocalDecisionLedger:
                 self._decisions.popitem(last=False)
             self._changed.notify_all()
             return True
+
+    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
+        """See :meth:`DecisionLedger.deliver_many`."""
+        return [self.deliver(decision) for decision in decisions]
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """See :meth:`DecisionLedger.get_many`."""

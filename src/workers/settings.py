@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     intra_op_threads: PositiveInt = Field(
         default_factory=lambda: os.cpu_count() or 1,
         description="ONNX Runtime threads inside one operator, per process. With several "
-        "worker processes on one machine, set it to cores / processes.",
+        "worker processes on one machine, set it to cores / processes. The embedded gateway "
+        "shares them between parallel steps (gateway_parallel_steps).",
     )
     inter_op_threads: PositiveInt = Field(
         default=1, description="ONNX Runtime threads across operators (the graph is sequential)."
@@ -232,13 +233,18 @@ class Settings(BaseSettings):
         default=30.0, description="How long POST /v1/classify waits for decisions."
     )
     gateway_batches_in_flight: PositiveInt = Field(
-        default=2,
+        default=6,
         description="Embedded gateway: micro-batches classified at once. Their ONNX Runtime "
-        "steps take turns on one session with every core, the batch with the least work left "
-        "first, so a short message overtakes a long text.",
+        "steps take turns at the session, the batch with the least work left first, so a "
+        "short message overtakes a long text.",
+    )
+    gateway_parallel_steps: PositiveInt | None = Field(
+        default=None,
+        description="Embedded gateway: ONNX Runtime steps run at once, sharing "
+        "intra_op_threads. Default: as many as intra_op_threads, single-threaded.",
     )
     gateway_step_tokens: PositiveInt = Field(
-        default=256,
+        default=128,
         description="Embedded gateway: the most padded tokens in one ONNX Runtime step; a "
         "batch of more waits for its turn again between steps.",
     )

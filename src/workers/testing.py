@@ -45,6 +45,10 @@ class FixedScoreClassifier:
         """The version stamped on every prediction."""
         return self._version
 
+    def is_long(self, text: str) -> bool:
+        """Texts of more than 1,000 characters are long (as for a model of ~250 tokens)."""
+        return len(text) > 1000
+
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """One prediction per text, in input order."""
         with self._lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,15 @@ class BertClassifier:
         logits = self.run(windows.ids)
         return self.calibrate(logits, windows)
 
+    def is_long(self, text: str) -> bool:
+        """Whether :meth:`encode` cuts ``text`` into more than one window.
+
+        Only the first ``8 x max_length`` characters are tokenized (a fraction of a
+        millisecond); a longer text whose beginning still fits one window counts as long.
+        """
+        head = text[: 8 * self.manifest.max_length]
+        return len(head) < len(text) or bool(self.tokenizer.encode(head).overflowing)
+
     def encode(self, texts: Sequence[str]) -> Windows:
         """Tokenize texts into overlapping windows of at most ``max_length`` tokens."""
         ids: list[list[int]] = []
@@ -219,6 +229,7 @@ class BertClassifier:
         else:
             steps = plan_steps(lengths, self.scheduler.step_tokens, self.batch_size)
         tokens_left = sum(lengths)
+        started = time.monotonic()
         for step in steps:
             chunk = [order[position] for position in step]
             feed = self._feed([windows[j] for j in chunk])
@@ -226,7 +237,7 @@ class BertClassifier:
             if self.scheduler is None:
                 out = session.run(None, feed)[0]
             else:
-                with self.scheduler.turn(tokens_left):
+                with self.scheduler.turn(tokens_left, since=started):
                     out = session.run(None, feed)[0]
             tokens_left -= sum(lengths[position] for position in step)
             logits[chunk] = out

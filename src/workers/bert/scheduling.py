@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
-@dataclass(order=True)
+@dataclass(order=True, frozen=True)
 class _Waiter:
     cost: int
     order: int
@@ -34,38 +34,45 @@ class StepScheduler:
     Safe to share between threads; :meth:`turn` is the only operation.
     """
 
-    def __init__(self, step_tokens: int, max_wait_s: float = 0.1) -> None:
-        if step_tokens < 1 or max_wait_s <= 0:
-            raise ValueError("step_tokens and max_wait_s must be positive")
+    def __init__(self, step_tokens: int, max_wait_s: float = 0.1, slots: int = 1) -> None:
+        if step_tokens < 1 or max_wait_s <= 0 or slots < 1:
+            raise ValueError("step_tokens, max_wait_s and slots must be positive")
         self.step_tokens = step_tokens
         self.max_wait_s = max_wait_s
+        self.slots = slots
         self._condition = threading.Condition()
         self._waiting: list[_Waiter] = []
-        # Who holds the session, or has been handed it and not woken yet; None when idle.
-        self._holder: _Waiter | None = None
+        # Who holds a slot, or has been handed one and not woken yet.
+        self._holders: set[_Waiter] = set()
         self._order = itertools.count()
         self.steps = 0
 
     @contextmanager
-    def turn(self, tokens_left: int) -> Iterator[None]:
-        """Hold the session for one step; ``tokens_left`` is the caller's work not yet run."""
-        waiter = _Waiter(tokens_left, next(self._order), time.monotonic())
+    def turn(self, tokens_left: int, since: float | None = None) -> Iterator[None]:
+        """Hold a slot for one step; ``tokens_left`` is the caller's work not yet run.
+
+        ``since`` (``time.monotonic()``) is when the caller asked for its first step: the
+        starvation bound counts from there, so a long text is late once in all, not per step.
+        """
+        waiter = _Waiter(tokens_left, next(self._order), since or time.monotonic())
         with self._condition:
-            if self._holder is None:
-                self._holder = waiter
+            if len(self._holders) < self.slots:
+                self._holders.add(waiter)
             else:
                 self._waiting.append(waiter)
-                while self._holder is not waiter:
+                while waiter not in self._holders:
                     self._condition.wait()
             self.steps += 1
         try:
             yield
         finally:
             with self._condition:
+                self._holders.discard(waiter)
                 # The next holder is chosen here, once, so every waiter sees the same choice.
-                self._holder = self._next() if self._waiting else None
-                if self._holder is not None:
-                    self._waiting.remove(self._holder)
+                if self._waiting:
+                    chosen = self._next()
+                    self._waiting.remove(chosen)
+                    self._holders.add(chosen)
                     self._condition.notify_all()
 
     def _next(self) -> _Waiter:
@@ -73,7 +80,7 @@ class StepScheduler:
         overdue = time.monotonic() - self.max_wait_s
         starved = [w for w in self._waiting if w.since <= overdue]
         if starved:
-            return min(starved, key=lambda w: w.order)
+            return min(starved, key=lambda w: (w.since, w.order))
         return min(self._waiting)
 
 
