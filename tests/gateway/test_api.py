@@ -11,7 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
+from gateway.api import _build_embedded_cascade, create_app
 from gateway.auth import hash_api_key
 from policies.spec import (
     BudgetSpec,
@@ -680,6 +680,28 @@ def test_embedded_mode_builds_its_cascade_from_a_real_model(tmp_path, trained_mo
         assert all(d["label"] in FILM_LABELS for d in decisions)
         assert all(d["model_version"] == decisions[0]["model_version"] for d in decisions)
         assert client.get("/v1/policies").json()["default"] == "rotten-tomatoes"
+
+
+@pytest.mark.parametrize(
+    ("threads", "parallel_steps", "slots", "threads_per_step"),
+    [(2, None, 2, 1), (2, 1, 1, 2), (4, 2, 2, 2), (1, 3, 1, 1)],
+)
+def test_the_embedded_gateway_shares_its_threads_between_parallel_steps(
+    tmp_path, trained_model, threads, parallel_steps, slots, threads_per_step
+):
+    """intra_op_threads become single-threaded steps side by side unless told otherwise."""
+    cascade = _build_embedded_cascade(
+        Settings(
+            data_dir=tmp_path,
+            model_dir=trained_model.directory,
+            intra_op_threads=threads,
+            gateway_parallel_steps=parallel_steps,
+        )
+    )
+    classifier = cascade.classifier
+    assert classifier.scheduler.slots == slots
+    assert classifier.intra_op_threads == threads_per_step
+    assert classifier.session.get_session_options().intra_op_num_threads == threads_per_step
 
 
 def test_accepted_messages_that_cannot_be_answered_go_to_the_dead_letters(tmp_path):

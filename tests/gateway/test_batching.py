@@ -195,3 +195,53 @@ def test_an_idle_batcher_starts_at_once_and_a_busy_one_gathers_the_next_batch():
     answers = run(scenario())
     assert [len(a) for a in answers] == [1, 1, 1, 1]
     assert sizes == [1, 3]
+
+
+def test_a_solo_request_runs_alone_and_the_others_pass_it_by():
+    """A long text never shares a batch: short requests queued behind it form their own."""
+    decider, _ = cascade()
+    release = threading.Event()
+    batches: list[list[str]] = []
+
+    def decide(messages: list[Message]) -> list[Decision]:
+        batches.append([m.text for m in messages])
+        if messages[0].text == "blocker":
+            release.wait(5)
+        return decider.decide(messages)
+
+    async def scenario():
+        batcher = MicroBatcher(
+            decide,
+            window_ms=60_000,
+            max_batch=64,
+            concurrency=1,
+            solo=lambda messages: any(m.text.startswith("long") for m in messages),
+        )
+        await batcher.start()
+        try:
+            blocker = asyncio.ensure_future(batcher.submit([Message(text="blocker")]))
+            while not batches:
+                await asyncio.sleep(0.001)
+            # Queued while the only slot is busy: a long text between short messages.
+            texts = ["short 1", "long text", "short 2", "long other", "short 3"]
+            queued = [asyncio.ensure_future(batcher.submit([Message(id=t, text=t)])) for t in texts]
+            await asyncio.sleep(0.05)
+            release.set()
+            return await asyncio.gather(blocker, *queued)
+        finally:
+            await batcher.stop()
+
+    answers = run(scenario())
+    assert [a[0].id for a in answers[1:]] == [
+        "short 1",
+        "long text",
+        "short 2",
+        "long other",
+        "short 3",
+    ]
+    assert batches == [
+        ["blocker"],
+        ["short 1", "short 2", "short 3"],
+        ["long text"],
+        ["long other"],
+    ]

@@ -83,12 +83,73 @@ def test_a_caller_waiting_too_long_goes_first_whatever_its_size():
     assert _queue_behind_holder(patient, [5000, 10], pause_s=0.1) == [10, 5000]
 
 
+def test_a_long_call_is_late_once_in_all_not_once_per_step():
+    """The starvation bound counts from a call's first step (``since``), not from each step."""
+    scheduler = StepScheduler(step_tokens=256, max_wait_s=0.05)
+    first_step = time.monotonic() - 0.2  # a long call that began its steps 0.2 s ago
+    served: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with scheduler.turn(1):
+            holding.set()
+            release.wait(5)
+
+    def caller(name: str, cost: int, since: float | None) -> None:
+        with scheduler.turn(cost, since=since):
+            served.append(name)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert holding.wait(5)
+    for name, cost, since in (("long", 5000, first_step), ("short", 10, None)):
+        threads.append(threading.Thread(target=caller, args=(name, cost, since)))
+        threads[-1].start()
+        while len(scheduler._waiting) < len(threads) - 1:
+            time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    # The long call's next step has waited only milliseconds, but the call is 0.2 s old.
+    assert served == ["long", "short"]
+
+
+def test_slots_let_that_many_steps_run_at_once_and_no_more():
+    """With two slots, two callers hold a turn together; a third waits for one to end."""
+    scheduler = StepScheduler(step_tokens=256, slots=2)
+    inside, peak = 0, 0
+    counting = threading.Lock()
+    both_in = threading.Barrier(2, timeout=5)
+
+    def caller(cost: int) -> None:
+        nonlocal inside, peak
+        with scheduler.turn(cost):
+            with counting:
+                inside += 1
+                peak = max(peak, inside)
+            if cost < 3:
+                both_in.wait()  # the first two are inside together, or this times out
+            time.sleep(0.02)
+            with counting:
+                inside -= 1
+
+    threads = [threading.Thread(target=caller, args=(cost,)) for cost in (1, 2, 3, 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert peak == 2
+    assert scheduler.steps == 4
+
+
 def test_invalid_scheduler_settings_are_refused():
     """A step of no tokens, or no patience, is a ValueError."""
     with pytest.raises(ValueError, match="positive"):
         StepScheduler(step_tokens=0)
     with pytest.raises(ValueError, match="positive"):
         StepScheduler(step_tokens=10, max_wait_s=0)
+    with pytest.raises(ValueError, match="positive"):
+        StepScheduler(step_tokens=10, slots=0)
 
 
 def test_scheduled_steps_give_the_same_predictions_from_threads(tiny_model):

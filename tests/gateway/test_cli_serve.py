@@ -1,0 +1,45 @@
+"""``tiergate serve --workers N``: each uvicorn process classifies with its share of the cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from gateway.cli import app
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """What ``uvicorn.run`` was started with, and the environment its processes inherit."""
+    calls: list[tuple[dict, str | None]] = []
+
+    def record(target, **options):
+        calls.append((options, os.environ.get("TIERGATE_INTRA_OP_THREADS")))
+
+    monkeypatch.setattr(uvicorn, "run", record)
+    monkeypatch.delenv("TIERGATE_INTRA_OP_THREADS", raising=False)
+    return calls
+
+
+def test_worker_processes_split_the_cores_between_them(started, monkeypatch):
+    """Two processes on this machine get half its cores each (at least one)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    result = CliRunner().invoke(app, ["serve", "--workers", "2", "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    ((options, threads),) = started
+    assert options["workers"] == 2
+    assert options["port"] == 8123
+    assert threads == "4"
+
+
+def test_an_explicit_thread_count_is_kept(started, monkeypatch):
+    """TIERGATE_INTRA_OP_THREADS set by the operator wins over the even split."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("TIERGATE_INTRA_OP_THREADS", "3")
+    result = CliRunner().invoke(app, ["serve", "--workers", "4"])
+    assert result.exit_code == 0, result.output
+    ((_, threads),) = started
+    assert threads == "3"
