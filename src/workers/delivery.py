@@ -255,23 +255,34 @@ class RedisDecisionLedger:
             for decision in decisions
         ]
         with redis_errors_as_coordination_errors(self.client, "delivering decisions"):
-            try:
-                delivered = self._run_deliveries(calls)
-            except redis.exceptions.NoScriptError:
-                # Redis lost its scripts (a restart): none of the calls ran. Load it, go again.
+            delivered = self._run_deliveries(calls)
+            missed = [
+                i
+                for i, out in enumerate(delivered)
+                if isinstance(out, redis.exceptions.NoScriptError)
+            ]
+            if missed:
+                # Redis lost its scripts (a restart): the calls it refused did not run.
                 self.client.script_load(_DELIVER)
-                delivered = self._run_deliveries(calls)
+                for i, out in zip(
+                    missed, self._run_deliveries([calls[i] for i in missed]), strict=True
+                ):
+                    delivered[i] = out
+            for out in delivered:
+                if isinstance(out, Exception):
+                    raise out
         return [bool(flag) for flag in delivered]
 
     def _run_deliveries(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """One ``EVALSHA`` of the delivery script per call, in one round trip.
 
+        Each call's result, or its error, comes back in its place.
         A pipeline of registered scripts would first ask ``SCRIPT EXISTS``: a second round trip.
         """
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(self._deliver.sha, 5, *call)
-        return pipe.execute()
+        return pipe.execute(raise_on_error=False)
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """See :meth:`DecisionLedger.get_many`; one ``MGET``."""

@@ -195,6 +195,51 @@ def test_decision_expires_after_its_ttl(cache):
         time.sleep(0.05)
 
 
+def test_put_many_stores_each_entry_with_a_positive_ttl(cache):
+    """put_many stores every entry with a ttl above 0 and skips the others; [] is a no-op."""
+    first, second = make_decision("positive", "a"), make_decision("negative", "b")
+    cache.put_many([])
+    cache.put_many([("k1", first, 60), ("zero", first, 0), ("k2", second, 30), ("neg", first, -5)])
+    assert cache.get_many(["k1", "zero", "k2", "neg"]) == [first, None, second, None]
+    cache.put_many([("k1", second, 60)])
+    assert cache.get_many(["k1"]) == [second]
+
+
+def test_redis_put_many_sets_each_keys_own_ttl(redis_prefix):
+    """Each key put_many writes expires after its own ttl; skipped and empty puts write none."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    cache = RedisDecisionCache(client, prefix=redis_prefix)
+    cache.put_many([])
+    cache.put_many([("zero", make_decision(), 0)])
+    assert list(client.scan_iter(match=f"{redis_prefix}:*")) == []
+    cache.put_many([("long", make_decision(), 600), ("short", make_decision(), 20)])
+    assert 20 < client.ttl(f"{redis_prefix}:decision:long") <= 600
+    assert 0 < client.ttl(f"{redis_prefix}:decision:short") <= 20
+    cache.close()
+
+
+def test_sqlite_purge_counts_every_row_put_many_writes(tmp_path):
+    """Expired rows are purged once the rows written pass 1000, even mid-batch."""
+    path = tmp_path / "cache.sqlite3"
+    cache = SqliteDecisionCache(path)
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute(
+        "INSERT INTO decisions (key, decision, expires_at) VALUES ('expired', '{}', ?)",
+        (time.time() - 1,),
+    )
+
+    def stored_rows() -> int:
+        return connection.execute("SELECT count(*) FROM decisions").fetchone()[0]
+
+    cache.put_many([(f"k{i}", make_decision(), 60) for i in range(999)])
+    assert stored_rows() == 1000  # 999 puts: the expired row is still there
+    cache.put_many([("k999", make_decision(), 60), ("k1000", make_decision(), 60)])
+    assert stored_rows() == 1001
+    assert connection.execute("SELECT 1 FROM decisions WHERE key = 'expired'").fetchone() is None
+    connection.close()
+    cache.close()
+
+
 def test_redis_keys_carry_the_prefix_and_not_the_text(redis_prefix):
     """Redis keys are prefix:decision:<hash>; the text appears in no key."""
     client = redis.Redis(host="127.0.0.1", port=6379)

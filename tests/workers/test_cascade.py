@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import redis
 
-from policies.routing import Reason
+from policies.routing import BudgetState, Reason
 from policies.spec import BudgetSpec, Escalation, LabelSpec, PolicySpec, Task, WhenExhausted
 from workers.budget import LocalBudgetLedger, RedisBudgetLedger
 from workers.cache import RedisDecisionCache, SqliteDecisionCache
 from workers.cascade import Cascade, PolicyBook, check_policy_fits_model, load_policy_book
 from workers.errors import UnknownPolicyError
-from workers.schemas import LLMSkip, Message, Status, Tier
+from workers.schemas import Decision, LLMSkip, Message, Status, Tier
 from workers.settings import Settings
 from workers.testing import FixedScoreClassifier
 
@@ -36,6 +37,30 @@ def policy(**changes) -> PolicySpec:
 def classifier(**scores) -> FixedScoreClassifier:
     """A classifier that is confident about every text except those given scores."""
     return FixedScoreClassifier(LABELS, dict(scores.items()), default=CONFIDENT)
+
+
+class CountingBudgetLedger(RedisBudgetLedger):
+    """The Redis budget ledger, noting the policy of every budget read."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.reads: list[str] = []
+
+    def state(self, policy: str, spec: BudgetSpec) -> BudgetState:
+        self.reads.append(policy)
+        return super().state(policy, spec)
+
+
+class CountingCache(SqliteDecisionCache):
+    """The SQLite cache, noting the keys of every put_many call."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[list[str]] = []
+
+    def put_many(self, entries: Sequence[tuple[str, Decision, int]]) -> None:
+        self.batches.append([key for key, _, _ in entries])
+        super().put_many(entries)
 
 
 def test_confident_messages_are_answered_by_bert_in_input_order():
@@ -142,6 +167,59 @@ def test_spent_budget_defers_or_flags_as_the_policy_says(redis_prefix):
     assert (deferred.status, deferred.llm_skipped) == (Status.DEFERRED, LLMSkip.BUDGET_EXHAUSTED)
     assert (flagged.status, flagged.llm_skipped) == (Status.ANSWERED, LLMSkip.BUDGET_EXHAUSTED)
     assert (easy.status, easy.llm_skipped) == (Status.ANSWERED, None)
+
+
+def test_confident_messages_do_not_read_the_budget(redis_prefix):
+    """A batch BERT answers confidently never reads the budget, even a spent one."""
+    ledger = CountingBudgetLedger(redis.Redis(host="127.0.0.1", port=6379), redis_prefix)
+    spent = policy(budget=BudgetSpec(usd_per_day=0.0))
+    cascade = Cascade(classifier(), PolicyBook([spent]), budget=ledger)
+    decisions = cascade.decide([Message(text=f"easy {i}") for i in range(5)])
+    assert ledger.reads == []
+    assert {(d.status, d.llm_skipped) for d in decisions} == {(Status.ANSWERED, None)}
+
+
+def test_escalating_messages_read_the_budget_once_per_policy(redis_prefix):
+    """Each policy's budget is read once if a message of it escalates, else never."""
+    ledger = CountingBudgetLedger(redis.Redis(host="127.0.0.1", port=6379), redis_prefix)
+    spent = policy(budget=BudgetSpec(usd_per_day=0.0, when_exhausted=WhenExhausted.BERT))
+    book = PolicyBook([spent, policy(name="open"), policy(name="calm")])
+    cascade = Cascade(classifier(hard=UNSURE), book, budget=ledger)
+    names = ["films", "open", "films", "open", "films"]
+    decisions = cascade.decide(
+        [Message(text="hard", policy=name) for name in names]
+        + [Message(text="easy", policy="calm")]
+    )
+    assert sorted(ledger.reads) == ["films", "open"]
+    assert [d.llm_skipped for d in decisions] == [
+        LLMSkip.BUDGET_EXHAUSTED,
+        LLMSkip.NO_PROVIDER,
+        LLMSkip.BUDGET_EXHAUSTED,
+        LLMSkip.NO_PROVIDER,
+        LLMSkip.BUDGET_EXHAUSTED,
+        None,
+    ]
+
+
+def test_a_batch_is_cached_in_one_put_many(tmp_path):
+    """The final BERT decisions of a batch go to the cache in one call; fallbacks stay out."""
+    cache = CountingCache(tmp_path / "cache.sqlite3")
+    scorer = classifier(hard=UNSURE)
+    cascade = Cascade(scorer, PolicyBook([policy()]), cache=cache)
+    texts = ["one", "hard", "two", "three"]
+    cascade.decide([Message(text=text) for text in texts])
+    assert [len(keys) for keys in cache.batches] == [3]
+    again = cascade.decide([Message(text=text) for text in texts])
+    assert [d.cached for d in again] == [True, False, True, True]
+    assert scorer.texts_scored == 5
+    cache.close()
+
+
+def test_fixed_score_classifier_calls_texts_over_1000_characters_long():
+    """The shipped test double's is_long: more than 1,000 characters."""
+    scorer = classifier()
+    assert not scorer.is_long("x" * 1000)
+    assert scorer.is_long("x" * 1001)
 
 
 def test_policy_book_for_the_default_model_is_the_shipped_policy(tmp_path):

@@ -110,3 +110,41 @@ def test_held_messages_finds_the_message_in_each_dead_letter_shape():
         {"webhook": "http://hook", "decision": "m-0"}
     ]
     assert held_messages("not json") == []
+
+
+def test_deliver_many_delivers_each_new_id_once_in_order(ledger):
+    """A batch is delivered in order: new ids True, ids already answered (even in it) False."""
+    assert ledger.deliver_many([]) == []
+    ledger.deliver(decision("old", "negative"))
+    batch = [decision("a"), decision("old"), decision("b"), decision("a", "negative")]
+    assert ledger.deliver_many(batch) == [True, False, True, False]
+    found = ledger.get_many(["a", "b", "old"])
+    assert [d.label if d else None for d in found] == ["positive", "positive", "negative"]
+    assert ledger.deliver_many([decision("a"), decision("b")]) == [False, False]
+
+
+def test_deliver_many_streams_one_entry_per_delivered_decision(redis_prefix):
+    """Only the decisions delivered now reach the stream, in batch order; a repeat adds none."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
+    ledger.deliver_many([decision("c"), decision("a"), decision("b")])
+    ledger.deliver_many([decision("a"), decision("d"), decision("c")])
+    entries = client.xrange(ledger.stream)
+    assert [fields[b"id"] for _, fields in entries] == [b"c", b"a", b"b", b"d"]
+    assert [Decision.model_validate_json(f[b"decision"]).id for _, f in entries] == list("cabd")
+
+
+def test_deliver_many_loads_the_script_again_after_redis_lost_it(private_redis):
+    """After SCRIPT FLUSH a batch is still delivered, each decision once."""
+    client = private_redis.client()
+    ledger = RedisDecisionLedger(client, prefix="flushed", stream="flushed:decisions")
+    assert ledger.deliver_many([decision("a")]) == [True]
+    client.script_flush()
+    assert ledger.deliver_many([decision("a"), decision("b"), decision("c")]) == [
+        False,
+        True,
+        True,
+    ]
+    assert [d.id if d else None for d in ledger.get_many(["a", "b", "c"])] == ["a", "b", "c"]
+    assert [fields[b"id"] for _, fields in client.xrange(ledger.stream)] == [b"a", b"b", b"c"]
+    client.close()

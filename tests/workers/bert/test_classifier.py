@@ -89,6 +89,26 @@ def test_texts_longer_than_the_window_are_split_not_truncated(tiny_model):
     assert rebuilt == full
 
 
+def test_is_long_says_whether_encode_makes_several_windows(tiny_model):
+    """is_long is True exactly for the texts encode cuts into more than one window."""
+    classifier = BertClassifier(tiny_model, chunk_overlap=4)
+    capacity = classifier.manifest.max_length - 2  # [CLS] and [SEP]
+    texts = [" ".join(["alpha"] * n) for n in range(capacity - 3, capacity + 4)]
+    texts += ["short", LONG_TEXT]
+    counts = classifier.encode(texts).counts
+    assert counts[3:5] == [1, 2]  # the border between one window and two is among the texts
+    assert [classifier.is_long(text) for text in texts] == [count > 1 for count in counts]
+
+
+def test_text_over_eight_windows_of_characters_is_long(tiny_model):
+    """Past 8 x max_length characters a text is long, even one that would fit one window."""
+    classifier = BertClassifier(tiny_model, chunk_overlap=4)
+    word = "a" * (8 * classifier.manifest.max_length)  # one unknown token, however long
+    assert classifier.encode([word, word + "a"]).counts == [1, 1]
+    assert not classifier.is_long(word)
+    assert classifier.is_long(word + "a")
+
+
 def test_single_label_windows_are_averaged(tiny_model):
     """A long text's probabilities are the mean of its windows' calibrated softmax."""
     classifier = BertClassifier(tiny_model, chunk_overlap=4)
