@@ -4,11 +4,11 @@ In the embedded gateway, several micro-batches may be classified at once, each i
 thread. Run side by side they would oversubscribe the cores; run one after the other, a short
 message would wait behind a batch holding a text of many windows. :class:`StepScheduler`
 does what chunked prefill does for LLM servers: each caller cuts its windows into steps of at
-most ``step_tokens`` padded tokens, and before every step it waits for its turn. One step runs
-at a time, on every core, and the turn goes to the caller with the fewest tokens left, so a
-short message overtakes a long text between two of its steps instead of after all of them. A
-caller that has waited ``max_wait_s`` goes first whatever it has left, so long texts are never
-starved.
+most ``step_tokens`` padded tokens, and before every step it waits for its turn. At most
+``slots`` steps run at once (the embedded gateway runs one single-threaded step per core), and a
+free slot goes to the caller with the fewest tokens left, so a short message overtakes a long
+text between two of its steps instead of after all of them. A caller whose first step was asked
+for ``max_wait_s`` ago goes first whatever it has left, so long texts are never starved.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class _Waiter:
 
 
 class StepScheduler:
-    """Grants one ONNX step at a time, to the waiting caller with the least work left.
+    """Grants up to ``slots`` ONNX steps at a time, to the waiting callers with the least work left.
 
     Safe to share between threads; :meth:`turn` is the only operation.
     """
