@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import structlog
 import uvicorn
 from typer.testing import CliRunner
 
@@ -13,7 +14,11 @@ from gateway.cli import app
 
 @pytest.fixture
 def started(monkeypatch):
-    """What ``uvicorn.run`` was started with, and the environment its processes inherit."""
+    """What ``uvicorn.run`` was started with, and the environment its processes inherit.
+
+    The CLI configures logging to the runner's captured standard error and exports its log
+    level; both are put back afterwards, so later tests do not log to a closed stream.
+    """
     calls: list[tuple[dict, str | None]] = []
 
     def record(target, **options):
@@ -21,7 +26,10 @@ def started(monkeypatch):
 
     monkeypatch.setattr(uvicorn, "run", record)
     monkeypatch.delenv("TIERGATE_INTRA_OP_THREADS", raising=False)
-    return calls
+    monkeypatch.delenv("TIERGATE_LOG_LEVEL", raising=False)
+    logging_before = structlog.get_config()
+    yield calls
+    structlog.configure(**logging_before)
 
 
 def test_worker_processes_split_the_cores_between_them(started, monkeypatch):
