@@ -24,16 +24,18 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import kombu
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.client import TiergateClient
+from policies.routing import Reason
 from policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
 from workers.llm.testing import FakeLLMServer
-from workers.schemas import Decision
+from workers.schemas import Decision, Message, Tier
 from workers.settings import Settings
 
 BROKERS = {
@@ -52,6 +54,21 @@ def default_test_policy(min_probability: float = 0.9) -> PolicySpec:
 def positive_answer(_body: dict[str, Any]) -> dict[str, Any]:
     """The fake LLM's answer in these suites: always ``positive``."""
     return {"label": "positive"}
+
+
+def bert_decision(message_id: str, label: str = "positive") -> Decision:
+    """A minimal confident BERT decision for ``message_id`` (ledger and stream tests)."""
+    return Decision(
+        id=message_id,
+        label=label,
+        labels=[label],
+        scores={"positive": 0.9, "negative": 0.1},
+        tier=Tier.BERT,
+        reason=Reason.CONFIDENT,
+        chunks=1,
+        model_version="m",
+        policy="p",
+    )
 
 
 @dataclass
@@ -95,6 +112,12 @@ class Cluster:
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+
+    def warm_up(self, client: TiergateClient, text: str) -> None:
+        """Have one message answered end to end, so every worker is up before a clock starts."""
+        warm = Message(id="warm-up", text=text)
+        client.submit(warm)
+        assert client.wait(warm.id, timeout_s=120) is not None, self.log_text()
 
     def log_text(self) -> str:
         """Everything the workers wrote, for failure messages."""
@@ -210,7 +233,29 @@ def delete_keys(pattern: str, db: int = 0) -> None:
         client.close()
 
 
-class StreamTail:
+class BackgroundLoop:
+    """A context manager running ``_run`` in a daemon thread until the block ends.
+
+    ``_run`` polls ``self._stop`` (a :class:`threading.Event`) and returns once it is set.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class StreamTail(BackgroundLoop):
     """Reads a decisions stream continuously in a background thread, as a consumer would.
 
     ``XREAD`` from the last entry id seen, so every entry is read once, with the time it was
@@ -220,22 +265,13 @@ class StreamTail:
     """
 
     def __init__(self, redis_url: str, stream: str) -> None:
+        super().__init__("stream-tail")
         self.redis_url = redis_url
         self.stream = stream
         self.errors = 0
         self.last_id = "0"
         self._entries: list[tuple[str, float, Decision]] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stream-tail", daemon=True)
-
-    def __enter__(self) -> StreamTail:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)

@@ -7,26 +7,10 @@ import threading
 
 from structlog.testing import capture_logs
 
+from cluster import bert_decision
 from gateway.client import TiergateClient
-from policies.routing import Reason
 from workers.delivery import RedisDecisionLedger
-from workers.schemas import Decision, Tier
 from workers.settings import Settings
-
-
-def decision(message_id: str) -> Decision:
-    """A minimal BERT decision for ``message_id``."""
-    return Decision(
-        id=message_id,
-        label="positive",
-        labels=["positive"],
-        scores={"positive": 0.9, "negative": 0.1},
-        tier=Tier.BERT,
-        reason=Reason.CONFIDENT,
-        chunks=1,
-        model_version="m",
-        policy="p",
-    )
 
 
 def test_stream_survives_a_redis_restart_and_recreates_the_lost_group(private_redis):
@@ -53,12 +37,12 @@ def test_stream_survives_a_redis_restart_and_recreates_the_lost_group(private_re
         consumer = threading.Thread(target=consume, daemon=True)
         consumer.start()
         try:
-            client.ledger.deliver(decision("before"))
+            client.ledger.deliver(bert_decision("before"))
             assert received.get(timeout=10) == "before"
             private_redis.shutdown()  # SHUTDOWN NOSAVE: the stream and its group are gone
             private_redis.start()
             with private_redis.client() as fresh:
-                RedisDecisionLedger.from_settings(settings, fresh).deliver(decision("after"))
+                RedisDecisionLedger.from_settings(settings, fresh).deliver(bert_decision("after"))
             assert received.get(timeout=15) == "after"
             consumer.join(timeout=5)
         finally:

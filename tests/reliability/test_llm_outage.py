@@ -120,9 +120,7 @@ def test_llm_down_for_a_while_decisions_keep_coming_and_the_breaker_opens_then_c
     client = TiergateClient.from_settings(cluster.settings)
     cluster.start_worker("bert", concurrency=2)
     cluster.start_worker("llm", concurrency=4)
-    warm = Message(id="warm-up", text=snippets[-1])
-    client.submit(warm)
-    assert client.wait(warm.id, timeout_s=120) is not None, cluster.log_text()
+    cluster.warm_up(client, snippets[-1])
     per_s, phases = 20.0, {"healthy": 3.0, "5xx": 5.0, "timeouts": 5.0, "recovered": 8.0}
     count = int(per_s * sum(phases.values()))
     sent = [Message(id=f"o-{i}", text=text) for i, text in enumerate(snippets[:count])]
@@ -213,9 +211,7 @@ def test_a_429_storm_is_ridden_out_within_the_calls_per_minute_budget(
     client = TiergateClient.from_settings(cluster.settings)
     cluster.start_worker("bert", concurrency=2)
     cluster.start_worker("llm", concurrency=8)
-    warm = Message(id="warm-up", text=snippets[-1])
-    client.submit(warm)
-    assert client.wait(warm.id, timeout_s=120) is not None, cluster.log_text()
+    cluster.warm_up(client, snippets[-1])
     per_s, count = 12.0, 216  # 18 s of messages
     sent = [Message(id=f"s-{i}", text=text) for i, text in enumerate(snippets[:count])]
     marks: dict[str, float] = {}
@@ -237,7 +233,7 @@ def test_a_429_storm_is_ridden_out_within_the_calls_per_minute_budget(
         assert not missing, f"{len(missing)} never answered\n{cluster.log_text()}"
         entries = [(i, at, d) for i, at, d in tail.entries() if i in submitted]
     reservations = _calls_reserved(cluster, policy.name)
-    requests = [r for r in fake_llm.requests if message_of(r.body) != warm.text]
+    requests = [r for r in fake_llm.requests if message_of(r.body) != snippets[-1]]
     per_minute = Counter(int(r.at // 60) for r in requests)
     by_text: dict[str, list[float]] = {}
     for request in requests:

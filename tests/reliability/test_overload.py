@@ -10,12 +10,18 @@ dead letters. Worker memory is each worker's resident set, its prefork children 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from cluster import Cluster, StreamTail, process_tree_rss_kib, unlimited_policy, wait_until
+from cluster import (
+    BackgroundLoop,
+    Cluster,
+    StreamTail,
+    process_tree_rss_kib,
+    unlimited_policy,
+    wait_until,
+)
 from gateway.client import TiergateClient
 from workers.schemas import Message
 
@@ -26,24 +32,15 @@ OFFER_S = 60.0
 TICK_S = 0.1
 
 
-class Sampler:
+class Sampler(BackgroundLoop):
     """Samples queue depths and worker memory every half second, in a background thread."""
 
     def __init__(self, cluster: Cluster, workers: dict[str, int]) -> None:
+        super().__init__("sampler")
         self.client = TiergateClient.from_settings(cluster.settings)
         self.queues = (cluster.settings.bert_queue, cluster.settings.llm_queue)
         self.workers = workers
         self.samples: list[tuple[float, int, int, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -72,9 +69,7 @@ def test_twice_the_measured_throughput_for_60_s_queues_grow_then_drain(
     )
     stream = cluster.settings.decisions_stream
     with StreamTail(cluster.settings.redis_url or "", stream) as tail:
-        warm = Message(id="warm-up", text=next(numbered))
-        client.submit(warm)
-        assert client.wait(warm.id, timeout_s=120) is not None, cluster.log_text()
+        cluster.warm_up(client, next(numbered))
         # 1. Throughput of a closed run: a backlog submitted at once, drained.
         backlog = [Message(id=f"m-{i}", text=next(numbered)) for i in range(MEASURE)]
         started = time.monotonic()

@@ -9,24 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from policies.routing import Reason
+from cluster import bert_decision
 from workers.delivery import LocalDecisionLedger, RedisDecisionLedger, held_messages
-from workers.schemas import Decision, Tier
-
-
-def decision(message_id: str, label: str = "positive") -> Decision:
-    """A BERT decision for ``message_id``."""
-    return Decision(
-        id=message_id,
-        label=label,
-        labels=[label],
-        scores={"positive": 0.9, "negative": 0.1},
-        tier=Tier.BERT,
-        reason=Reason.CONFIDENT,
-        chunks=1,
-        model_version="m",
-        policy="p",
-    )
+from workers.schemas import Decision
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -40,8 +25,8 @@ def ledger(request, redis_prefix):
 
 def test_an_id_is_delivered_once_and_the_first_decision_stays(ledger):
     """A second delivery for the same id is refused and changes nothing."""
-    assert ledger.deliver(decision("a", "positive"))
-    assert not ledger.deliver(decision("a", "negative"))
+    assert ledger.deliver(bert_decision("a", "positive"))
+    assert not ledger.deliver(bert_decision("a", "negative"))
     assert [d.label if d else None for d in ledger.get_many(["a", "b"])] == ["positive", None]
 
 
@@ -50,7 +35,7 @@ def test_concurrent_deliveries_of_one_id_put_one_entry_on_the_stream(redis_prefi
     client = redis.Redis(host="127.0.0.1", port=6379)
     ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
     with ThreadPoolExecutor(max_workers=20) as pool:
-        outcomes = list(pool.map(lambda _: ledger.deliver(decision("same")), range(20)))
+        outcomes = list(pool.map(lambda _: ledger.deliver(bert_decision("same")), range(20)))
     assert outcomes.count(True) == 1
     entries = client.xrange(ledger.stream)
     assert [fields[b"id"] for _, fields in entries] == [b"same"]
@@ -59,7 +44,7 @@ def test_concurrent_deliveries_of_one_id_put_one_entry_on_the_stream(redis_prefi
 
 def test_wait_wakes_when_the_decision_arrives_and_times_out_otherwise(ledger):
     """A waiter gets the decision soon after delivery; with none it returns None on time."""
-    threading.Timer(0.2, lambda: ledger.deliver(decision("later"))).start()
+    threading.Timer(0.2, lambda: ledger.deliver(bert_decision("later"))).start()
     started = time.monotonic()
     found = ledger.wait("later", timeout_s=5)
     assert found is not None
@@ -89,7 +74,7 @@ def test_batch_sizes_are_counted(ledger):
 def test_accepted_messages_are_claimed_once_when_overdue_and_dropped_when_answered(ledger):
     """Overdue unanswered messages are claimed (once per interval); answered ones never are."""
     ledger.accept({"slow": '{"message": {"id": "slow"}}', "done": '{"message": {"id": "done"}}'})
-    ledger.deliver(decision("done"))
+    ledger.deliver(bert_decision("done"))
     assert ledger.claim_overdue(older_than_s=60) == []
     time.sleep(0.05)
     claimed = ledger.claim_overdue(older_than_s=0.01)
@@ -115,20 +100,25 @@ def test_held_messages_finds_the_message_in_each_dead_letter_shape():
 def test_deliver_many_delivers_each_new_id_once_in_order(ledger):
     """A batch is delivered in order: new ids True, ids already answered (even in it) False."""
     assert ledger.deliver_many([]) == []
-    ledger.deliver(decision("old", "negative"))
-    batch = [decision("a"), decision("old"), decision("b"), decision("a", "negative")]
+    ledger.deliver(bert_decision("old", "negative"))
+    batch = [
+        bert_decision("a"),
+        bert_decision("old"),
+        bert_decision("b"),
+        bert_decision("a", "negative"),
+    ]
     assert ledger.deliver_many(batch) == [True, False, True, False]
     found = ledger.get_many(["a", "b", "old"])
     assert [d.label if d else None for d in found] == ["positive", "positive", "negative"]
-    assert ledger.deliver_many([decision("a"), decision("b")]) == [False, False]
+    assert ledger.deliver_many([bert_decision("a"), bert_decision("b")]) == [False, False]
 
 
 def test_deliver_many_streams_one_entry_per_delivered_decision(redis_prefix):
     """Only the decisions delivered now reach the stream, in batch order; a repeat adds none."""
     client = redis.Redis(host="127.0.0.1", port=6379)
     ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
-    ledger.deliver_many([decision("c"), decision("a"), decision("b")])
-    ledger.deliver_many([decision("a"), decision("d"), decision("c")])
+    ledger.deliver_many([bert_decision("c"), bert_decision("a"), bert_decision("b")])
+    ledger.deliver_many([bert_decision("a"), bert_decision("d"), bert_decision("c")])
     entries = client.xrange(ledger.stream)
     assert [fields[b"id"] for _, fields in entries] == [b"c", b"a", b"b", b"d"]
     assert [Decision.model_validate_json(f[b"decision"]).id for _, f in entries] == list("cabd")
@@ -138,9 +128,9 @@ def test_deliver_many_loads_the_script_again_after_redis_lost_it(private_redis):
     """After SCRIPT FLUSH a batch is still delivered, each decision once."""
     client = private_redis.client()
     ledger = RedisDecisionLedger(client, prefix="flushed", stream="flushed:decisions")
-    assert ledger.deliver_many([decision("a")]) == [True]
+    assert ledger.deliver_many([bert_decision("a")]) == [True]
     client.script_flush()
-    assert ledger.deliver_many([decision("a"), decision("b"), decision("c")]) == [
+    assert ledger.deliver_many([bert_decision("a"), bert_decision("b"), bert_decision("c")]) == [
         False,
         True,
         True,
