@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import structlog
 import uvicorn
 from typer.testing import CliRunner
 
+from gateway import api
 from gateway.cli import app
 
 
@@ -51,3 +53,20 @@ def test_an_explicit_thread_count_is_kept(started, monkeypatch):
     assert result.exit_code == 0, result.output
     ((_, threads),) = started
     assert threads == "3"
+
+
+def test_the_served_app_freezes_what_startup_built(started, monkeypatch):
+    """One process: the app is built, then startup's objects leave the garbage collector."""
+    served = object()
+    monkeypatch.delenv("TIERGATE_BROKER_URL", raising=False)
+    monkeypatch.setattr(api, "create_app", lambda *_, **__: served)
+    gc.unfreeze()
+    try:
+        result = CliRunner().invoke(app, ["serve", "--port", "8124"])
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert result.exit_code == 0, result.output
+    assert frozen > 10_000, "the imports alone leave tens of thousands of objects"
+    ((options, _),) = started
+    assert options["port"] == 8124
