@@ -57,11 +57,11 @@ from transformers import logging as transformers_logging
 from transformers import pipeline
 
 from measurement import evenly_spaced, fail, machine, read_test_split
-from workers.bert.classifier import BertClassifier
-from workers.bert.default_model import DATASET_NAME
-from workers.bert.manifest import MANIFEST_FILE, package_versions
-from workers.bert.train import CHECKPOINT_DIR
-from workers.settings import Settings
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.default_model import DATASET_NAME
+from tiergate.workers.bert.manifest import MANIFEST_FILE, package_versions
+from tiergate.workers.bert.train import CHECKPOINT_DIR
+from tiergate.workers.settings import Settings
 
 BASELINE_BATCH_SIZES = (1, 8, 32)
 TARGETS = {"speedup": 2.5, "accuracy_gap_points": 0.5, "rss_mb": 400}
@@ -80,8 +80,8 @@ RSS_PROBE = """
 import json, resource, sys
 from pathlib import Path
 
-from workers.bert.classifier import BertClassifier
-from workers.settings import Settings
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.settings import Settings
 
 model_dir = Path(sys.argv[1])
 texts = json.load(sys.stdin)

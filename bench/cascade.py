@@ -5,24 +5,24 @@ training never saw; every message by default) with the shipped default policy, i
 
 1. **The trade-off** (the headline figures). The BERT tier scores every message (in batches of
    ``--batch-size``, as part 2 sends them); a *simulated* LLM answers every message with the
-   gold label 95% of the time (:func:`policies.evaluate.simulate_llm`) and each call is priced
-   at the list price of the policy's first model on that message's real prompt (prompt
+   gold label 95% of the time (:func:`tiergate.policies.evaluate.simulate_llm`) and each call is
+   priced at the list price of the policy's first model on that message's real prompt (prompt
    characters / 4 input tokens, 20 output tokens: the estimate ``tiergate eval`` uses).
-   :func:`policies.evaluate.evaluate_cascade` then gives BERT-only and LLM-only accuracy, the
-   policy's operating point, the accuracy-versus-share curve, the smallest share of messages
-   sent to the LLM within one accuracy point of LLM-only (``matched_accuracy_llm_share``) and
-   the money saved there against sending everything (``cost_saving_vs_llm_only``). The
-   simulation is random, so seeds 1..5 are rerun and their spread is reported.
-2. **The real cascade against that math.** :class:`workers.cascade.Cascade` with the real BERT
-   tier and the real LLM tier (the OpenAI provider, through the official SDK, talking HTTP to a
-   local :class:`~workers.llm.testing.FakeLLMServer` whose answerer is
-   :class:`~workers.llm.testing.SimulatedLLM` at the same 95%), no cache, decides every message
-   in batches of 64. Its LLM share must equal the operating point's (same scores, same policy);
-   its accuracy agrees only within noise, because ``SimulatedLLM`` draws its wrong answers from
-   a hash of the text and ``simulate_llm`` from a seeded RNG. To close that gap exactly, the
-   operating point is recomputed with the LLM answers the real cascade received.
-   Messages per second are measured with an LLM that answers at once, so they show tiergate's
-   own overhead (BERT, routing, prompt, SDK, HTTP), not a real LLM's latency.
+   :func:`tiergate.policies.evaluate.evaluate_cascade` then gives BERT-only and LLM-only accuracy,
+   the policy's operating point, the accuracy-versus-share curve, the smallest share of messages
+   sent to the LLM within one accuracy point of LLM-only (``matched_accuracy_llm_share``) and the
+   money saved there against sending everything (``cost_saving_vs_llm_only``). The simulation is
+   random, so seeds 1..5 are rerun and their spread is reported.
+2. **The real cascade against that math.** :class:`tiergate.workers.cascade.Cascade` with the real
+   BERT tier and the real LLM tier (the OpenAI provider, through the official SDK, talking HTTP to a
+   local :class:`~tiergate.workers.llm.testing.FakeLLMServer` whose answerer is
+   :class:`~tiergate.workers.llm.testing.SimulatedLLM` at the same 95%), no cache, decides every
+   message in batches of 64. Its LLM share must equal the operating point's (same scores, same
+   policy); its accuracy agrees only within noise, because ``SimulatedLLM`` draws its wrong answers
+   from a hash of the text and ``simulate_llm`` from a seeded RNG. To close that gap exactly, the
+   operating point is recomputed with the LLM answers the real cascade received. Messages per second
+   are measured with an LLM that answers at once, so they show tiergate's own overhead (BERT,
+   routing, prompt, SDK, HTTP), not a real LLM's latency.
 3. **Cache hits against real Redis.** One message is decided (a miss), then the same text is
    sent 500 times, each as a new message id, one ``decide([message])`` at a time: the latency of
    a hit through the whole cascade, and of the bare ``get_many([key])`` for reference.
@@ -77,22 +77,22 @@ from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from gateway.report import evaluation_table, write_evaluation
 from measurement import HeldOut, fail, machine, read_test_split
-from policies.evaluate import Answer, Evaluation, evaluate_cascade, simulate_llm
-from policies.routing import Target, decide
-from policies.spec import PolicySpec, Task
-from workers.bert.classifier import BertClassifier
-from workers.bert.default_model import DATASET_NAME
-from workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
-from workers.cache import DecisionCache, Lease, RedisDecisionCache, normalise
-from workers.cascade import Cascade, PolicyBook, load_policy_book
-from workers.llm.prompt import build_prompt
-from workers.llm.testing import FakeLLMServer, SimulatedLLM, message_of
-from workers.llm.tier import LLMTier
-from workers.logs import configure_logging
-from workers.schemas import Decision, Message, Prediction, Tier
-from workers.settings import Settings
+from tiergate.gateway.report import evaluation_table, write_evaluation
+from tiergate.policies.evaluate import Answer, Evaluation, evaluate_cascade, simulate_llm
+from tiergate.policies.routing import Target, decide
+from tiergate.policies.spec import PolicySpec, Task
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.default_model import DATASET_NAME
+from tiergate.workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
+from tiergate.workers.cache import DecisionCache, Lease, RedisDecisionCache, normalise
+from tiergate.workers.cascade import Cascade, PolicyBook, load_policy_book
+from tiergate.workers.llm.prompt import build_prompt
+from tiergate.workers.llm.testing import FakeLLMServer, SimulatedLLM, message_of
+from tiergate.workers.llm.tier import LLMTier
+from tiergate.workers.logs import configure_logging
+from tiergate.workers.schemas import Decision, Message, Prediction, Tier
+from tiergate.workers.settings import Settings
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -219,9 +219,9 @@ def accuracy(predicted: Sequence[str | None], gold: Sequence[str]) -> float:
 def price_calls(settings: Settings, spec: PolicySpec, texts: Sequence[str]) -> CallPrice:
     """Each message's classification call priced at the list price of the policy's first model.
 
-    The same estimate as ``tiergate eval`` (``gateway.cli._typical_call_cost``), kept per message
-    instead of averaged over a sample: prompt characters / 4 input tokens and a 20-token answer.
-    Fails when the policy names no model or the model has no price.
+    The same estimate as ``tiergate eval`` (``tiergate.gateway.cli._typical_call_cost``), kept per
+    message instead of averaged over a sample: prompt characters / 4 input tokens and a 20-token
+    answer. Fails when the policy names no model or the model has no price.
     """
     if not spec.llm.providers:
         fail(f"policy {spec.name!r} names no LLM provider to price")
@@ -375,8 +375,8 @@ def end_to_end(
     measured_accuracy = accuracy([d.label for d in decisions], split.labels)
     point = evaluation.operating_point
     return {
-        "what": "workers.cascade.Cascade: BertClassifier + LLMTier (OpenAI SDK -> FakeLLMServer "
-        "with SimulatedLLM), no cache, no budget",
+        "what": "tiergate.workers.cascade.Cascade: BertClassifier + LLMTier "
+        "(OpenAI SDK -> FakeLLMServer with SimulatedLLM), no cache, no budget",
         "simulated": True,
         "batch_size": args.batch_size,
         "messages": n,
@@ -497,7 +497,7 @@ def cache_hits(
 
 @dataclass
 class ObservedCache:
-    """A :class:`~workers.cache.DecisionCache` that counts what the cascade got from it.
+    """A :class:`~tiergate.workers.cache.DecisionCache` that counts what the cascade got from it.
 
     Delegates every call to ``inner``; counts lookups answered by ``get_many`` (``hits``) and the
     outcomes of single-flight ``wait``: a decision another worker stored while this one waited
@@ -853,8 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulated_llm": {
             "accuracy": args.llm_accuracy,
             "seed": args.seed,
-            "how": "policies.evaluate.simulate_llm: the gold label with probability 'accuracy', "
-            "else a uniformly drawn other label",
+            "how": "tiergate.policies.evaluate.simulate_llm: the gold label with probability "
+            "'accuracy', else a uniformly drawn other label",
         },
         "llm_cost": {
             "provider": price.provider,

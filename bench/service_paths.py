@@ -4,7 +4,7 @@ The same messages go through tiergate three ways, in one invocation:
 
 a. **In-process** (the baseline). One process builds the cascade (``BertClassifier`` with the
    machine's cores as ONNX Runtime intra-op threads, the decision cache in Redis under the
-   run's key prefix) and runs :meth:`workers.cascade.Cascade.decide` over the messages in
+   run's key prefix) and runs :meth:`tiergate.workers.cascade.Cascade.decide` over the messages in
    batches of 64, the BERT workers' flush size. Throughput = messages / wall time; a message's
    latency is the wall time of its batch call.
 b. **Celery with the Redis broker** (``redis://127.0.0.1:6379/1``): ONE ``tiergate worker
@@ -12,16 +12,15 @@ b. **Celery with the Redis broker** (``redis://127.0.0.1:6379/1``): ONE ``tierga
    each) and one idle ``tiergate worker --queue llm``, started as subprocesses with their own
    queues, key prefix and decisions stream. After a warm-up (messages submitted and waited
    for, so both model sessions exist), every message is published with
-   :meth:`gateway.client.TiergateClient.submit_many` (the publishing is timed, since it is part
-   of the path) and the benchmark reads the run's decisions stream until all have arrived.
-   Throughput = messages / (last decision - start of publishing). A message's latency =
-   its decision time (the ms timestamp of its stream entry, the Redis server's clock) - its
-   publish time (Celery's ``after_task_publish`` signal, the same machine's clock). The batch
-   sizes the workers ran are read from ``ledger.batch_sizes()`` (difference over the timed
-   run). ``queue_efficiency`` = (b) / (a) throughput, with the shipped worker settings; (b)
-   is then rerun with ``TIERGATE_BERT_FLUSH_INTERVAL_S`` = ``--tuned-flush-interval-s``
-   (0.1 s), since the 20 ms default fragments batches under a backlog
-   (``queue_efficiency_tuned``).
+   :meth:`tiergate.gateway.client.TiergateClient.submit_many` (the publishing is timed, since it is
+   part of the path) and the benchmark reads the run's decisions stream until all have arrived.
+   Throughput = messages / (last decision - start of publishing). A message's latency = its decision
+   time (the ms timestamp of its stream entry, the Redis server's clock) - its publish time
+   (Celery's ``after_task_publish`` signal, the same machine's clock). The batch sizes the workers
+   ran are read from ``ledger.batch_sizes()`` (difference over the timed run). ``queue_efficiency``
+   = (b) / (a) throughput, with the shipped worker settings; (b) is then rerun with
+   ``TIERGATE_BERT_FLUSH_INTERVAL_S`` = ``--tuned-flush-interval-s`` (0.1 s), since the 20 ms
+   default fragments batches under a backlog (``queue_efficiency_tuned``).
 c. **HTTP**: ``tiergate serve`` as a subprocess in embedded mode (no broker: the gateway runs
    the cascade in-process and micro-batches concurrent requests; decision cache and ledger in
    Redis under the run's prefix, as in (a)). First 16 closed-loop clients (each its own
@@ -103,16 +102,16 @@ from celery import signals
 from rich.console import Console
 from rich.table import Table
 
-from gateway.client import TiergateClient
 from measurement import evenly_spaced, fail, machine, read_jsonl
-from workers.bert import default_model
-from workers.bert.classifier import BertClassifier
-from workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
-from workers.cascade import build_cascade, load_policy_book
-from workers.delivery import RedisDecisionLedger
-from workers.logs import configure_logging
-from workers.schemas import Decision, Message
-from workers.settings import Settings
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.bert import default_model
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
+from tiergate.workers.cascade import build_cascade, load_policy_book
+from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.logs import configure_logging
+from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.settings import Settings
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "gateway.json"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -294,7 +293,7 @@ def assemble_messages(datasets: Path, count: int, warm_up: int) -> MessageSet:
             "description": "Rotten Tomatoes snippets the default model never trained on: the "
             "held-out test split then the validation split, in file order, topped up with "
             "training-split snippets NOT among the fine-tuning subset "
-            "(workers.bert.default_model.training_subset(load_default_splits().train, "
+            "(tiergate.workers.bert.default_model.training_subset(load_default_splits().train, "
             f"TRAIN_EXAMPLES={default_model.TRAIN_EXAMPLES}, seed=13), what `tiergate model "
             "build-default` trains on), taken evenly spaced over train.jsonl's unused lines "
             "(to top up by k: line i*U//k of the U unused lines, for i < k). Warm-ups use other "
@@ -428,7 +427,7 @@ class Services:
 
     def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
         """Start ``tiergate <arguments>`` in its own process group, logging to a file."""
-        command = [sys.executable, "-m", "gateway", *arguments]
+        command = [sys.executable, "-m", "tiergate", *arguments]
         with (self.logs / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
                 command,

@@ -3,7 +3,7 @@
 A :class:`ClusterFactory` makes :class:`Cluster` objects: settings and an environment with
 their own queues, key prefix and decisions stream (so tests never see each other's messages),
 over a real broker (Redis database 1 or RabbitMQ) and real Redis, with Celery BERT and LLM
-workers started as subprocesses (``python -m gateway worker --queue bert|llm``). The LLM
+workers started as subprocesses (``python -m tiergate worker --queue bert|llm``). The LLM
 provider is the local fake server, reached by the workers over HTTP through the OpenAI SDK.
 The shared fixtures (``make_cluster``, ``fake_llm``, ``private_redis``) in ``tests/conftest.py``
 build on it.
@@ -31,12 +31,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.client import TiergateClient
-from policies.routing import Reason
-from policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
-from workers.llm.testing import FakeLLMServer
-from workers.schemas import Decision, Message, Tier
-from workers.settings import Settings
+from tiergate.gateway.client import TiergateClient
+from tiergate.policies.routing import Reason
+from tiergate.policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
+from tiergate.workers.llm.testing import FakeLLMServer
+from tiergate.workers.schemas import Decision, Message, Tier
+from tiergate.workers.settings import Settings
 
 BROKERS = {
     "redis": "redis://127.0.0.1:6379/1",
@@ -82,7 +82,7 @@ class Cluster:
 
     def start_worker(self, queue: str, concurrency: int = 1) -> subprocess.Popen[bytes]:
         """Start ``tiergate worker --queue <queue>`` in its own process group."""
-        command = [sys.executable, "-m", "gateway", "worker", "--queue", queue]
+        command = [sys.executable, "-m", "tiergate", "worker", "--queue", queue]
         command += ["--concurrency", str(concurrency)]
         with (self.logs / f"{queue}-{len(self.processes)}.log").open("wb") as log:
             process = subprocess.Popen(

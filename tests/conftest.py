@@ -9,6 +9,7 @@ path: fast, and small enough that chunking is easy to trigger.
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -16,12 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from cluster import Cluster, ClusterFactory, RedisServer, delete_keys, positive_answer
-from workers.bert.dataset import LabelledExample
-from workers.bert.default_model import LABELS, base_model_dir, load_default_splits
-from workers.bert.train import ModelCard, TrainOptions, train_model
-from workers.llm.testing import FakeLLMServer
+from tiergate.workers.bert.dataset import LabelledExample
+from tiergate.workers.bert.default_model import LABELS, base_model_dir, load_default_splits
+from tiergate.workers.bert.train import ModelCard, TrainOptions, train_model
+from tiergate.workers.llm.testing import FakeLLMServer
+
+# Hypothesis' deadline and its too-slow health check time the machine, not the code: on a loaded
+# 2-core runner one generated example can take seconds. Every property test runs under this
+# profile; HYPOTHESIS_PROFILE=default restores Hypothesis' own timing checks for a local run.
+hypothesis_settings.register_profile(
+    "tiergate", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tiergate"))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ import typer.exceptions
 import typer.main
 import yaml
 
-from gateway.api import _router
-from gateway.cli import app as cli_app
-from gateway.metrics import DECISION_STEPS, BudgetReading, GatewayMetrics
-from policies.routing import Reason
-from workers.schemas import Decision, LLMSkip, LLMUsage, Tier
-from workers.settings import Settings
+from tiergate.gateway.api import _router
+from tiergate.gateway.cli import app as cli_app
+from tiergate.gateway.metrics import DECISION_STEPS, BudgetReading, GatewayMetrics
+from tiergate.policies.routing import Reason
+from tiergate.workers.schemas import Decision, LLMSkip, LLMUsage, Tier
+from tiergate.workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -11,9 +11,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from gateway.api import _build_embedded_cascade, create_app
-from gateway.auth import hash_api_key
-from policies.spec import (
+from tiergate.gateway.api import _build_embedded_cascade, create_app
+from tiergate.gateway.auth import hash_api_key
+from tiergate.policies.spec import (
     BudgetSpec,
     Escalation,
     LabelSpec,
@@ -21,16 +21,16 @@ from policies.spec import (
     PolicySpec,
     ProviderRef,
 )
-from workers.budget import RedisBudgetLedger
-from workers.cache import RedisDecisionCache
-from workers.cascade import Cascade, PolicyBook
-from workers.delivery import LocalDecisionLedger, RedisDecisionLedger
-from workers.llm.breaker import LocalBreakerStore
-from workers.llm.testing import FakeLLMServer, Respond
-from workers.llm.tier import LLMTier
-from workers.schemas import Decision
-from workers.settings import Settings
-from workers.testing import FixedScoreClassifier
+from tiergate.workers.budget import RedisBudgetLedger
+from tiergate.workers.cache import RedisDecisionCache
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.delivery import LocalDecisionLedger, RedisDecisionLedger
+from tiergate.workers.llm.breaker import LocalBreakerStore
+from tiergate.workers.llm.testing import FakeLLMServer, Respond
+from tiergate.workers.llm.tier import LLMTier
+from tiergate.workers.schemas import Decision
+from tiergate.workers.settings import Settings
+from tiergate.workers.testing import FixedScoreClassifier
 
 FILM_LABELS = ("negative", "positive", "synopsis")
 TICKET_LABELS = ("billing", "bug")

@@ -15,13 +15,13 @@ from collections.abc import Iterator, Sequence
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
-from policies.spec import LabelSpec, PolicySpec
-from workers.cascade import Cascade, PolicyBook
-from workers.delivery import LocalDecisionLedger
-from workers.schemas import Decision, Message
-from workers.settings import Settings
-from workers.testing import FixedScoreClassifier
+from tiergate.gateway.api import create_app
+from tiergate.policies.spec import LabelSpec, PolicySpec
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.delivery import LocalDecisionLedger
+from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.settings import Settings
+from tiergate.workers.testing import FixedScoreClassifier
 
 LABELS = ("negative", "positive")
 

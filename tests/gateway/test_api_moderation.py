@@ -15,12 +15,12 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from gateway.api import create_app
-from gateway.auth import hash_api_key
-from policies.spec import LabelSpec, PolicySpec, example_policy
-from workers.cascade import Cascade, PolicyBook
-from workers.settings import Settings
-from workers.testing import FixedScoreClassifier
+from tiergate.gateway.api import create_app
+from tiergate.gateway.auth import hash_api_key
+from tiergate.policies.spec import LabelSpec, PolicySpec, example_policy
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.settings import Settings
+from tiergate.workers.testing import FixedScoreClassifier
 
 KEY = "moderation-client-key"
 MODERATION = example_policy("moderation")

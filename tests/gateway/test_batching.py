@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from gateway.batching import BatcherClosedError, MicroBatcher
-from policies.spec import LabelSpec, PolicySpec
-from workers.cascade import Cascade, PolicyBook
-from workers.errors import InputError
-from workers.schemas import Decision, Message
-from workers.testing import FixedScoreClassifier
+from tiergate.gateway.batching import BatcherClosedError, MicroBatcher
+from tiergate.policies.spec import LabelSpec, PolicySpec
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.errors import InputError
+from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.testing import FixedScoreClassifier
 
 LABELS = ("negative", "positive")
 

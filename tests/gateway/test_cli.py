@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.bert.manifest import ONNX_FILE
+from tiergate.workers.bert.manifest import ONNX_FILE
 
 
 def tiergate(
@@ -27,7 +27,7 @@ def tiergate(
     if model is not None:
         env["TIERGATE_MODEL_DIR"] = str(model)
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [sys.executable, "-m", "tiergate", *args],
         input=stdin.decode("utf-8", errors="surrogateescape") if stdin is not None else None,
         capture_output=True,
         text=True,
@@ -212,7 +212,7 @@ def test_demo_classifies_the_bundled_held_out_sample(run):
 
 def _policy_file(tmp_path: Path, **escalation: float) -> Path:
     """The default model's policy with other thresholds, written to a file."""
-    from policies.spec import Escalation, example_policy
+    from tiergate.policies.spec import Escalation, example_policy
 
     spec = example_policy("rotten-tomatoes")
     changed = spec.with_escalation(Escalation(**escalation), version="test")
@@ -262,7 +262,7 @@ def test_unknown_policy_in_a_record_is_rejected_in_place(run, tmp_path):
 
 def test_policy_that_does_not_fit_the_model_is_a_usage_error(run, tmp_path):
     """A policy whose labels differ from the model's exits 2 naming the mismatch."""
-    from policies.spec import example_policy
+    from tiergate.policies.spec import example_policy
 
     path = tmp_path / "tickets.yaml"
     path.write_text(example_policy("ticket-routing").to_yaml())
@@ -285,7 +285,7 @@ def _labelled_file(tmp_path: Path, examples) -> Path:
 
 def test_calibrate_for_llm_share_writes_a_new_policy_version(run, trained_model, tmp_path):
     """Goal (b): the new policy sends at most the asked share of the data to the LLM."""
-    from policies.spec import load_policy
+    from tiergate.policies.spec import load_policy
 
     data = _labelled_file(tmp_path, trained_model.validation)
     out = tmp_path / "calibrated.yaml"

@@ -10,8 +10,8 @@ import sys
 
 import redis
 
-from workers.delivery import RedisDecisionLedger
-from workers.settings import Settings
+from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.settings import Settings
 
 BROKER_DB = 1
 
@@ -32,7 +32,7 @@ def _environment(prefix: str) -> dict[str, str]:
 
 def _tiergate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "dead-letters", *args],
+        [sys.executable, "-m", "tiergate", "dead-letters", *args],
         capture_output=True,
         text=True,
         env=env,

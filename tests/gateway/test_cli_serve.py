@@ -10,8 +10,8 @@ import structlog
 import uvicorn
 from typer.testing import CliRunner
 
-from gateway import api
-from gateway.cli import app
+from tiergate.gateway import api
+from tiergate.gateway.cli import app
 
 
 @pytest.fixture

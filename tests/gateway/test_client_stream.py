@@ -8,9 +8,9 @@ import threading
 from structlog.testing import capture_logs
 
 from cluster import bert_decision
-from gateway.client import TiergateClient
-from workers.delivery import RedisDecisionLedger
-from workers.settings import Settings
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.settings import Settings
 
 
 def test_stream_survives_a_redis_restart_and_recreates_the_lost_group(private_redis):

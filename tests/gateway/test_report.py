@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from gateway.report import calibration_table, evaluation_table, write_evaluation
-from policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share
-from policies.evaluate import evaluate_cascade, simulate_llm
-from policies.prediction import Prediction
-from policies.spec import Escalation, LabelSpec, PolicySpec
+from tiergate.gateway.report import calibration_table, evaluation_table, write_evaluation
+from tiergate.policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share
+from tiergate.policies.evaluate import evaluate_cascade, simulate_llm
+from tiergate.policies.prediction import Prediction
+from tiergate.policies.spec import Escalation, LabelSpec, PolicySpec
 
 LABELS = ("neg", "pos")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from gateway.client import TiergateClient
-from workers.celery_app import CLASSIFY_TASK, create_celery_app
-from workers.delivery import RedisDecisionLedger
-from workers.schemas import Message, Tier
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.celery_app import CLASSIFY_TASK, create_celery_app
+from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.schemas import Message, Tier
 
 # Real held-out snippets would do as well; these are short, varied and give both tiers work.
 TEXTS = [
@@ -157,7 +157,7 @@ def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tm
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "submit", str(data), "-o", str(out), "--timeout", "90"],
+        [sys.executable, "-m", "tiergate", "submit", str(data), "-o", str(out), "--timeout", "90"],
         env=cluster.env,
         capture_output=True,
         text=True,
@@ -180,7 +180,7 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
     import httpx2 as httpx
     import uvicorn
 
-    from gateway.api import create_app
+    from tiergate.gateway.api import create_app
 
     cluster = make_cluster()
     cluster.start_worker("bert", concurrency=2)
@@ -228,7 +228,7 @@ def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp
     import uuid
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from policies.spec import Escalation, WebhookSpec, example_policy
+    from tiergate.policies.spec import Escalation, WebhookSpec, example_policy
 
     received: list[tuple[bytes, str]] = []
 

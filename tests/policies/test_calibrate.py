@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.calibrate import (
+from tiergate.policies.calibrate import (
     CalibrationGoal,
     binomial_cdf,
     calibrate_for_accuracy,
@@ -18,9 +18,9 @@ from policies.calibrate import (
     clopper_pearson_upper,
     regularized_incomplete_beta,
 )
-from policies.prediction import Prediction
-from policies.routing import Target, decide
-from policies.spec import (
+from tiergate.policies.prediction import Prediction
+from tiergate.policies.routing import Target, decide
+from tiergate.policies.spec import (
     Band,
     Escalation,
     Generation,
@@ -120,7 +120,6 @@ def test_clopper_pearson_matches_textbook_values(errors, n, confidence, expected
     assert clopper_pearson_upper(errors, n, confidence) == pytest.approx(expected, abs=5e-5)
 
 
-@settings(deadline=None)
 @given(st.integers(1, 5000), st.floats(0.5, 0.999))
 def test_clopper_pearson_with_no_errors_has_the_closed_form(n, confidence):
     """Zero errors of n gives 1 - (1 - confidence)^(1/n)."""
@@ -128,7 +127,7 @@ def test_clopper_pearson_with_no_errors_has_the_closed_form(n, confidence):
     assert clopper_pearson_upper(0, n, confidence) == pytest.approx(expected, rel=1e-9, abs=1e-11)
 
 
-@settings(deadline=None, max_examples=60)
+@settings(max_examples=60)
 @given(st.integers(1, 60), st.data(), st.sampled_from([0.8, 0.9, 0.95, 0.99]))
 def test_clopper_pearson_bound_solves_the_exact_binomial_tail(n, data, confidence):
     """At the bound, the exact binomial tail P(X <= errors) equals 1 - confidence."""
@@ -138,7 +137,6 @@ def test_clopper_pearson_bound_solves_the_exact_binomial_tail(n, data, confidenc
     assert float(tail) == pytest.approx(1.0 - confidence, abs=1e-9)
 
 
-@settings(deadline=None)
 @given(st.integers(1, 400), st.data())
 def test_clopper_pearson_rises_with_errors_and_covers_the_observed_rate(n, data):
     """More errors of the same n never lower the bound, and the bound is above errors / n."""
@@ -245,7 +243,7 @@ def labelled_single(draw, max_size: int = 40):
     return [_single(top, p) for top, p, _ in rows], [g for *_, g in rows]
 
 
-@settings(deadline=None, max_examples=60)
+@settings(max_examples=60)
 @given(labelled_single(), st.floats(0.3, 0.95), st.floats(0.3, 0.95))
 def test_raising_the_accuracy_target_never_lowers_the_threshold(data, first, second):
     """A stricter accuracy target gives a threshold at least as strict."""
@@ -301,7 +299,7 @@ def labelled_multi(draw):
     return predictions, gold
 
 
-@settings(deadline=None, max_examples=80)
+@settings(max_examples=80)
 @given(
     labelled_multi(),
     st.sampled_from([0.3, 0.5, 0.6]),
@@ -337,7 +335,7 @@ def test_multi_label_calibration_agrees_with_decide(data, flag, target, with_gen
             assert result.llm_share <= target + 1e-9
 
 
-@settings(deadline=None, max_examples=40)
+@settings(max_examples=40)
 @given(labelled_multi(), st.floats(0.3, 0.95), st.floats(0.3, 0.95))
 def test_raising_the_accuracy_target_never_narrows_the_band(data, first, second):
     """For multi-label policies a stricter accuracy target gives a band at least as wide."""

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from policies.calibration import (
+from tiergate.policies.calibration import (
     calibrate_temperature,
     expected_calibration_error,
     multilabel_calibration_error,
@@ -37,7 +37,6 @@ def mean_nll(logits: np.ndarray, targets: np.ndarray, temperature: float) -> flo
     return float(-np.log(probabilities[np.arange(len(targets)), targets]).mean())
 
 
-@settings(deadline=None)
 @given(logit_matrices)
 def test_softmax_rows_are_probability_distributions(logits):
     """Every softmax row is non-negative and sums to 1."""
@@ -47,7 +46,6 @@ def test_softmax_rows_are_probability_distributions(logits):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-12)
 
 
-@settings(deadline=None)
 @given(logit_matrices, st.data())
 def test_softmax_is_invariant_to_a_constant_added_per_row(logits, data):
     """Adding any constant to a row of logits leaves that row's softmax unchanged."""
@@ -75,7 +73,6 @@ def test_sigmoid_of_huge_logits_does_not_overflow():
     np.testing.assert_array_equal(probabilities, [1.0, 0.0, 1.0, 0.0, 0.5])
 
 
-@settings(deadline=None)
 @given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False))
 def test_sigmoid_is_symmetric_about_one_half(logit):
     """sigmoid(x) + sigmoid(-x) equals 1 and each lies in [0, 1]."""

@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.evaluate import (
+from tiergate.policies.evaluate import (
     bert_answer,
     confidence_of,
     evaluate_cascade,
     simulate_llm,
 )
-from policies.prediction import Prediction
-from policies.routing import Target, decide
-from policies.spec import Escalation, Generation, LabelSpec, PolicySpec
+from tiergate.policies.prediction import Prediction
+from tiergate.policies.routing import Target, decide
+from tiergate.policies.spec import Escalation, Generation, LabelSpec, PolicySpec
 
 LABELS = ("a", "b", "c")
 
@@ -105,7 +105,7 @@ def test_curve_endpoints_are_bert_only_and_llm_only():
     assert [p.llm_share for p in evaluation.curve] == pytest.approx([i / 100 for i in range(101)])
 
 
-@settings(deadline=None, max_examples=60)
+@settings(max_examples=60)
 @given(labelled_single())
 def test_with_a_perfect_llm_accuracy_never_falls_along_the_curve(data):
     """Sending more messages to an always-right LLM never lowers accuracy."""
@@ -192,7 +192,7 @@ def brute_force_matched_share(predictions, gold, llm, spec) -> float:
     raise AssertionError("k = n always matches")
 
 
-@settings(deadline=None, max_examples=80)
+@settings(max_examples=80)
 @given(labelled_single(), st.integers(2, 7))
 def test_matched_share_is_the_smallest_over_every_k(data, points):
     """The matched-accuracy share is the minimal k / n, found over every k, not sampled ones."""

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from policies.metrics import accuracy, macro_f1
+from tiergate.policies.metrics import accuracy, macro_f1
 
 
 @st.composite
@@ -71,7 +71,6 @@ def test_macro_f1_scores_an_absent_unpredicted_label_as_perfect():
     assert macro_f1([0, 1], [0, 0], 3) == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)
 
 
-@settings(deadline=None)
 @given(single_label_pairs())
 def test_macro_f1_is_one_for_perfect_single_label_predictions(case):
     """Predicting every true index gives a macro-F1 and an accuracy of exactly 1."""
@@ -80,7 +79,6 @@ def test_macro_f1_is_one_for_perfect_single_label_predictions(case):
     assert accuracy(actual, actual) == 1.0
 
 
-@settings(deadline=None)
 @given(multi_label_pairs())
 def test_macro_f1_is_one_for_perfect_multi_label_predictions(case):
     """Predicting every true flag gives a macro-F1 and an accuracy of exactly 1."""
@@ -89,7 +87,6 @@ def test_macro_f1_is_one_for_perfect_multi_label_predictions(case):
     assert accuracy(actual, actual) == 1.0
 
 
-@settings(deadline=None)
 @given(st.one_of(single_label_pairs(), multi_label_pairs()))
 def test_macro_f1_and_accuracy_lie_between_zero_and_one(case):
     """For any predictions and truths, macro-F1 and accuracy lie in [0, 1]."""

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.prediction import Prediction
-from policies.routing import BudgetState, Reason, Target, decide
-from policies.spec import (
+from tiergate.policies.prediction import Prediction
+from tiergate.policies.routing import BudgetState, Reason, Target, decide
+from tiergate.policies.spec import (
     Band,
     BudgetSpec,
     Escalation,

@@ -9,7 +9,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.spec import (
+from tiergate.policies.spec import (
     EXAMPLES,
     PolicyError,
     PolicySpec,
@@ -45,7 +45,7 @@ def test_examples_cover_single_label_multi_label_generation_and_both_fallbacks()
 
 def test_default_model_policy_matches_the_default_model_labels():
     """The rotten-tomatoes policy names exactly the default model's labels."""
-    from workers.bert.default_model import LABELS
+    from tiergate.workers.bert.default_model import LABELS
 
     assert set(example_policy("rotten-tomatoes").label_names) == set(LABELS)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from workers.bert.default_model import load_default_splits
+from tiergate.workers.bert.default_model import load_default_splits
 
 FIGURES_FILE = "reliability-figures.json"
 

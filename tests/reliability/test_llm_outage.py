@@ -25,10 +25,10 @@ import pytest
 import redis
 
 from cluster import Cluster, StreamTail, unlimited_policy
-from gateway.client import TiergateClient
-from policies.spec import BudgetSpec
-from workers.llm.testing import Fail, FakeLLMServer, Stall, message_of
-from workers.schemas import Decision, LLMSkip, Message, Tier
+from tiergate.gateway.client import TiergateClient
+from tiergate.policies.spec import BudgetSpec
+from tiergate.workers.llm.testing import Fail, FakeLLMServer, Stall, message_of
+from tiergate.workers.schemas import Decision, LLMSkip, Message, Tier
 
 pytestmark = pytest.mark.reliability
 

@@ -22,8 +22,8 @@ from cluster import (
     unlimited_policy,
     wait_until,
 )
-from gateway.client import TiergateClient
-from workers.schemas import Message
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.schemas import Message
 
 pytestmark = pytest.mark.reliability
 

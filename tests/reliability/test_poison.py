@@ -18,10 +18,10 @@ import kombu
 import pytest
 
 from cluster import unlimited_policy, wait_until
-from gateway.client import TiergateClient
-from workers.delivery import RedisDecisionLedger
-from workers.llm.testing import message_of
-from workers.schemas import LLMSkip, Message, Tier
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.llm.testing import message_of
+from tiergate.workers.schemas import LLMSkip, Message, Tier
 
 pytestmark = pytest.mark.reliability
 

@@ -19,9 +19,9 @@ from collections import Counter
 import pytest
 
 from cluster import StreamTail, unlimited_policy, wait_until
-from gateway.client import TiergateClient
-from workers.llm.testing import message_of
-from workers.schemas import Message, Tier
+from tiergate.gateway.client import TiergateClient
+from tiergate.workers.llm.testing import message_of
+from tiergate.workers.schemas import Message, Tier
 
 pytestmark = pytest.mark.reliability
 

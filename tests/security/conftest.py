@@ -1,9 +1,9 @@
 """Fixtures of the security suite: a real gateway over real HTTP, real Redis, a fake LLM API.
 
-``make_gateway`` serves ``gateway.api.create_app`` in embedded mode with uvicorn on a free
+``make_gateway`` serves ``tiergate.gateway.api.create_app`` in embedded mode with uvicorn on a free
 local port, over a real ONNX model (the session's ``tiny_model``, or the multi-label one built
 here), policies loaded from YAML files, API keys configured, Redis under the test's own
-prefix, and the LLM tier pointed at a :class:`~workers.llm.testing.FakeLLMServer`: the only
+prefix, and the LLM tier pointed at a :class:`~tiergate.workers.llm.testing.FakeLLMServer`: the only
 fake. ``captured_logs`` configures structlog the way a front door does (JSON lines on
 standard error) into a buffer, and collects Python logging and the process's output too, so
 a test can scan everything that was logged.
@@ -31,12 +31,12 @@ import uvicorn
 import yaml
 
 from cluster import delete_keys
-from gateway.api import create_app
-from gateway.auth import hash_api_key
-from workers.bert.dataset import LabelledExample
-from workers.llm.testing import FakeLLMServer
-from workers.logs import configure_logging
-from workers.settings import Settings
+from tiergate.gateway.api import create_app
+from tiergate.gateway.auth import hash_api_key
+from tiergate.workers.bert.dataset import LabelledExample
+from tiergate.workers.llm.testing import FakeLLMServer
+from tiergate.workers.logs import configure_logging
+from tiergate.workers.settings import Settings
 
 TICKET_LABELS = ("account", "billing", "bug")  # the labels of the session's tiny_model
 MODERATION_LABELS = ("harassment", "spam", "violence")

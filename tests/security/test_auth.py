@@ -1,6 +1,6 @@
 """API keys over real HTTP: every route but the deliberately open ones needs one, keys stay secret.
 
-Open on purpose (``gateway.api``'s module docstring and the README): ``/healthz`` and
+Open on purpose (``tiergate.gateway.api``'s module docstring and the README): ``/healthz`` and
 ``/readyz`` (orchestrators probe them without credentials), ``/metrics`` (Prometheus scrapes
 it; it holds counts and latencies, no texts, ids or keys), and FastAPI's schema and docs pages
 (``/openapi.json``, ``/docs``, ``/docs/oauth2-redirect``, ``/redoc``: the API's shape, no data).
@@ -15,6 +15,7 @@ import re
 
 import pytest
 from fastapi.routing import iter_route_contexts
+
 from tests.security.conftest import KEY_ALL, KEY_LIMITED, KEY_WRONG
 
 OPEN_ROUTES = frozenset(

@@ -2,10 +2,10 @@
 
 - The policy loader (``parse_policy_text``, ``parse_policy``, ``load_policy``) raises only
   ``PolicyError`` for any text, bytes or data structure, however malformed or deeply nested.
-- The records reader of ``tiergate classify`` and ``submit`` (``workers.records``) answers
+- The records reader of ``tiergate classify`` and ``submit`` (``tiergate.workers.records``) answers
   every line of any byte string with a record or a ``RecordError`` for that line (a whole CSV
   it cannot use is one ``DataFileError``): invalid UTF-8, odd quoting, huge fields, deep JSON.
-- The message schema (``workers.schemas.Message``) validates any JSON value or raises
+- The message schema (``tiergate.workers.schemas.Message``) validates any JSON value or raises
   pydantic's ``ValidationError``, and every valid message survives a round trip through JSON.
 
 ``tests/policies/test_spec.py`` already fuzzes policy documents whose top-level keys are the
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from policies.spec import (
+from tiergate.policies.spec import (
     PolicyError,
     PolicySpec,
     example_policy,
@@ -37,17 +37,11 @@ from policies.spec import (
     parse_policy,
     parse_policy_text,
 )
-from workers.errors import DataFileError, RecordError
-from workers.records import InputFormat, Record, read_records
-from workers.schemas import Message, Task
+from tiergate.workers.errors import DataFileError, RecordError
+from tiergate.workers.records import InputFormat, Record, read_records
+from tiergate.workers.schemas import Message, Task
 
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ = settings(max_examples=150, derandomize=True, database=None)
 
 
 def policy_outcome(load, *args, **kwargs):
@@ -235,7 +229,7 @@ def test_policy_file_names_the_os_refuses_are_policy_errors(tmp_path):
 
 
 def physical_lines(data: bytes) -> int:
-    """How many lines the JSONL and text readers must account for (see workers.records)."""
+    """How many lines the JSONL and text readers must account for (see tiergate.workers.records)."""
     lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -550,7 +544,7 @@ def test_classify_cli_answers_every_hostile_line_in_place(tiny_model, tmp_path):
     env |= {"TIERGATE_MODEL_DIR": str(tiny_model), "TIERGATE_DATA_DIR": str(tmp_path)}
     command = ["classify", "--no-cache", "-i", str(source), "-o", str(out)]
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", *command],
+        [sys.executable, "-m", "tiergate", *command],
         capture_output=True,
         text=True,
         env=env,

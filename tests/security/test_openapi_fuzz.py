@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
 from tests.security.conftest import KEY_ALL
 
 # Examples per operation and generation mode; about 40 s for the whole schema on two cores.

@@ -22,9 +22,9 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from tests.security.conftest import TICKET_LABELS, write_policy
 
-from workers.llm.testing import OPENAI_PATH, Respond, RespondRaw
+from tests.security.conftest import TICKET_LABELS, write_policy
+from tiergate.workers.llm.testing import OPENAI_PATH, Respond, RespondRaw
 
 CORPUS = [
     json.loads(line)

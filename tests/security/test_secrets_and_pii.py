@@ -14,6 +14,7 @@ import re
 
 import pytest
 import redis
+
 from tests.security.conftest import (
     ANTHROPIC_KEY,
     KEY_ALL,
@@ -22,8 +23,7 @@ from tests.security.conftest import (
     OPENAI_KEY,
     write_policy,
 )
-
-from workers.llm.testing import Fail, RespondRaw, first_label_answer, message_of
+from tiergate.workers.llm.testing import Fail, RespondRaw, first_label_answer, message_of
 
 PLACEHOLDER = re.compile(r"\[(?:EMAIL|PHONE|CARD|IBAN|IP)_\d+\]")
 # Each message, and the personal values in it as written. All checksums are valid.

@@ -11,17 +11,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from policies.routing import BudgetState
-from policies.spec import BudgetSpec
-from workers.budget import (
+from tiergate.policies.routing import BudgetState
+from tiergate.policies.spec import BudgetSpec
+from tiergate.workers.budget import (
     BudgetLedger,
     LocalBudgetLedger,
     RedisBudgetLedger,
     Reservation,
     open_budget_ledger,
 )
-from workers.errors import CoordinationError
-from workers.settings import Settings
+from tiergate.workers.errors import CoordinationError
+from tiergate.workers.settings import Settings
 
 # 2024-03-01 12:00:30 UTC: half a minute into a minute, far from midnight.
 NOON = datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -211,8 +211,8 @@ RESERVER = textwrap.dedent(
     """
     import os, sys, threading, time
     import redis
-    from policies.spec import BudgetSpec
-    from workers.budget import RedisBudgetLedger
+    from tiergate.policies.spec import BudgetSpec
+    from tiergate.workers.budget import RedisBudgetLedger
 
     prefix, now, calls, usd_per_day, usd, go = sys.argv[1:]
     spec = BudgetSpec(

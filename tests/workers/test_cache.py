@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from policies.routing import Reason
-from workers.cache import (
+from tiergate.policies.routing import Reason
+from tiergate.workers.cache import (
     DecisionCache,
     Lease,
     RedisDecisionCache,
@@ -28,9 +28,9 @@ from workers.cache import (
     normalise,
     open_cache,
 )
-from workers.errors import CoordinationError, SingleFlightTimeout
-from workers.schemas import Decision, LLMUsage, Tier
-from workers.settings import Settings
+from tiergate.workers.errors import CoordinationError, SingleFlightTimeout
+from tiergate.workers.schemas import Decision, LLMUsage, Tier
+from tiergate.workers.settings import Settings
 
 KEY_PARTS = ("policy", "policy_version", "model_version", "llm_route", "prompt_version", "task")
 BASE_PARTS = {
@@ -364,8 +364,8 @@ CONTENDER = textwrap.dedent(
     import os, sys, threading, time
     from pathlib import Path
     import redis
-    from workers.cache import Lease, RedisDecisionCache, SqliteDecisionCache
-    from workers.schemas import Decision
+    from tiergate.workers.cache import Lease, RedisDecisionCache, SqliteDecisionCache
+    from tiergate.workers.schemas import Decision
 
     backend, target, key, go, counter, decision_json = sys.argv[1:]
     if backend == "redis":

@@ -8,15 +8,22 @@ from pathlib import Path
 import pytest
 import redis
 
-from policies.routing import BudgetState, Reason
-from policies.spec import BudgetSpec, Escalation, LabelSpec, PolicySpec, Task, WhenExhausted
-from workers.budget import LocalBudgetLedger, RedisBudgetLedger
-from workers.cache import RedisDecisionCache, SqliteDecisionCache
-from workers.cascade import Cascade, PolicyBook, check_policy_fits_model, load_policy_book
-from workers.errors import UnknownPolicyError
-from workers.schemas import Decision, LLMSkip, Message, Status, Tier
-from workers.settings import Settings
-from workers.testing import FixedScoreClassifier
+from tiergate.policies.routing import BudgetState, Reason
+from tiergate.policies.spec import (
+    BudgetSpec,
+    Escalation,
+    LabelSpec,
+    PolicySpec,
+    Task,
+    WhenExhausted,
+)
+from tiergate.workers.budget import LocalBudgetLedger, RedisBudgetLedger
+from tiergate.workers.cache import RedisDecisionCache, SqliteDecisionCache
+from tiergate.workers.cascade import Cascade, PolicyBook, check_policy_fits_model, load_policy_book
+from tiergate.workers.errors import UnknownPolicyError
+from tiergate.workers.schemas import Decision, LLMSkip, Message, Status, Tier
+from tiergate.workers.settings import Settings
+from tiergate.workers.testing import FixedScoreClassifier
 
 LABELS = ("negative", "positive", "synopsis")
 CONFIDENT = (0.95, 0.03, 0.02)
@@ -232,7 +239,7 @@ def test_policy_book_for_the_default_model_is_the_shipped_policy(tmp_path):
 
 def test_policy_that_does_not_fit_the_model_is_refused(tmp_path: Path):
     """A policy with other labels, or another head, names the mismatch."""
-    from policies.spec import PolicyError
+    from tiergate.policies.spec import PolicyError
 
     with pytest.raises(PolicyError, match=r"missing \['positive'\]"):
         check_policy_fits_model(

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from policies.routing import Reason
-from policies.spec import (
+from tiergate.policies.routing import Reason
+from tiergate.policies.spec import (
     Band,
     BudgetSpec,
     Escalation,
@@ -25,11 +25,11 @@ from policies.spec import (
     ProviderRef,
     Task,
 )
-from workers.budget import RedisBudgetLedger
-from workers.cache import RedisDecisionCache
-from workers.cascade import Cascade, PolicyBook
-from workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
-from workers.llm.testing import (
+from tiergate.workers.budget import RedisBudgetLedger
+from tiergate.workers.cache import RedisDecisionCache
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
+from tiergate.workers.llm.testing import (
     Fail,
     FakeLLMServer,
     Refuse,
@@ -38,10 +38,10 @@ from workers.llm.testing import (
     Stall,
     message_of,
 )
-from workers.llm.tier import LLMTier
-from workers.schemas import LLMSkip, Message, Tier
-from workers.settings import Settings
-from workers.testing import FixedScoreClassifier
+from tiergate.workers.llm.tier import LLMTier
+from tiergate.workers.schemas import LLMSkip, Message, Tier
+from tiergate.workers.settings import Settings
+from tiergate.workers.testing import FixedScoreClassifier
 
 LABELS = ("negative", "positive", "synopsis")
 CONFIDENT = (0.95, 0.03, 0.02)

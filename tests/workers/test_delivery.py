@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from cluster import bert_decision
-from workers.delivery import LocalDecisionLedger, RedisDecisionLedger, held_messages
-from workers.schemas import Decision
+from tiergate.workers.delivery import LocalDecisionLedger, RedisDecisionLedger, held_messages
+from tiergate.workers.schemas import Decision
 
 
 @pytest.fixture(params=["redis", "local"])

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from workers.bert.manifest import (
+from tiergate.workers.bert.manifest import (
     MANIFEST_FILE,
     ONNX_FILE,
     TOKENIZER_FILE,
@@ -16,7 +16,7 @@ from workers.bert.manifest import (
     sha256_file,
     write_manifest,
 )
-from workers.errors import (
+from tiergate.workers.errors import (
     DataFileError,
     InputError,
     ModelError,

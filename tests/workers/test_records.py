@@ -3,11 +3,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.errors import DataFileError, RecordError
-from workers.records import InputFormat, Record, detect_format, read_bytes, read_records
+from tiergate.workers.errors import DataFileError, RecordError
+from tiergate.workers.records import InputFormat, Record, detect_format, read_bytes, read_records
 
 json_values = st.recursive(
     st.none()
@@ -112,7 +112,6 @@ def test_jsonl_empty_input_yields_nothing():
     assert parse(b"", InputFormat.JSONL) == []
 
 
-@settings(deadline=None)
 @given(
     objects=st.lists(json_objects, max_size=8),
     ensure_ascii=st.booleans(),

@@ -1,9 +1,9 @@
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from workers.schemas import Message, Prediction, Task
+from tiergate.workers.schemas import Message, Prediction, Task
 
 
 def prediction(labels: tuple[str, ...], probabilities: tuple[float, ...]) -> Prediction:
@@ -101,7 +101,6 @@ def test_prediction_scores_pair_labels_with_probabilities():
     assert result.scores() == {"neg": 0.25, "pos": 0.75}
 
 
-@settings(deadline=None)
 @given(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=10))
 def test_prediction_margin_lies_between_zero_and_one(weights):
     """For any probability vector summing to 1, margin is top minus runner-up and in [0, 1]."""

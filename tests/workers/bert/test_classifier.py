@@ -14,10 +14,16 @@ import numpy as np
 import onnx
 import pytest
 
-from policies.calibration import sigmoid, softmax
-from workers.bert.classifier import BertClassifier, Windows
-from workers.bert.manifest import MANIFEST_FILE, ONNX_FILE, Head, read_manifest, sha256_file
-from workers.errors import InputError, ModelIntegrityError, ModelNotFoundError
+from tiergate.policies.calibration import sigmoid, softmax
+from tiergate.workers.bert.classifier import BertClassifier, Windows
+from tiergate.workers.bert.manifest import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    Head,
+    read_manifest,
+    sha256_file,
+)
+from tiergate.workers.errors import InputError, ModelIntegrityError, ModelNotFoundError
 
 LONG_TEXT = " ".join(f"word{i} alpha beta gamma" for i in range(60))
 
@@ -29,7 +35,7 @@ def _op_types(directory: Path) -> set[str]:
 def test_importing_the_tier_does_not_import_torch():
     """Inference imports neither torch nor transformers."""
     code = (
-        "import sys, workers.bert, workers.cascade, gateway.cli;"
+        "import sys, tiergate.workers.bert, tiergate.workers.cascade, tiergate.gateway.cli;"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules];"
         "print(','.join(bad))"
     )

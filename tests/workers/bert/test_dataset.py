@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from workers.bert.dataset import Columns, label_set, load_labelled
-from workers.bert.default_model import LABELS, load_default_splits, training_subset
-from workers.bert.train import split_validation
-from workers.errors import DataFileError, InputError
+from tiergate.workers.bert.dataset import Columns, label_set, load_labelled
+from tiergate.workers.bert.default_model import LABELS, load_default_splits, training_subset
+from tiergate.workers.bert.train import split_validation
+from tiergate.workers.errors import DataFileError, InputError
 
 
 def _jsonl(path, rows):

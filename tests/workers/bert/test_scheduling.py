@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.bert.classifier import BertClassifier
-from workers.bert.scheduling import StepScheduler, plan_steps
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.scheduling import StepScheduler, plan_steps
 
 
 @given(

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from workers.bert.classifier import BertClassifier
-from workers.bert.manifest import CARD_FILE, read_manifest
-from workers.bert.train import CHECKPOINT_DIR
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
+from tiergate.workers.bert.train import CHECKPOINT_DIR
 
 
 def test_training_beats_chance_on_held_out_data(trained_model):

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 
-from policies.spec import Generation, LabelSpec, LLMSpec, PolicySpec, ProviderRef
-from workers.llm.testing import FakeLLMServer
-from workers.settings import Settings
+from tiergate.policies.spec import Generation, LabelSpec, LLMSpec, PolicySpec, ProviderRef
+from tiergate.workers.llm.testing import FakeLLMServer
+from tiergate.workers.settings import Settings
 
 # The model each provider name stands for in these tests (both have list prices in settings).
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}

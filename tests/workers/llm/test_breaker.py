@@ -5,8 +5,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workers.errors import CoordinationError
-from workers.llm.breaker import CircuitBreaker, LocalBreakerStore, RedisBreakerStore
+from tiergate.workers.errors import CoordinationError
+from tiergate.workers.llm.breaker import CircuitBreaker, LocalBreakerStore, RedisBreakerStore
 
 KEY = "openai:gpt-4o-mini"
 

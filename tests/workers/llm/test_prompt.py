@@ -1,7 +1,7 @@
 import pytest
 
-from policies.spec import Task
-from workers.llm.prompt import (
+from tiergate.policies.spec import Task
+from tiergate.workers.llm.prompt import (
     answer_schema,
     build_prompt,
     neutralise_delimiters,

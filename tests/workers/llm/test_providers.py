@@ -2,11 +2,16 @@ import time
 
 import pytest
 
-from policies.spec import ProviderRef, Task
-from workers.errors import PermanentLLMError, ProviderNotConfiguredError, TransientLLMError
-from workers.llm.prompt import SCHEMA_NAME, answer_schema, build_prompt
-from workers.llm.provider import PROVIDERS, ProviderRequest, build_provider, retry_after_seconds
-from workers.llm.testing import (
+from tiergate.policies.spec import ProviderRef, Task
+from tiergate.workers.errors import PermanentLLMError, ProviderNotConfiguredError, TransientLLMError
+from tiergate.workers.llm.prompt import SCHEMA_NAME, answer_schema, build_prompt
+from tiergate.workers.llm.provider import (
+    PROVIDERS,
+    ProviderRequest,
+    build_provider,
+    retry_after_seconds,
+)
+from tiergate.workers.llm.testing import (
     ANTHROPIC_PATH,
     OPENAI_PATH,
     Fail,

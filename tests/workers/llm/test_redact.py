@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.llm.redact import Redactor, iban_valid, luhn_valid
+from tiergate.workers.llm.redact import Redactor, iban_valid, luhn_valid
 
 redactor = Redactor()
 

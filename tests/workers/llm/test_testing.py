@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from workers.llm.testing import (
+from tiergate.workers.llm.testing import (
     ANTHROPIC_PATH,
     OPENAI_PATH,
     FakeLLMServer,

@@ -10,8 +10,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from structlog.testing import capture_logs
 
-from policies.spec import Task
-from workers.errors import (
+from tiergate.policies.spec import Task
+from tiergate.workers.errors import (
     BreakerOpenError,
     InvalidAnswerError,
     PermanentLLMError,
@@ -19,9 +19,9 @@ from workers.errors import (
     RefusalError,
     TransientLLMError,
 )
-from workers.llm.breaker import RedisBreakerStore
-from workers.llm.prompt import PROMPT_VERSION
-from workers.llm.testing import (
+from tiergate.workers.llm.breaker import RedisBreakerStore
+from tiergate.workers.llm.prompt import PROMPT_VERSION
+from tiergate.workers.llm.testing import (
     ANTHROPIC_PATH,
     OPENAI_PATH,
     Fail,
@@ -33,7 +33,7 @@ from workers.llm.testing import (
     first_label_answer,
     message_of,
 )
-from workers.llm.tier import LLMRequest, LLMTier
+from tiergate.workers.llm.tier import LLMRequest, LLMTier
 
 PATHS = {"openai": OPENAI_PATH, "anthropic": ANTHROPIC_PATH}
 

@@ -1,0 +1,5 @@
+"""``python -m tiergate`` runs the tiergate CLI."""
+
+from tiergate.gateway.cli import main
+
+main()

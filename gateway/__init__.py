@@ -1,0 +1,1 @@
+"""tiergate gateway: the front doors (HTTP API, CLI, producer client)."""

@@ -1,0 +1,173 @@
+"""Reports of ``tiergate eval`` and ``tiergate calibrate``: JSON, a PNG plot, and rich tables.
+
+The math lives in :mod:`tiergate.policies.evaluate` and :mod:`tiergate.policies.calibrate`; this
+module only writes and draws what they computed. matplotlib is imported inside
+:func:`write_evaluation` (it is slow to import and only this command needs it), and draws on an Agg
+canvas of its own, so no global pyplot state or display is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from tiergate.policies.calibrate import CalibrationGoal, CalibrationResult
+from tiergate.policies.evaluate import CurvePoint, Evaluation
+
+
+def simulated_title(evaluation: Evaluation) -> str:
+    """``simulated LLM (accuracy x%, $y per call)``, from the LLM-only point of ``evaluation``.
+
+    The accuracy is what the simulated LLM scored on this set; the price is the mean cost of
+    one call.
+    """
+    accuracy = _percent(evaluation.llm_only.accuracy)
+    per_call = evaluation.llm_only.cost_per_1000 / 1000.0
+    return f"simulated LLM (accuracy {accuracy}, {_dollars(per_call)} per call)"
+
+
+def _dollars(amount: float) -> str:
+    """Dollars to the cent, or three significant figures below a dollar (a call is far less)."""
+    return f"${amount:,.2f}" if amount >= 1.0 or amount == 0.0 else f"${amount:.3g}"
+
+
+def write_evaluation(
+    evaluation: Evaluation, json_path: Path, png_path: Path, *, title: str, simulated: bool
+) -> None:
+    """Write ``evaluation`` as JSON and as a plot of accuracy against the share sent to the LLM.
+
+    The JSON is :meth:`Evaluation.to_dict` plus ``title`` and ``simulated``. The plot marks BERT
+    only, LLM only, the policy's operating point and the matched-accuracy point, with the cost
+    per 1,000 messages on a second axis; when ``simulated`` is true its title says that the LLM
+    answers were simulated (see :func:`simulated_title`). Parent folders are created.
+    """
+    full_title = f"{title}\n{simulated_title(evaluation)}" if simulated else title
+    document: dict[str, Any] = {"title": title, "simulated": simulated, **evaluation.to_dict()}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    _plot(evaluation, png_path, full_title)
+
+
+def _plot(evaluation: Evaluation, png_path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (slow import)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    accuracy_axis = figure.add_subplot()
+    shares = [100 * p.llm_share for p in evaluation.curve]
+    accuracy_axis.plot(
+        shares, [100 * p.accuracy for p in evaluation.curve], color="tab:blue", label="cascade"
+    )
+    marks: list[tuple[str, CurvePoint, str, str]] = [
+        ("BERT only", evaluation.bert_only, "o", "tab:gray"),
+        ("LLM only", evaluation.llm_only, "s", "tab:red"),
+        ("policy", evaluation.operating_point, "*", "tab:green"),
+        ("within 1 pt of LLM", evaluation.matched_point, "D", "tab:purple"),
+    ]
+    for label, point, marker, colour in marks:
+        accuracy_axis.plot(
+            100 * point.llm_share,
+            100 * point.accuracy,
+            marker=marker,
+            markersize=9,
+            linestyle="none",
+            color=colour,
+            clip_on=False,  # BERT only and LLM only sit on the plot's edges
+            zorder=3,
+            label=f"{label}: {_percent(point.accuracy)} at {_percent(point.llm_share)}",
+        )
+    accuracy_axis.set_xlabel("messages sent to the LLM (%)")
+    accuracy_axis.set_ylabel("accuracy (%)")
+    accuracy_axis.set_xlim(0, 100)
+    accuracy_axis.grid(visible=True, alpha=0.3)
+    cost_axis = accuracy_axis.twinx()
+    cost_axis.plot(
+        shares,
+        [p.cost_per_1000 for p in evaluation.curve],
+        color="tab:orange",
+        linestyle="--",
+        label="LLM cost per 1,000",
+    )
+    cost_axis.set_ylabel("LLM cost per 1,000 messages (USD)")
+    cost_axis.set_ylim(bottom=0)
+    handles, labels = accuracy_axis.get_legend_handles_labels()
+    cost_handles, cost_labels = cost_axis.get_legend_handles_labels()
+    accuracy_axis.legend(
+        handles + cost_handles, labels + cost_labels, loc="lower right", fontsize="small"
+    )
+    accuracy_axis.set_title(title)
+    figure.savefig(png_path, format="png")
+
+
+def evaluation_table(evaluation: Evaluation) -> Table:
+    """A table of the reported points: share sent to the LLM, accuracy, cost per 1,000."""
+    table = Table(
+        title=f"{evaluation.policy} ({evaluation.policy_version}): {evaluation.n} messages",
+        header_style="bold",
+    )
+    table.add_column("point")
+    table.add_column("sent to LLM", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("cost / 1,000", justify="right")
+    rows = [
+        ("BERT only", evaluation.bert_only),
+        ("policy", evaluation.operating_point),
+        ("within 1 pt of LLM", evaluation.matched_point),
+        ("LLM only", evaluation.llm_only),
+    ]
+    for name, point in rows:
+        table.add_row(
+            name,
+            _percent(point.llm_share),
+            _percent(point.accuracy),
+            _dollars(point.cost_per_1000),
+        )
+    notes = []
+    if evaluation.cost_saving_vs_llm_only is not None:
+        notes.append(
+            f"saves {_percent(evaluation.cost_saving_vs_llm_only)} of LLM-only cost "
+            "within 1 pt of its accuracy"
+        )
+    if evaluation.missing_llm_answers:
+        notes.append(f"missing LLM answers: {evaluation.missing_llm_answers} (counted wrong)")
+    table.caption = "\n".join(notes) or None
+    return table
+
+
+def calibration_table(result: CalibrationResult) -> Table:
+    """A two-column table of a calibration: goal, chosen threshold and what it achieves."""
+    table = Table(title="calibration", header_style="bold", show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    goal = (
+        f"accuracy {_percent(result.target)} at {_percent(result.confidence or 0.0)} confidence"
+        if result.goal is CalibrationGoal.ACCURACY
+        else f"LLM share {_percent(result.target)}"
+    )
+    threshold_name = "band half-width" if result.multi_label else "min_probability"
+    rows = [
+        ("goal", goal),
+        ("messages", str(result.n)),
+        (threshold_name, f"{result.threshold:.4f}"),
+        ("accepted (BERT answer stands)", _percent(result.accepted_share)),
+        ("sent to LLM", _percent(result.llm_share)),
+        (
+            "accuracy of accepted",
+            "n/a" if result.accepted_accuracy is None else _percent(result.accepted_accuracy),
+        ),
+    ]
+    if result.error_upper_bound is not None:
+        rows.append(("error upper bound", _percent(result.error_upper_bound)))
+    rows.append(("feasible", "yes" if result.feasible else "NO: target not reached"))
+    for field, value in rows:
+        table.add_row(field, value)
+    return table
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f}%"

@@ -1,0 +1,483 @@
+"""Threshold calibration: new escalation rules chosen from labelled predictions.
+
+``tiergate calibrate`` reads the BERT tier's calibrated predictions on a labelled validation
+set and writes a new :class:`~tiergate.policies.spec.Escalation` for one of two goals:
+
+- :func:`calibrate_for_accuracy`: the loosest thresholds whose accepted BERT answers (those
+  :func:`tiergate.policies.routing.decide` lets stand) reach a target accuracy *with statistical
+  confidence*: the exact one-sided Clopper-Pearson upper bound on the error rate of accepted
+  answers must be at most ``1 - target``. Many thresholds are tried on the same data, so the
+  search is fixed-sequence testing (Learn then Test; Angelopoulos et al., 2021): candidates are
+  tested from the strictest to the loosest and the scan stops at the first that fails, which
+  keeps the chance of certifying a threshold whose true error exceeds the target at most
+  ``1 - confidence`` without any multiplicity correction.
+- :func:`calibrate_for_llm_share`: the thresholds whose share of messages sent to the LLM is
+  closest to a target share without exceeding it.
+
+What is tuned: for a single-label policy, ``min_probability`` over the observed top-1
+probabilities; ``min_margin`` is set to 0 and per-label overrides are dropped, so one number
+governs every label. For a multi-label policy, one symmetric uncertainty band
+``[flag_threshold - w, flag_threshold + w)`` (clipped to ``[0, 1]``) shared by every label, with
+the width ``w`` tuned; per-label bands are dropped and a message is accepted when no label is
+borderline, its answer being right when the flagged label set equals the gold set exactly.
+Messages the LLM gets for other reasons (labels that need a generated answer) count as sent and
+never as accepted.
+
+Pure: numpy and the standard library only (Clopper-Pearson is computed here, without scipy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tiergate.policies.evaluate import Answer, bert_answer, check_answers
+from tiergate.policies.prediction import Prediction
+from tiergate.policies.spec import Band, Escalation, PolicyError, PolicySpec
+
+_VERSION_LIMIT = 64  # PolicySpec.version's max_length
+_CALIBRATED_SUFFIX = re.compile(r"\+cal\.[0-9a-f]{8}$")
+
+
+# --- Clopper-Pearson -------------------------------------------------------------------------
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """``I_x(a, b)``, the regularised incomplete beta function, for ``a, b > 0``, ``x in [0, 1]``.
+
+    Evaluated by Lentz's continued fraction (Numerical Recipes, section 6.4) on whichever of
+    ``I_x(a, b)`` and ``1 - I_{1-x}(b, a)`` converges fast, with the prefactor in log space
+    (``math.lgamma``) so that large counts neither overflow nor underflow.
+    """
+    if not (a > 0 and b > 0):
+        raise ValueError(f"beta parameters must be positive, not a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must lie in [0, 1], not {x}")
+    if x in {0.0, 1.0}:
+        return x
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        for numerator in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(n, p)``, through ``I_{1-p}(n - k, k + 1)``."""
+    if n < 0:
+        raise ValueError(f"n must not be negative, not {n}")
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return regularized_incomplete_beta(n - k, k + 1, 1.0 - p)
+
+
+def clopper_pearson_upper(errors: int, n: int, confidence: float = 0.95) -> float:
+    """The exact one-sided Clopper-Pearson upper bound on an error rate.
+
+    The ``p`` at which ``P(X <= errors) = 1 - confidence`` for ``X ~ Binomial(n, p)``: with
+    probability at least ``confidence`` the true rate is no higher. ``errors = 0`` gives
+    ``1 - (1 - confidence) ** (1 / n)``; ``errors = n`` (or ``n = 0``, no evidence) gives 1.
+    Found by bisection to within ``1e-12``, reporting the upper end so that the bound never
+    understates.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    if not 0 <= errors <= n:
+        raise ValueError(f"errors must lie in [0, n], not {errors} of {n}")
+    if errors == n:
+        return 1.0
+    alpha = 1.0 - confidence
+    low, high = 0.0, 1.0
+    while high - low > 1e-12:
+        middle = (low + high) / 2.0
+        if binomial_cdf(errors, n, middle) > alpha:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+# --- Result ----------------------------------------------------------------------------------
+
+
+class CalibrationGoal(StrEnum):
+    """What a calibration aims at: an accuracy of accepted answers, or a share sent to the LLM."""
+
+    ACCURACY = "accuracy"
+    LLM_SHARE = "llm_share"
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """A calibrated escalation rule and what it achieves on the data it was chosen on.
+
+    ``threshold`` is the tuned number: ``min_probability`` for single-label policies, the
+    band half-width ``w`` for multi-label ones (in both, larger is stricter and sends more to
+    the LLM). ``accepted_share`` and ``llm_share`` split the ``n`` messages (they sum to 1);
+    ``accepted_accuracy`` is the accuracy of accepted BERT answers (``None`` if none was
+    accepted). For the accuracy goal ``error_upper_bound`` is the Clopper-Pearson bound at
+    ``confidence`` on the accepted error rate (``None`` for the share goal). ``feasible`` is
+    False when no threshold reaches the target: then the strictest candidate is returned (the
+    accuracy goal) or the loosest (the share goal, when even it sends more than the target).
+    """
+
+    escalation: Escalation
+    goal: CalibrationGoal
+    target: float
+    n: int
+    multi_label: bool
+    threshold: float
+    accepted_share: float
+    llm_share: float
+    accepted_accuracy: float | None
+    error_upper_bound: float | None
+    confidence: float | None
+    feasible: bool
+
+    def policy(self, spec: PolicySpec) -> PolicySpec:
+        """``spec`` with this escalation, under the version ``<version>+cal.<hash>``.
+
+        ``<hash>`` is the first 8 hex digits of the SHA-256 of the escalation rules as sorted
+        JSON, so the same thresholds always give the same version and the decision cache never
+        mixes decisions made under different rules. A ``+cal.<hash>`` suffix already on
+        ``spec.version`` is replaced rather than stacked; a version that would exceed 64
+        characters is a :class:`~tiergate.policies.spec.PolicyError`.
+        """
+        if spec.multi_label != self.multi_label:
+            raise ValueError("a calibration applies only to a policy of the same label kind")
+        rules = json.dumps(self.escalation.model_dump(mode="json"), sort_keys=True)
+        digest = hashlib.sha256(rules.encode()).hexdigest()[:8]
+        version = f"{_CALIBRATED_SUFFIX.sub('', spec.version)}+cal.{digest}"
+        if len(version) > _VERSION_LIMIT:
+            raise PolicyError(
+                f"version: calibrated version {version!r} is longer than {_VERSION_LIMIT} "
+                "characters; shorten the policy's version"
+            )
+        return spec.with_escalation(self.escalation, version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-serialisable mapping (the escalation as the policy file has it)."""
+        return {
+            "goal": self.goal.value,
+            "target": self.target,
+            "n": self.n,
+            "multi_label": self.multi_label,
+            "threshold": self.threshold,
+            "accepted_share": self.accepted_share,
+            "llm_share": self.llm_share,
+            "accepted_accuracy": self.accepted_accuracy,
+            "error_upper_bound": self.error_upper_bound,
+            "confidence": self.confidence,
+            "feasible": self.feasible,
+            "escalation": self.escalation.model_dump(mode="json"),
+        }
+
+
+# --- The sweep over candidate thresholds -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """Candidate thresholds, strictest first, with what each accepts on the data."""
+
+    thresholds: list[float]
+    escalations: list[Escalation]
+    accepted: list[int]
+    errors: list[int]
+    n: int
+
+    def result(
+        self,
+        index: int,
+        *,
+        goal: CalibrationGoal,
+        target: float,
+        multi_label: bool,
+        feasible: bool,
+        confidence: float | None,
+    ) -> CalibrationResult:
+        accepted, errors = self.accepted[index], self.errors[index]
+        return CalibrationResult(
+            escalation=self.escalations[index],
+            goal=goal,
+            target=target,
+            n=self.n,
+            multi_label=multi_label,
+            threshold=self.thresholds[index],
+            accepted_share=accepted / self.n,
+            llm_share=(self.n - accepted) / self.n,
+            accepted_accuracy=(accepted - errors) / accepted if accepted else None,
+            error_upper_bound=(
+                clopper_pearson_upper(errors, accepted, confidence)
+                if confidence is not None
+                else None
+            ),
+            confidence=confidence,
+            feasible=feasible,
+        )
+
+
+def _sweep(predictions: Sequence[Prediction], gold: Sequence[Answer], spec: PolicySpec) -> _Sweep:
+    check_answers(predictions, gold, spec)
+    wrong = np.array(
+        [bert_answer(p, spec) != g for p, g in zip(predictions, gold, strict=True)],
+        dtype=np.int64,
+    )
+    if spec.multi_label:
+        return _band_sweep(predictions, wrong, spec)
+    return _probability_sweep(predictions, wrong, spec)
+
+
+def _probability_sweep(
+    predictions: Sequence[Prediction], wrong: npt.NDArray[np.int64], spec: PolicySpec
+) -> _Sweep:
+    """Single-label candidates: each observed top-1 probability as ``min_probability``.
+
+    ``decide`` keeps an answer when its top-1 probability is at least ``min_probability`` and
+    its top label needs no generated text (a margin is never below the 0 this sets).
+    """
+    generated = set(spec.generation.labels)
+    keys = np.array(
+        [-math.inf if p.top_label in generated else p.top_probability for p in predictions]
+    )
+    order = np.argsort(keys, kind="stable")
+    ascending = keys[order]
+    wrong_prefix = np.concatenate(([0], np.cumsum(wrong[order])))
+    candidates = sorted({float(k) for k in keys if k > -math.inf}, reverse=True) or [1.0]
+    first_kept = np.searchsorted(ascending, candidates, side="left")
+    n = len(predictions)
+    return _Sweep(
+        thresholds=candidates,
+        escalations=[
+            spec.escalation.model_copy(
+                update={"min_probability": t, "min_margin": 0.0, "per_label": {}}
+            )
+            for t in candidates
+        ],
+        accepted=[int(n - i) for i in first_kept],
+        errors=[int(wrong_prefix[-1] - wrong_prefix[i]) for i in first_kept],
+        n=n,
+    )
+
+
+def _band_sweep(
+    predictions: Sequence[Prediction], wrong: npt.NDArray[np.int64], spec: PolicySpec
+) -> _Sweep:
+    """Multi-label candidates: widths of one band ``[t - w, t + w)`` around the flag threshold.
+
+    A message is accepted when every label is outside the band and no flagged label needs
+    generated text. With ``below`` the highest probability under ``t`` and ``above`` the
+    lowest at or over it, that is ``low > below and high <= above``. The band edges are
+    computed once per width exactly as the escalation stores them, so acceptance here agrees
+    with ``Band.contains`` to the last bit. Candidate widths are the breakpoints ``t - below``
+    and ``above - t``, the midpoints between consecutive breakpoints (the accepted set between
+    two breakpoints differs from the set at either), and 0.
+    """
+    t = spec.escalation.flag_threshold
+    generated = set(spec.generation.labels)
+    below = np.full(len(predictions), -math.inf)
+    above = np.full(len(predictions), math.inf)
+    usable = np.ones(len(predictions), dtype=bool)
+    for index, prediction in enumerate(predictions):
+        under = [p for p in prediction.probabilities if p < t]
+        over = [p for p in prediction.probabilities if p >= t]
+        below[index] = max(under, default=-math.inf)
+        above[index] = min(over, default=math.inf)
+        usable[index] = not generated.intersection(prediction.labels_above(t))
+    breakpoints = sorted(
+        {0.0}
+        | {t - float(b) for b in below if b > -math.inf}
+        | {float(a) - t for a in above if a < math.inf}
+    )
+    midpoints = [(x + y) / 2.0 for x, y in itertools.pairwise(breakpoints)]
+    widths = np.array(sorted(set(breakpoints) | set(midpoints)))  # loosest first here
+    lows = np.maximum(0.0, t - widths)
+    highs = np.minimum(1.0, t + widths)
+    # accepted at width index j exactly when j < limit; lows fall and highs rise with j
+    limit = np.minimum(
+        np.searchsorted(-lows, -below, side="left"), np.searchsorted(highs, above, side="right")
+    )
+    limit[~usable] = 0
+    size = len(widths)
+    accepted = np.cumsum(np.bincount(limit, minlength=size + 1)[::-1])[::-1][1:]
+    errors = np.cumsum(np.bincount(limit, weights=wrong, minlength=size + 1)[::-1])[::-1][1:]
+    strict_first = range(size - 1, -1, -1)
+    # A width that accepts nothing can never be certified; leave it out of the sequence.
+    kept = [j for j in strict_first if accepted[j] > 0] or [size - 1]
+    return _Sweep(
+        thresholds=[float(widths[j]) for j in kept],
+        escalations=[
+            spec.escalation.model_copy(
+                update={
+                    "band": Band(low=float(lows[j]), high=float(highs[j])),
+                    "per_label": {},
+                }
+            )
+            for j in kept
+        ],
+        accepted=[int(accepted[j]) for j in kept],
+        errors=[round(float(errors[j])) for j in kept],
+        n=len(predictions),
+    )
+
+
+_SAMPLE_FACTOR = 3
+"""A candidate joins the test sequence once a third of its accepted answers could certify the
+target with no errors. Starting earlier, where one unlucky error among the few most confident
+answers ends the scan, would make certification a matter of luck; starting later costs
+coverage."""
+
+
+def _eligible_from(counts: Sequence[int], confidence: float) -> npt.NDArray[np.float64]:
+    """Per candidate, the smallest allowed error at which it joins the test sequence.
+
+    That is ``1 - (1 - confidence) ** (3 / accepted)``: ``accepted / 3`` answers with no
+    errors would bring the Clopper-Pearson bound down to it. It depends on counts only, never
+    on correctness, so the sequence is fixed before the test and the guarantee holds.
+    """
+    risk = 1.0 - confidence
+    return np.array([1.0 - risk ** (_SAMPLE_FACTOR / n) if n else math.inf for n in counts])
+
+
+def _lower_targets_reach(
+    sweep: _Sweep, eligible_at: npt.NDArray[np.float64], start: int, confidence: float
+) -> bool:
+    """Whether every lower accuracy target's scan gets past the first ``start`` candidates.
+
+    At an allowed error ``e``, a scan starts at the first candidate eligible at ``e`` and
+    fails at the first whose Clopper-Pearson bound exceeds ``e``. Both conditions change only
+    at those levels, so checking ``e`` at each level of the skipped candidates covers every
+    lower target.
+    """
+    if start == 0:
+        return True
+    eligible_at = eligible_at[:start]
+    passes_at = np.array(
+        [
+            clopper_pearson_upper(errors, accepted, confidence)
+            for accepted, errors in zip(sweep.accepted[:start], sweep.errors, strict=False)
+        ]
+    )
+    for allowed_error in sorted({*eligible_at.tolist(), *passes_at.tolist()} - {math.inf}):
+        eligible = np.flatnonzero(eligible_at <= allowed_error)
+        if eligible.size and (passes_at[eligible[0] :] > allowed_error).any():
+            return False
+    return True
+
+
+# --- The two goals -----------------------------------------------------------------------------
+
+
+def calibrate_for_accuracy(
+    predictions: Sequence[Prediction],
+    gold: Sequence[Answer],
+    spec: PolicySpec,
+    target_accuracy: float,
+    confidence: float = 0.95,
+) -> CalibrationResult:
+    """The loosest thresholds whose accepted answers certifiably reach ``target_accuracy``.
+
+    Candidates are tested from the strictest to the loosest; a candidate passes when the
+    Clopper-Pearson upper bound at ``confidence`` on its accepted error rate is at most
+    ``1 - target_accuracy`` (tested exactly, as the binomial tail ``P(X <= errors)`` at that
+    rate being at most ``1 - confidence``), and the scan stops at the first failure. The
+    sequence starts at the first candidate that accepts enough answers for a third of them to
+    certify the target with no errors (stricter ones accept too few to be worth a test). The
+    loosest passing candidate is returned. If none passes, the result says ``feasible=False``
+    and holds the strictest candidate, which sends almost every message to the LLM. A target
+    of 1 is never feasible (no finite sample certifies zero error).
+
+    Raising the target never loosens the threshold: a higher target's sequence starts later,
+    so a lower target's scan may fail among candidates the higher one skips; the higher
+    target is then reported infeasible too.
+    """
+    if not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"target accuracy must lie in (0, 1], not {target_accuracy}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    sweep = _sweep(predictions, gold, spec)
+    allowed_error = 1.0 - target_accuracy
+    eligible_at = _eligible_from(sweep.accepted, confidence)
+    start = next(
+        (i for i, level in enumerate(eligible_at) if level <= allowed_error), len(eligible_at)
+    )
+    passed: int | None = None
+    for index in range(start, len(sweep.accepted)):
+        tail = binomial_cdf(sweep.errors[index], sweep.accepted[index], allowed_error)
+        if tail > 1.0 - confidence:
+            break
+        passed = index
+    if passed is not None and not _lower_targets_reach(sweep, eligible_at, start, confidence):
+        passed = None
+    return sweep.result(
+        0 if passed is None else passed,
+        goal=CalibrationGoal.ACCURACY,
+        target=target_accuracy,
+        multi_label=spec.multi_label,
+        feasible=passed is not None,
+        confidence=confidence,
+    )
+
+
+def calibrate_for_llm_share(
+    predictions: Sequence[Prediction],
+    gold: Sequence[Answer],
+    spec: PolicySpec,
+    target_share: float,
+) -> CalibrationResult:
+    """The thresholds whose share of messages sent to the LLM is closest to, not above, a target.
+
+    That is the strictest candidate sending at most ``target_share`` of the messages. When
+    even the loosest sends more (labels that need generated text can force that), it is
+    returned with ``feasible=False``. ``gold`` is used only to report the accepted accuracy.
+    """
+    if not 0.0 <= target_share <= 1.0:
+        raise ValueError(f"target share must lie in [0, 1], not {target_share}")
+    sweep = _sweep(predictions, gold, spec)
+    # in whole messages, with a hair of slack so that 0.3 * 10 = 3.0000000000000004 admits 3
+    allowance = target_share * sweep.n + 1e-9
+    within = [i for i, accepted in enumerate(sweep.accepted) if sweep.n - accepted <= allowance]
+    return sweep.result(
+        within[0] if within else len(sweep.accepted) - 1,
+        goal=CalibrationGoal.LLM_SHARE,
+        target=target_share,
+        multi_label=spec.multi_label,
+        feasible=bool(within),
+        confidence=None,
+    )

@@ -1,1 +1,0 @@
-"""tiergate gateway: the front doors (CLI now; HTTP API and producer client later)."""

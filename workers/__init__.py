@@ -1,0 +1,1 @@
+"""tiergate workers: everything that computes a decision (settings, schemas, tiers, cascade)."""

@@ -1,0 +1,481 @@
+"""Fine-tuning a Hugging Face checkpoint and turning it into a tiergate model directory.
+
+Needs the ``train`` extra. :func:`train_model` runs the whole path: fine-tune (length-bucketed
+batches, AdamW, linear warm-up and decay, a fixed seed), export to a fused int8 ONNX model, check
+that ONNX agrees with torch on the validation split, fit the temperature on the validation split
+(on the ONNX logits, since those are what serve), measure the card's metrics through the real
+BERT tier, and write the directory atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tiergate.policies.calibration import (
+    calibrate_temperature,
+    expected_calibration_error,
+    log_loss,
+    multilabel_calibration_error,
+    softmax,
+)
+from tiergate.policies.metrics import accuracy, macro_f1
+from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.dataset import LabelledExample
+from tiergate.workers.bert.export import export_onnx
+from tiergate.workers.bert.manifest import (
+    CARD_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    Head,
+    ModelManifest,
+    package_versions,
+    sha256_file,
+    write_manifest,
+)
+from tiergate.workers.errors import InputError, TiergateError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+class ExportMismatchError(TiergateError):
+    """The exported ONNX model disagrees with torch more than allowed."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to fine-tune. Defaults suit a MiniLM- or DistilBERT-sized model on two CPU cores."""
+
+    base_model: Path
+    output: Path
+    labels: tuple[str, ...]
+    multi_label: bool = False
+    name: str = "model"
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 128
+    seed: int = 13
+    threads: int | None = None
+    min_agreement: float = 0.97
+    save_checkpoint: bool = True
+    show_progress: bool = True
+    extra_card: dict[str, Any] = field(default_factory=dict)
+
+
+class SplitMetrics(BaseModel):
+    """Quality on one labelled split, measured through the BERT tier as it serves."""
+
+    examples: int
+    accuracy: float
+    macro_f1: float
+    ece_before_temperature: float
+    ece_after_temperature: float
+    log_loss_before_temperature: float
+    log_loss_after_temperature: float
+    multi_window_texts: int
+
+
+class ModelCard(BaseModel):
+    """``model.json``: what the model is, how it was made and how well it does."""
+
+    name: str
+    model_version: str
+    base_model: str
+    labels: list[str]
+    head: Head
+    max_length: int
+    temperature: float
+    validation: SplitMetrics
+    test: SplitMetrics | None
+    onnx_agreement: dict[str, float]
+    training: dict[str, Any]
+    versions: dict[str, str]
+    created_at: str
+    extra: dict[str, Any] = {}
+
+
+def split_validation(
+    examples: Sequence[LabelledExample], fraction: float, seed: int
+) -> tuple[list[LabelledExample], list[LabelledExample]]:
+    """A seeded random split into (train, validation), keeping at least one of each."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError("the validation fraction must be between 0 and 1")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = min(max(1, round(len(order) * fraction)), len(order) - 1)
+    if cut < 1:
+        raise InputError("too few examples to hold out a validation split")
+    validation = [examples[i] for i in sorted(order[:cut])]
+    train = [examples[i] for i in sorted(order[cut:])]
+    return train, validation
+
+
+def _targets(examples: Sequence[LabelledExample], labels: Sequence[str], *, multi: bool) -> Any:
+    index = {label: i for i, label in enumerate(labels)}
+    if multi:
+        matrix = np.zeros((len(examples), len(labels)), dtype=np.float32)
+        for row, example in enumerate(examples):
+            for label in example.labels:
+                matrix[row, index[label]] = 1.0
+        return matrix
+    return np.array([index[example.labels[0]] for example in examples], dtype=np.int64)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar-length examples (less padding, same randomness per epoch)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    pool = batch_size * 32
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+class _Encoder:
+    """Tokenizes examples to window-sized id lists and pads batches into torch tensors."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.segments = "token_type_ids" in tokenizer.model_input_names
+
+    def ids(self, examples: Sequence[LabelledExample]) -> list[list[int]]:
+        encoded = self.tokenizer(
+            [e.text for e in examples], truncation=True, max_length=self.max_length
+        )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def truncated(self, examples: Sequence[LabelledExample]) -> int:
+        """How many examples are longer than the window (training sees their first window)."""
+        lengths = [len(ids) for ids in self.tokenizer([e.text for e in examples])["input_ids"]]
+        return sum(length > self.max_length for length in lengths)
+
+    def collate(self, batch: Sequence[Sequence[int]]) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+
+        width = max(len(ids) for ids in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.as_tensor(seq)
+            mask[row, : len(seq)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self.segments:
+            feed["token_type_ids"] = torch.zeros_like(ids)
+        return feed
+
+
+def _load_checkpoint(options: TrainOptions) -> tuple[Any, Any]:
+    from transformers import (  # noqa: PLC0415 - the train extra is imported only when training
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    # tiergate shows its own progress; the library's load reports and bars would interleave
+    quiet: Any = hf_logging
+    quiet.set_verbosity_error()
+    quiet.disable_progress_bar()
+    base = options.base_model
+    if not (base / "config.json").is_file():
+        raise InputError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
+    labels = list(options.labels)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        problem_type=(
+            "multi_label_classification" if options.multi_label else "single_label_classification"
+        ),
+        attn_implementation="eager",  # the optimizer fuses eager attention, not SDPA
+    )
+    return tokenizer, model
+
+
+def _fine_tune(
+    model: Any,
+    encoder: _Encoder,
+    train: Sequence[LabelledExample],
+    options: TrainOptions,
+    progress: Progress,
+) -> None:
+    import torch  # noqa: PLC0415
+
+    train_ids = encoder.ids(train)
+    lengths = [len(ids) for ids in train_ids]
+    targets = torch.as_tensor(_targets(train, options.labels, multi=options.multi_label))
+    rng = random.Random(options.seed)
+    epochs = [_batches(lengths, options.batch_size, rng) for _ in range(options.epochs)]
+    total = sum(len(batches) for batches in epochs)
+    warmup = max(1, int(total * options.warmup_ratio))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
+    )
+
+    def schedule(step: int) -> float:  # linear warm-up, then linear decay to zero
+        return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    task = progress.add_task("fine-tuning", total=total, status="")
+    model.train()
+    for epoch, batches in enumerate(epochs, start=1):
+        for batch in batches:
+            loss = model(**encoder.collate([train_ids[i] for i in batch]), labels=targets[batch])
+            loss = loss.loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            status = f"epoch {epoch}/{options.epochs} loss {loss.item():.3f}"
+            progress.update(task, advance=1, status=status)
+    model.eval()
+
+
+@dataclass(frozen=True)
+class _Exported:
+    manifest: ModelManifest
+    agreement: dict[str, float]
+    validation: SplitMetrics
+    test: SplitMetrics | None
+
+
+def _export_and_calibrate(
+    model: Any,
+    encoder: _Encoder,
+    staging: Path,
+    data: tuple[Sequence[LabelledExample], Sequence[LabelledExample] | None],
+    options: TrainOptions,
+    progress: Progress,
+) -> _Exported:
+    validation, test = data
+    multi = options.multi_label
+    task = progress.add_task("export + check", total=4, status="ONNX export")
+    input_names = export_onnx(model, staging / ONNX_FILE)
+    encoder.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
+    progress.update(task, advance=1, status="ONNX vs torch")
+
+    # ONNX and torch on identical (window-sized) inputs of the validation split.
+    val_ids = encoder.ids(validation)
+    torch_logits = _torch_logits(model, val_ids, encoder, options.batch_size)
+    write_manifest(staging, _manifest(options, staging, input_names, temperature=1.0))
+    onnx_logits = BertClassifier(staging, batch_size=options.batch_size).run(val_ids)
+    agreement = _agreement(torch_logits, onnx_logits, multi=multi)
+    if agreement["argmax_agreement"] < options.min_agreement:
+        raise ExportMismatchError(
+            f"ONNX agrees with torch on {agreement['argmax_agreement']:.1%} of validation "
+            f"examples, below the required {options.min_agreement:.1%}"
+        )
+    progress.update(task, advance=1, status="temperature")
+
+    y_val = _targets(validation, options.labels, multi=multi)
+    temperature = calibrate_temperature(onnx_logits, y_val, multi_label=multi)
+    manifest = _manifest(options, staging, input_names, temperature=temperature)
+    write_manifest(staging, manifest)
+    classifier = BertClassifier(staging, batch_size=options.batch_size)
+    progress.update(task, advance=1, status="metrics")
+    result = _Exported(
+        manifest=manifest,
+        agreement=agreement,
+        validation=_measure(classifier, validation, options.labels, multi=multi),
+        test=_measure(classifier, test, options.labels, multi=multi) if test else None,
+    )
+    progress.update(task, advance=1, status="done")
+    return result
+
+
+def train_model(
+    options: TrainOptions,
+    train: Sequence[LabelledExample],
+    validation: Sequence[LabelledExample],
+    test: Sequence[LabelledExample] | None = None,
+) -> ModelCard:
+    """Fine-tune, export, calibrate, check and write a model directory; return its card.
+
+    The directory is assembled beside ``options.output`` and renamed into place at the end, so
+    a failed run never leaves a half-written model where the BERT tier would load it.
+
+    Raises:
+        InputError: the options or data cannot train a model.
+        ExportMismatchError: ONNX agrees with torch on fewer validation examples than
+            ``options.min_agreement``.
+    """
+    import torch  # noqa: PLC0415 - the train extra is imported only when training
+
+    started = time.perf_counter()
+    if len(options.labels) < 2 and not options.multi_label:
+        raise InputError("single-label training needs at least two labels")
+    torch.set_num_threads(options.threads or os.cpu_count() or 1)
+    random.seed(options.seed)
+    torch.manual_seed(options.seed)
+    tokenizer, model = _load_checkpoint(options)
+    encoder = _Encoder(tokenizer, options.max_length)
+    output = options.output
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),
+        disable=not options.show_progress,
+    )
+    try:
+        with progress:
+            _fine_tune(model, encoder, train, options, progress)
+            train_seconds = time.perf_counter() - started
+            exported = _export_and_calibrate(
+                model, encoder, staging, (validation, test), options, progress
+            )
+        if options.save_checkpoint:
+            model.save_pretrained(str(staging / CHECKPOINT_DIR))
+            tokenizer.save_pretrained(str(staging / CHECKPOINT_DIR))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = exported.manifest
+    card = ModelCard(
+        name=options.name,
+        model_version=manifest.model_version,
+        base_model=manifest.base_model,
+        labels=list(options.labels),
+        head=manifest.head,
+        max_length=options.max_length,
+        temperature=manifest.temperature,
+        validation=exported.validation,
+        test=exported.test,
+        onnx_agreement=exported.agreement,
+        training={
+            "examples": len(train),
+            "validation_examples": len(validation),
+            "truncated_training_examples": encoder.truncated(train),
+            "epochs": options.epochs,
+            "batch_size": options.batch_size,
+            "learning_rate": options.learning_rate,
+            "seed": options.seed,
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        },
+        versions=manifest.versions,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        extra=options.extra_card,
+    )
+    (staging / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return card
+
+
+def _manifest(
+    options: TrainOptions, directory: Path, inputs: Sequence[str], *, temperature: float
+) -> ModelManifest:
+    files = {name: sha256_file(directory / name) for name in (ONNX_FILE, TOKENIZER_FILE)}
+    return ModelManifest(
+        name=options.name,
+        model_version=f"{options.name}-{files[ONNX_FILE][:12]}",
+        labels=tuple(options.labels),
+        head=Head.MULTI_LABEL if options.multi_label else Head.SINGLE_LABEL,
+        max_length=options.max_length,
+        temperature=temperature,
+        inputs=tuple(inputs),
+        files=files,
+        versions=package_versions(),
+        base_model=options.base_model.name,
+    )
+
+
+def _torch_logits(
+    model: Any, ids: Sequence[Sequence[int]], encoder: _Encoder, batch_size: int
+) -> npt.NDArray[np.float32]:
+    import torch  # noqa: PLC0415
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    logits = np.empty((len(ids), model.config.num_labels), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            logits[chunk] = model(**encoder.collate([ids[i] for i in chunk])).logits.numpy()
+    return logits
+
+
+def _agreement(
+    torch_logits: npt.NDArray[np.float32], onnx_logits: npt.NDArray[np.float32], *, multi: bool
+) -> dict[str, float]:
+    if multi:
+        same = ((torch_logits > 0) == (onnx_logits > 0)).all(axis=1)
+        diff = np.abs(1 / (1 + np.exp(-torch_logits)) - 1 / (1 + np.exp(-onnx_logits)))
+    else:
+        same = torch_logits.argmax(axis=1) == onnx_logits.argmax(axis=1)
+        diff = np.abs(softmax(torch_logits) - softmax(onnx_logits))
+    return {
+        "examples": float(len(same)),
+        "argmax_agreement": float(same.mean()),
+        "max_abs_probability_difference": float(diff.max()),
+        "mean_abs_probability_difference": float(diff.mean()),
+    }
+
+
+def _measure(
+    classifier: BertClassifier,
+    examples: Sequence[LabelledExample],
+    labels: Sequence[str],
+    *,
+    multi: bool,
+) -> SplitMetrics:
+    texts = [e.text for e in examples]
+    windows = classifier.encode(texts)
+    logits = classifier.run(windows.ids)
+    raw = np.array(
+        [p.probabilities for p in classifier.calibrate(logits, windows, temperature=1.0)]
+    )
+    calibrated = np.array([p.probabilities for p in classifier.calibrate(logits, windows)])
+    y = _targets(examples, labels, multi=multi)
+    if multi:
+        predicted = calibrated >= 0.5
+        acc = accuracy(predicted, y.astype(bool))
+        f1 = macro_f1(predicted, y, len(labels))
+        before = multilabel_calibration_error(raw, y)
+        after = multilabel_calibration_error(calibrated, y)
+    else:
+        predicted_index = calibrated.argmax(axis=1)
+        acc = accuracy(predicted_index, y)
+        f1 = macro_f1(predicted_index, y, len(labels))
+        before = expected_calibration_error(raw, y)
+        after = expected_calibration_error(calibrated, y)
+    return SplitMetrics(
+        examples=len(examples),
+        accuracy=acc,
+        macro_f1=f1,
+        ece_before_temperature=before,
+        ece_after_temperature=after,
+        log_loss_before_temperature=log_loss(raw, y, multi_label=multi),
+        log_loss_after_temperature=log_loss(calibrated, y, multi_label=multi),
+        multi_window_texts=sum(count > 1 for count in windows.counts),
+    )

@@ -1,0 +1,133 @@
+"""The ``anthropic`` provider: the Messages API with one forced tool whose input is the answer."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import anthropic
+
+from tiergate.workers.llm.prompt import repair_instruction
+from tiergate.workers.llm.provider import (
+    ProviderAnswer,
+    ProviderRequest,
+    llm_error_from_connection,
+    llm_error_from_status,
+    retry_after_seconds,
+)
+
+if TYPE_CHECKING:
+    from anthropic.types import Message, MessageParam
+
+
+# The longest Retry-After the SDK may sleep through before retrying. This SDK honours any
+# Retry-After (the OpenAI SDK does not retry past 60 s); a longer wait would park a worker
+# thread, so such a response is not retried: it surfaces as a transient error carrying its
+# retry_after, and the tier moves on to the next provider.
+MAX_RETRY_WAIT_S = 60.0
+
+
+def _no_retry_after_long_waits(response: Any) -> None:
+    """Response hook: mark a response asking for a long wait as not to be retried."""
+    wait = retry_after_seconds(response.headers)
+    if wait is not None and wait > MAX_RETRY_WAIT_S:
+        response.headers["x-should-retry"] = "false"
+
+
+class AnthropicProvider:
+    """One Anthropic model behind one thread-safe SDK client.
+
+    The client is built once, with the given timeout and retry count (the SDK backs off and
+    honours ``Retry-After`` between retries; see :mod:`tiergate.workers.llm.provider`). ``complete``
+    offers a single tool named ``request.schema_name`` whose ``input_schema`` is the answer
+    schema and forces it with ``tool_choice``; the answer is that ``tool_use`` block's
+    ``input`` (``data`` is ``None`` without one). ``stop_reason == "refusal"`` is a refusal.
+    """
+
+    name = "anthropic"
+    api_key_setting = "anthropic_api_key"
+    base_url_setting = "anthropic_base_url"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self._client = anthropic.Anthropic(
+            api_key=api_key,
+            http_client=anthropic.DefaultHttpxClient(
+                event_hooks={"response": [_no_retry_after_long_waits]}
+            ),
+            # None would let the SDK read ANTHROPIC_BASE_URL; tiergate's settings decide instead.
+            base_url=base_url or "https://api.anthropic.com",
+            timeout=timeout_s,
+            max_retries=max_retries,
+        )
+        # Resolve the lazily created resource now, so threads never race to create it.
+        self._messages = self._client.messages
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider(model={self.model!r}, base_url={self.base_url!r})"
+
+    def complete(self, request: ProviderRequest) -> ProviderAnswer:
+        """Send ``request`` as one Messages API call; see the class docstring."""
+        messages: list[MessageParam] = [{"role": "user", "content": request.user}]
+        if request.repair_of is not None:
+            previous, error = request.repair_of
+            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
+            messages.append({"role": "user", "content": repair_instruction(error)})
+        try:
+            response = self._messages.create(
+                model=self.model,
+                max_tokens=request.max_output_tokens,
+                system=request.system,
+                messages=messages,
+                tools=[
+                    {
+                        "name": request.schema_name,
+                        "description": "Record the answer about the message.",
+                        "input_schema": request.schema,
+                    }
+                ],
+                tool_choice={"type": "tool", "name": request.schema_name},
+            )
+        except anthropic.APITimeoutError as exc:
+            raise llm_error_from_connection(self.name, timed_out=True) from exc
+        except anthropic.APIConnectionError as exc:
+            raise llm_error_from_connection(self.name, timed_out=False) from exc
+        except anthropic.APIStatusError as exc:
+            raise llm_error_from_status(
+                self.name, exc.status_code, exc.response.headers, exc.message
+            ) from exc
+        return _answer_of(response, request.schema_name)
+
+
+def _answer_of(response: Message, tool_name: str) -> ProviderAnswer:
+    """The :class:`ProviderAnswer` in a Messages API response."""
+    data = None
+    texts: list[str] = []
+    for block in response.content:
+        if block.type == "tool_use" and block.name == tool_name and data is None:
+            data = dict(block.input)
+        elif block.type == "text":
+            texts.append(block.text)
+    raw = json.dumps(data, ensure_ascii=False) if data is not None else "".join(texts)
+    refusal = None
+    if response.stop_reason == "refusal":
+        details = response.stop_details
+        explanation = details.explanation if details is not None else None
+        refusal = "".join(texts) or explanation or "the model declined to answer"
+    return ProviderAnswer(
+        data=data,
+        raw=raw,
+        input_tokens=response.usage.input_tokens,
+        output_tokens=response.usage.output_tokens,
+        model=response.model,
+        refusal=refusal,
+    )

@@ -1,0 +1,115 @@
+"""The ``openai`` provider: Chat Completions with a strict JSON-schema response format.
+
+Also serves any OpenAI-compatible server (vLLM, Ollama, llama.cpp) through ``base_url``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import openai
+
+from tiergate.workers.llm.prompt import repair_instruction
+from tiergate.workers.llm.provider import (
+    ProviderAnswer,
+    ProviderRequest,
+    llm_error_from_connection,
+    llm_error_from_status,
+)
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+
+class OpenAIProvider:
+    """One OpenAI (or compatible) model behind one thread-safe SDK client.
+
+    The client is built once, with the given timeout and retry count (the SDK backs off and
+    honours ``Retry-After`` between retries; see :mod:`tiergate.workers.llm.provider`). ``complete``
+    asks for ``response_format={"type": "json_schema", ..., "strict": True}`` and parses
+    ``choices[0].message.content`` as JSON; ``message.refusal`` becomes the refusal.
+    """
+
+    name = "openai"
+    api_key_setting = "openai_api_key"
+    base_url_setting = "openai_base_url"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url
+        self._client = openai.OpenAI(
+            api_key=api_key,
+            # None would let the SDK read OPENAI_BASE_URL; tiergate's settings decide instead.
+            base_url=base_url or "https://api.openai.com/v1",
+            timeout=timeout_s,
+            max_retries=max_retries,
+        )
+        # Resolve the lazily created resource now, so threads never race to create it.
+        self._completions = self._client.chat.completions
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(model={self.model!r}, base_url={self.base_url!r})"
+
+    def complete(self, request: ProviderRequest) -> ProviderAnswer:
+        """Send ``request`` as one chat completion; see the class docstring."""
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": request.system},
+            {"role": "user", "content": request.user},
+        ]
+        if request.repair_of is not None:
+            previous, error = request.repair_of
+            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
+            messages.append({"role": "user", "content": repair_instruction(error)})
+        try:
+            completion = self._completions.create(
+                model=self.model,
+                messages=messages,
+                max_completion_tokens=request.max_output_tokens,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": request.schema_name,
+                        "schema": request.schema,
+                        "strict": True,
+                    },
+                },
+            )
+        except openai.APITimeoutError as exc:
+            raise llm_error_from_connection(self.name, timed_out=True) from exc
+        except openai.APIConnectionError as exc:
+            raise llm_error_from_connection(self.name, timed_out=False) from exc
+        except openai.APIStatusError as exc:
+            raise llm_error_from_status(
+                self.name, exc.status_code, exc.response.headers, exc.message
+            ) from exc
+        usage = completion.usage
+        input_tokens = usage.prompt_tokens if usage is not None else 0
+        output_tokens = usage.completion_tokens if usage is not None else 0
+        message = completion.choices[0].message if completion.choices else None
+        raw = (message.content if message is not None else None) or ""
+        return ProviderAnswer(
+            data=_json_object(raw),
+            raw=raw,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            model=completion.model or self.model,
+            refusal=message.refusal if message is not None else None,
+        )
+
+
+def _json_object(raw: str) -> dict[str, Any] | None:
+    """``raw`` parsed as a JSON object, or ``None`` when it is not one."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # malformed, or nested past the interpreter's stack
+        return None
+    return value if isinstance(value, dict) else None
