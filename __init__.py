@@ -23,8 +23,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tiergate.gateway.api import create_app
     from tiergate.gateway.client import TiergateClient
+    from tiergate.gateway.http import create_app
     from tiergate.policies.prediction import Prediction
     from tiergate.policies.routing import Route, decide
     from tiergate.policies.spec import (
@@ -95,7 +95,7 @@ _EXPORTS: dict[str, str] = {
     "UnknownPolicyError": "tiergate.workers.errors",
     # Distributed mode and the HTTP gateway.
     "TiergateClient": "tiergate.gateway.client",
-    "create_app": "tiergate.gateway.api",
+    "create_app": "tiergate.gateway.http",
 }
 
 __all__ = [

@@ -16,6 +16,11 @@ that training never saw; every message by default):
 every synopsis, the longest messages, first). The ONNX model the tier serves is the int8 export
 of the checkpoint, so the accuracy comparison includes what quantization costs.
 
+``--model-dir`` and ``--test-split`` point it at another model (trained with its checkpoint,
+as ``tiergate train`` keeps it) and its held-out split. ``--quick`` checks that the benchmark
+works in about a minute (100 messages, one run, small warm-up, latency and RSS samples),
+writes the same JSON to a temporary folder, and measures nothing worth publishing.
+
 Why the comparison is fair:
 
 * one fine-tuned model: the baseline loads the checkpoint that ``tiergate model build-default``
@@ -36,16 +41,14 @@ Run ``tiergate model build-default`` first; ``make bench-bert`` does both.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import shlex
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +56,32 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import TextClassificationPipeline, pipeline
 from transformers import logging as transformers_logging
-from transformers import pipeline
 
-from measurement import evenly_spaced, fail, machine, read_test_split
+from measurement import (
+    BenchmarkOptions,
+    Spread,
+    accuracy,
+    evenly_spaced,
+    fail,
+    machine,
+    model_and_split,
+    note,
+    provenance,
+    read_test_split,
+    require,
+    write_results,
+)
 from tiergate.workers.bert.classifier import BertClassifier
-from tiergate.workers.bert.default_model import DATASET_NAME
-from tiergate.workers.bert.manifest import MANIFEST_FILE, package_versions
+from tiergate.workers.bert.manifest import package_versions
 from tiergate.workers.bert.train import CHECKPOINT_DIR
 from tiergate.workers.settings import Settings
 
 BASELINE_BATCH_SIZES = (1, 8, 32)
 TARGETS = {"speedup": 2.5, "accuracy_gap_points": 0.5, "rss_mb": 400}
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bert_tier.json"
-WARMUP_MESSAGES = 64
+# What --quick changes: every part runs. The pipeline is the slow part, slowest on shared cores.
+QUICK = {"limit": 100, "runs": 1, "warmup": 8, "latency_sample": 30, "rss_messages": 50}
 
 # Runs in a fresh interpreter, so the peak RSS is the BERT tier's alone and any import of torch
 # or transformers on its path is caught. argv: the model directory; stdin: a JSON list of texts.
@@ -107,46 +122,21 @@ print(json.dumps({
 
 
 out = Console()
-err = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class Spread:
-    """The median of repeated measurements and their range."""
-
-    median: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        """Summarize ``values`` (at least one)."""
-        return cls(statistics.median(values), min(values), max(values))
-
-    def as_dict(self) -> dict[str, float]:
-        """The JSON form, rounded for reading."""
-        return {
-            "median": round(self.median, 2),
-            "min": round(self.low, 2),
-            "max": round(self.high, 2),
-        }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    options = BenchmarkOptions("bert_tier", __doc__.split("\n\n")[0], QUICK)
+    parser = options.parser
     parser.add_argument("--runs", type=int, default=3, help="interleaved timed runs (default 3)")
     parser.add_argument(
         "--limit", type=int, help="use N test messages, spread evenly over the split"
     )
     parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        help=f"JSON results (default {DEFAULT_OUTPUT})",
-    )
-    parser.add_argument(
-        "--model-dir", type=Path, help="model directory (default: Settings().default_model_dir)"
+        "--warmup",
+        type=int,
+        default=64,
+        help="messages each side classifies (at every batch size) before timing (default 64)",
     )
     parser.add_argument(
         "--latency-sample", type=int, default=300, help="messages timed one at a time (default 300)"
@@ -159,10 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help="tokens the pipeline reads before truncating (default: the model's window)",
     )
-    args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
-    for option in ("limit", "latency_sample", "rss_messages"):
+    args = options.parse(argv)
+    for option in ("runs", "limit", "warmup", "latency_sample", "rss_messages"):
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
@@ -175,11 +163,6 @@ def timed(call: Callable[[], list[str]]) -> tuple[float, list[str]]:
     started = time.perf_counter()
     result = call()
     return time.perf_counter() - started, result
-
-
-def accuracy(predicted: Sequence[str], gold: Sequence[str]) -> float:
-    """The fraction of labels that match."""
-    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 
 @dataclass(frozen=True)
@@ -205,17 +188,12 @@ def interleaved_runs(
     candidate_labels: list[str] = []
     for run in range(1, runs + 1):
         for batch_size in BASELINE_BATCH_SIZES:
-            seconds, baseline_labels[batch_size] = timed(
-                lambda size=batch_size: run_baseline(texts, size)
-            )
+            seconds, baseline_labels[batch_size] = timed(partial(run_baseline, texts, batch_size))
             baseline_rates[batch_size].append(len(texts) / seconds)
         seconds, candidate_labels = timed(lambda: run_candidate(texts))
         candidate_rates.append(len(texts) / seconds)
         per_size = ", ".join(f"bs {s} {baseline_rates[s][-1]:.0f}" for s in BASELINE_BATCH_SIZES)
-        err.print(
-            f"run {run}/{runs}, msg/s: pipeline {per_size} · tiergate {candidate_rates[-1]:.0f}",
-            highlight=False,
-        )
+        note(f"run {run}/{runs}, msg/s: pipeline {per_size} · tiergate {candidate_rates[-1]:.0f}")
     return Timings(baseline_rates, candidate_rates, baseline_labels, candidate_labels)
 
 
@@ -245,32 +223,37 @@ def measure_rss(model_dir: Path, texts: Sequence[str]) -> dict[str, Any]:
     return dict(json.loads(probe.stdout.strip().splitlines()[-1]))
 
 
+def load_baseline(checkpoint: Path, labels: tuple[str, ...]) -> TextClassificationPipeline:
+    """The baseline pipeline on ``checkpoint``, whose labels must be ``labels``, in order."""
+    # transformers' logging helpers carry no annotations.
+    transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    baseline = pipeline(
+        "text-classification", model=str(checkpoint), device=-1, dtype=torch.float32
+    )
+    # A saved config's id2label may come back keyed by strings; the label of class i is wanted.
+    by_id = {int(key): str(name) for key, name in (baseline.model.config.id2label or {}).items()}
+    checkpoint_labels = tuple(by_id.get(i, f"<class {i}>") for i in range(len(labels)))
+    if checkpoint_labels != labels:
+        fail(f"{checkpoint} has labels {checkpoint_labels}, the ONNX model {labels}")
+    return baseline
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON; return the exit status."""
     args = parse_args(argv)
     settings = Settings()
-    model_dir: Path = args.model_dir or settings.default_model_dir
+    model_dir, test_path = model_and_split(args, settings)
     checkpoint = model_dir / CHECKPOINT_DIR
-    test_path = settings.data_dir / "datasets" / DATASET_NAME / "test.jsonl"
-    for needed in (model_dir / MANIFEST_FILE, checkpoint / "config.json", test_path):
-        if not needed.is_file():
-            fail(
-                f"{needed} is missing: build the default model with `tiergate model build-default`"
-            )
+    require(checkpoint / "config.json")
     split = read_test_split(test_path, args.limit)
     machine_info = machine()  # before the benchmark adds its own load
 
     candidate = BertClassifier.from_settings(settings, model_dir)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    baseline = pipeline(
-        "text-classification", model=str(checkpoint), device=-1, dtype=torch.float32
-    )
-    checkpoint_labels = tuple(
-        baseline.model.config.id2label[i] for i in range(len(candidate.labels))
-    )
-    if checkpoint_labels != candidate.labels:
-        fail(f"{checkpoint} has labels {checkpoint_labels}, the ONNX model {candidate.labels}")
+    baseline = load_baseline(checkpoint, candidate.labels)
+    tokenizer = baseline.tokenizer
+    if tokenizer is None:
+        fail(f"the pipeline found no tokenizer in {checkpoint}")
     unknown_gold = set(split.labels) - set(candidate.labels)
     if unknown_gold:
         fail(f"{test_path} has labels the model lacks: {sorted(unknown_gold)}")
@@ -286,13 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return [prediction.top_label for prediction in candidate.predict(texts)]
 
     texts = split.texts
-    err.print(
+    note(
         f"{len(texts)} messages from {test_path} · model {candidate.model_version} · "
         f"{args.runs} interleaved runs · torch threads {torch.get_num_threads()}, "
-        f"onnxruntime intra-op threads {settings.intra_op_threads}",
-        highlight=False,
+        f"onnxruntime intra-op threads {settings.intra_op_threads}"
     )
-    warmup = texts[:WARMUP_MESSAGES]
+    warmup = texts[: args.warmup]
     for batch_size in BASELINE_BATCH_SIZES:
         run_baseline(warmup, batch_size)
     candidate.warmup()
@@ -318,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rss_mb = float(rss["peak_rss_mb"])
 
     windows = candidate.encode(texts).counts
-    token_counts = [len(ids) for ids in baseline.tokenizer(texts)["input_ids"]]
+    token_counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     results: dict[str, Any] = {
         "baseline_msgs_per_s": round(baseline_spread.median, 2),
         "tiergate_msgs_per_s": round(candidate_spread.median, 2),
@@ -337,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "messages": len(texts),
         "runs": args.runs,
+        "warmup_messages": len(warmup),
         "test_split": str(test_path),
         "model_dir": str(model_dir),
         "model_version": candidate.model_version,
@@ -376,11 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "top_label_agreement": round(accuracy(candidate_labels, baseline_labels[best_size]), 5),
         "machine": machine_info,
         "versions": package_versions(),
-        "command": shlex.join(sys.orig_argv),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(args),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.output, results)
     out.print(results_table(results))
     out.print(f"results written to {args.output}", highlight=False, soft_wrap=True)
     return 0

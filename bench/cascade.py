@@ -46,50 +46,64 @@ Why the figures are fair:
   its keys afterwards; timings are medians and percentiles over hundreds of calls, after a
   warm-up, with nothing else interleaved.
 
+``--model-dir`` and ``--test-split`` point it at another model and its held-out split (the
+policy is the one the model's labels select, or ``TIERGATE_POLICY_FILES``; it must send some
+messages to an OpenAI model). ``--quick`` checks that every part works in under a minute (300
+messages, two seeds, 50 cache hits, a burst of 20 from one process and from 2 x 10 threads),
+writes the same JSON and plot to a temporary folder, and measures nothing worth publishing.
+
 Run ``tiergate model build-default`` first; ``make bench-cascade`` does both.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import multiprocessing
 import queue
-import shlex
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import redis
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
-from measurement import HeldOut, fail, machine, read_test_split
+from measurement import (
+    BenchmarkOptions,
+    HeldOut,
+    Spread,
+    accuracy,
+    batches,
+    fail,
+    key_prefixes,
+    machine,
+    model_and_split,
+    note,
+    percentiles_ms,
+    provenance,
+    read_test_split,
+    write_results,
+)
 from tiergate.gateway.report import evaluation_table, write_evaluation
 from tiergate.policies.evaluate import Answer, Evaluation, evaluate_cascade, simulate_llm
 from tiergate.policies.routing import Target, decide
 from tiergate.policies.spec import PolicySpec, Task
 from tiergate.workers.bert.classifier import BertClassifier
-from tiergate.workers.bert.default_model import DATASET_NAME
-from tiergate.workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
+from tiergate.workers.bert.manifest import RECORDED_PACKAGES, package_versions
 from tiergate.workers.cache import DecisionCache, Lease, RedisDecisionCache, normalise
-from tiergate.workers.cascade import Cascade, PolicyBook, load_policy_book
+from tiergate.workers.cascade import Cascade, open_cascade, policy_book_for
 from tiergate.workers.llm.prompt import build_prompt
 from tiergate.workers.llm.testing import FakeLLMServer, SimulatedLLM, message_of
-from tiergate.workers.llm.tier import LLMTier
 from tiergate.workers.logs import configure_logging
 from tiergate.workers.schemas import Decision, Message, Prediction, Tier
 from tiergate.workers.settings import Settings
@@ -98,17 +112,22 @@ if TYPE_CHECKING:
     from multiprocessing.queues import Queue
     from multiprocessing.synchronize import Barrier
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cascade.json"
-DEFAULT_PLOT = DEFAULT_OUTPUT.with_suffix(".png")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The estimate `tiergate eval` prices a call with: prompt characters per token, answer tokens.
 CHARS_PER_TOKEN = 4
 ANSWER_TOKENS = 20
 # How long a burst may take before the benchmark gives up on it (seconds).
 BURST_TIMEOUT_S = 120.0
+# What --quick changes: every part runs, in under a minute.
+QUICK = {
+    "limit": 300,
+    "spread_seeds": 2,
+    "cache_hits": 50,
+    "burst": 20,
+    "burst_processes": 2,
+}
 
 out = Console()
-err = Console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -129,18 +148,13 @@ class CallPrice:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    options = BenchmarkOptions("cascade", __doc__.split("\n\n")[0], QUICK)
+    parser = options.parser
     parser.add_argument(
         "--limit", type=int, help="use N test messages, spread evenly over the split"
     )
     parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})"
-    )
-    parser.add_argument(
-        "--plot", type=Path, default=DEFAULT_PLOT, help=f"the curve as a PNG ({DEFAULT_PLOT})"
-    )
-    parser.add_argument(
-        "--model-dir", type=Path, help="model directory (default: Settings().resolved_model_dir)"
+        "--plot", type=Path, help="the curve as a PNG (default: the JSON's path, ending .png)"
     )
     parser.add_argument(
         "--redis-url",
@@ -168,7 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--burst-latency-s", type=float, default=0.2, help="the burst LLM's latency (0.2 s)"
     )
-    args = parser.parse_args(argv)
+    args = options.parse(argv)
     for option in (
         "limit",
         "spread_seeds",
@@ -184,33 +198,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--llm-accuracy must lie in [0, 1]")
     if args.burst % args.burst_processes:
         parser.error("--burst must be a multiple of --burst-processes")
+    if args.plot is None:
+        args.plot = args.output.with_suffix(".png")
+    elif args.quick:
+        options.refuse_results_dir(args.plot)
     return args
-
-
-def batches(count: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``size`` covering ``range(count)``."""
-    for start in range(0, count, size):
-        yield slice(start, min(start + size, count))
-
-
-def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """p50, p90 and p99 of ``seconds``, in milliseconds."""
-    p50, p90, p99 = (float(v) * 1000 for v in np.percentile(seconds, [50, 90, 99]))
-    return {"p50_ms": round(p50, 3), "p90_ms": round(p90, 3), "p99_ms": round(p99, 3)}
-
-
-def spread(values: Sequence[float], digits: int = 4) -> dict[str, float]:
-    """The minimum, median and maximum of ``values``, rounded for reading."""
-    return {
-        "min": round(min(values), digits),
-        "median": round(statistics.median(values), digits),
-        "max": round(max(values), digits),
-    }
-
-
-def accuracy(predicted: Sequence[str | None], gold: Sequence[str]) -> float:
-    """The fraction of labels that match."""
-    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 
 # ---------------------------------------------------------------------------------- part 1
@@ -219,9 +211,9 @@ def accuracy(predicted: Sequence[str | None], gold: Sequence[str]) -> float:
 def price_calls(settings: Settings, spec: PolicySpec, texts: Sequence[str]) -> CallPrice:
     """Each message's classification call priced at the list price of the policy's first model.
 
-    The same estimate as ``tiergate eval`` (``tiergate.gateway.cli._typical_call_cost``), kept per
-    message instead of averaged over a sample: prompt characters / 4 input tokens and a 20-token
-    answer. Fails when the policy names no model or the model has no price.
+    The same estimate as ``tiergate eval`` (``tiergate.gateway.cli.tuning._typical_call_cost``),
+    kept per message instead of averaged over a sample: prompt characters / 4 input tokens and a
+    20-token answer. Fails when the policy names no model or the model has no price.
     """
     if not spec.llm.providers:
         fail(f"policy {spec.name!r} names no LLM provider to price")
@@ -263,6 +255,10 @@ def seed_spread(
     seeds: Sequence[int],
 ) -> dict[str, Any]:
     """Part 1 again with each of ``seeds``: the spread of the figures the simulation moves."""
+
+    def spread(values: Sequence[float]) -> dict[str, float]:
+        return Spread.of(values).as_dict(4)
+
     runs: list[Evaluation] = []
     for seed in seeds:
         answers = simulate_llm(split.labels, spec.label_names, accuracy_of_llm, seed)
@@ -306,24 +302,19 @@ def simulated_llm_settings(settings: Settings, server: FakeLLMServer) -> Setting
 
 
 def simulated_cascade(
-    settings: Settings,
-    classifier: BertClassifier,
-    book: PolicyBook,
-    cache: DecisionCache | None,
+    settings: Settings, classifier: BertClassifier, cache: DecisionCache | None
 ) -> Cascade:
-    """The real cascade on ``settings``' simulated LLM, without a budget (it is not measured)."""
-    llm = LLMTier(settings)
-    cascade = Cascade(
-        classifier,
-        book,
-        llm=llm,
-        cache=cache,
-        llm_concurrency=settings.llm_concurrency,
-        single_flight_timeout_s=settings.single_flight_timeout_s,
-    )
-    # Build the SDK client now, so that its set-up is not timed as part of the first message.
-    if not llm.configured(book.default):
-        fail(f"policy {book.default.name!r} has no OpenAI provider to point at the fake server")
+    """The cascade :func:`open_cascade` builds on ``settings``' simulated LLM, over ``cache``.
+
+    Without a budget: it is not what is measured, and the policy's cap on calls per minute
+    would turn routed messages into BERT fallbacks, moving part 2's LLM share off the math's.
+    """
+    cascade = open_cascade(settings, classifier, use_cache=False)
+    cascade.cache = cache
+    cascade.budget = None
+    spec = cascade.policies.default
+    if cascade.llm is None or not cascade.llm.configured(spec):
+        fail(f"policy {spec.name!r} has no OpenAI provider to point at the fake server")
     return cascade
 
 
@@ -333,21 +324,18 @@ def simulated_cascade(
 def end_to_end(
     settings: Settings,
     classifier: BertClassifier,
-    book: PolicyBook,
     split: HeldOut,
     part1: tuple[list[Prediction], Evaluation, CallPrice],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Part 2: the real cascade on every message; its share, accuracy and cost beside part 1."""
     predictions, evaluation, price = part1
-    spec = book.default
     gold_by_text = dict(zip(split.texts, split.labels, strict=True))
     answerer = SimulatedLLM(gold_by_text, accuracy=args.llm_accuracy, seed=args.seed)
     messages = [Message(id=i, text=t) for i, t in zip(split.ids, split.texts, strict=True)]
     with FakeLLMServer(answerer) as server:
-        cascade = simulated_cascade(
-            simulated_llm_settings(settings, server), classifier, book, cache=None
-        )
+        cascade = simulated_cascade(simulated_llm_settings(settings, server), classifier, None)
+        spec = cascade.policies.default
         decisions: list[Decision] = []
         gc.collect()
         started = time.perf_counter()
@@ -430,29 +418,9 @@ def end_to_end(
 # ---------------------------------------------------------------------------------- part 3
 
 
-@contextmanager
-def fresh_prefixes(client: redis.Redis) -> Iterator[Callable[[str], str]]:
-    """Hand out random Redis key prefixes, and delete every key under them afterwards."""
-    made: list[str] = []
-
-    def new(purpose: str) -> str:
-        prefix = f"tiergate-bench-{purpose}-{uuid.uuid4().hex[:12]}"
-        made.append(prefix)
-        return prefix
-
-    try:
-        yield new
-    finally:
-        for prefix in made:
-            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
-
-
 def cache_hits(
     settings: Settings,
     classifier: BertClassifier,
-    book: PolicyBook,
     client: redis.Redis,
     prefix: str,
     text: str,
@@ -461,9 +429,7 @@ def cache_hits(
     """Part 3: ``count`` single-message hits through the cascade, then bare ``get_many`` calls."""
     cache = RedisDecisionCache(client, prefix)
     with FakeLLMServer() as server:
-        cascade = simulated_cascade(
-            simulated_llm_settings(settings, server), classifier, book, cache
-        )
+        cascade = simulated_cascade(simulated_llm_settings(settings, server), classifier, cache)
         first = cascade.decide([Message(id="miss", text=text)])[0]
         if first.cached:
             fail("the first decision of a fresh prefix came from the cache")
@@ -476,7 +442,7 @@ def cache_hits(
             hit_seconds.append(time.perf_counter() - started)
             if not decision.cached:
                 fail(f"message {message.id} was not answered from the cache")
-        key = cascade.cache_key(messages[0], book.default)
+        key = cascade.cache_key(messages[0], cascade.policies.default)
         get_seconds = []
         for _ in range(count):
             started = time.perf_counter()
@@ -520,6 +486,10 @@ class ObservedCache:
     def put(self, key: str, decision: Decision, ttl_seconds: int) -> None:
         """See :meth:`DecisionCache.put`."""
         self.inner.put(key, decision, ttl_seconds)
+
+    def put_many(self, entries: Sequence[tuple[str, Decision, int]]) -> None:
+        """See :meth:`DecisionCache.put_many`."""
+        self.inner.put_many(entries)
 
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """See :meth:`DecisionCache.claim`."""
@@ -611,12 +581,9 @@ def burst_process(order: BurstOrder, go: Barrier, results: Queue[dict[str, Any]]
         configure_logging("WARNING")
         classifier = BertClassifier.from_settings(order.settings, order.model_dir)
         classifier.warmup()
-        book = load_policy_book(
-            order.settings, classifier.labels, multi_label=classifier.manifest.multi_label
-        )
         client = redis.Redis.from_url(order.redis_url)
         cache = ObservedCache(RedisDecisionCache(client, order.prefix))
-        cascade = simulated_cascade(order.settings, classifier, book, cache)
+        cascade = simulated_cascade(order.settings, classifier, cache)
         cache.inner.get_many(["warm-up"])  # open the connection before the burst
         decisions, released, finished = threaded_burst(
             cascade,
@@ -640,7 +607,6 @@ def burst_process(order: BurstOrder, go: Barrier, results: Queue[dict[str, Any]]
 def bursts(
     settings: Settings,
     classifier: BertClassifier,
-    book: PolicyBook,
     redis_url: str,
     new_prefix: Callable[[str], str],
     text: str,
@@ -652,7 +618,7 @@ def bursts(
     with FakeLLMServer(latency_s=args.burst_latency_s) as server:
         llm_settings = simulated_llm_settings(settings, server)
         cache = ObservedCache(RedisDecisionCache(client, new_prefix("burst")))
-        cascade = simulated_cascade(llm_settings, classifier, book, cache)
+        cascade = simulated_cascade(llm_settings, classifier, cache)
         cache.inner.get_many(["warm-up"])
         before = server.calls
         decisions, released, finished = threaded_burst(cascade, text, args.burst, "t", lambda: None)
@@ -747,13 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("WARNING")
     settings = Settings()
-    model_dir: Path = args.model_dir or settings.resolved_model_dir
-    test_path = settings.data_dir / "datasets" / DATASET_NAME / "test.jsonl"
-    for needed in (model_dir / MANIFEST_FILE, test_path):
-        if not needed.is_file():
-            fail(
-                f"{needed} is missing: build the default model with `tiergate model build-default`"
-            )
+    model_dir, test_path = model_and_split(args, settings)
     redis_url = args.redis_url or settings.redis_url or DEFAULT_REDIS_URL
     client = redis.Redis.from_url(redis_url)
     try:
@@ -764,17 +724,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     classifier = BertClassifier.from_settings(settings, model_dir)
     classifier.warmup()
-    book = load_policy_book(
-        settings, classifier.labels, multi_label=classifier.manifest.multi_label
-    )
-    spec = book.default
+    spec = policy_book_for(settings, classifier).default
     unknown_gold = set(split.labels) - set(spec.label_names)
     if unknown_gold:
         fail(f"{test_path} has labels the policy lacks: {sorted(unknown_gold)}")
-    err.print(
+    note(
         f"{len(split.texts)} messages from {test_path} · model {classifier.model_version} · "
-        f"policy {spec.name} v{spec.version} · simulated LLM at {args.llm_accuracy:.0%}",
-        highlight=False,
+        f"policy {spec.name} v{spec.version} · simulated LLM at {args.llm_accuracy:.0%}"
     )
 
     # Part 1: the trade-off.
@@ -795,32 +751,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.llm_accuracy,
         range(1, args.spread_seeds + 1),
     )
-    err.print("part 1 done: trade-off evaluated", highlight=False)
+    note("part 1 done: trade-off evaluated")
 
     # Part 2: the real cascade against the math.
-    measured = end_to_end(settings, classifier, book, split, (predictions, evaluation, price), args)
+    measured = end_to_end(settings, classifier, split, (predictions, evaluation, price), args)
     measured["bert_only_msgs_per_s"] = round(len(split.texts) / scoring_s, 2)
-    err.print(
-        f"part 2 done: {measured['msgs_per_s']:.0f} msg/s through the real cascade",
-        highlight=False,
-    )
+    note(f"part 2 done: {measured['msgs_per_s']:.0f} msg/s through the real cascade")
 
     # Parts 3 and 4: the cache and single-flight against real Redis.
-    with fresh_prefixes(client) as new_prefix:
+    with key_prefixes("cascade", [redis_url]) as new_prefix:
         cache = cache_hits(
             settings,
             classifier,
-            book,
             client,
             new_prefix("hits"),
             hit_text(predictions, spec, split),
             args.cache_hits,
         )
-        err.print("part 3 done: cache hits timed", highlight=False)
+        note("part 3 done: cache hits timed")
         burst = bursts(
             settings,
             classifier,
-            book,
             redis_url,
             new_prefix,
             burst_text(predictions, spec, split),
@@ -880,12 +831,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "intra_op_threads": settings.intra_op_threads,
         "machine": machine_info,
         "versions": package_versions((*RECORDED_PACKAGES, "openai", "redis", "numpy")),
-        "command": shlex.join(sys.orig_argv),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(args),
         "curve": document["curve"],
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.output, results)
     out.print(evaluation_table(evaluation))
     out.print(results_table(results))
     out.print(f"results written to {args.output} and {args.plot}", highlight=False, soft_wrap=True)

@@ -66,6 +66,12 @@ Why the figures are fair:
   stream, HTTP clients) runs on the same 2-core machine as the server side and is counted in
   the figures, since a producer is part of every real deployment.
 
+``--test-split FILE`` takes the messages from one held-out ``{"id", "text", "label"}`` file
+instead (the timed ones evenly spaced over it, the warm-ups from the rest), for a model other
+than the default (``--model-dir``). ``--quick`` checks that every part works in about a minute
+(200 messages, 32 warm-ups, 8 clients, one 3-second half-load run, no tuned rerun of (b)),
+writes the same JSON to a temporary folder, and measures nothing worth publishing.
+
 Run ``tiergate model build-default`` first; ``make bench-gateway`` does both.
 """
 
@@ -74,9 +80,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
-import json
 import os
 import random
 import shlex
@@ -87,7 +91,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,29 +99,38 @@ from typing import Any
 
 import aiohttp
 import httpx2 as httpx
-import numpy as np
 import redis
 from celery import signals
 from rich.console import Console
 from rich.table import Table
 
-from measurement import evenly_spaced, fail, machine, read_jsonl
+from measurement import (
+    BenchmarkOptions,
+    batches,
+    evenly_spaced,
+    fail,
+    key_prefixes,
+    machine,
+    note,
+    percentiles_ms,
+    provenance,
+    read_jsonl,
+    require,
+    write_results,
+)
 from tiergate.gateway.client import TiergateClient
 from tiergate.workers.bert import default_model
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
-from tiergate.workers.cascade import build_cascade, load_policy_book
+from tiergate.workers.cascade import open_cascade
 from tiergate.workers.delivery import RedisDecisionLedger
 from tiergate.workers.logs import configure_logging
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "gateway.json"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BROKER_URL = "redis://127.0.0.1:6379/1"
-REDIS_DATABASES = (0, 1)
 TARGETS = {"queue_efficiency_min": 0.7, "http_half_load_p99_ms_max": 50.0}
-WARM_UP_MESSAGES = 128
 # Threads of the idle LLM worker: nothing reaches it, so a few keep it light.
 LLM_THREADS = 4
 ORDER_SEED = 13
@@ -126,9 +138,17 @@ ORDER_SEED = 13
 START_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 30.0
+# What --quick changes: every part runs (the tuned rerun of (b) aside), in about a minute.
+QUICK = {
+    "messages": 200,
+    "warm_up": 32,
+    "clients": 8,
+    "open_loop_s": 3.0,
+    "half_load_runs": 1,
+    "tuned_flush_interval_s": 0.0,
+}
 
 out = Console()
-err = Console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -165,21 +185,20 @@ class HttpRun:
             self.skipped[str(outcome.get("llm_skipped"))] += 1
 
 
-def note(message: str) -> None:
-    """Progress on standard error."""
-    err.print(message, highlight=False, soft_wrap=True)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command-line options."""
     defaults = Settings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    options = BenchmarkOptions(
+        "gateway",
+        __doc__.split("\n\n")[0],
+        QUICK,
+        test_split_default="the default model's test and validation splits, topped up with "
+        "training snippets it did not train on",
+    )
+    parser = options.parser
     parser.add_argument("--messages", type=int, default=5000, help="timed messages per part (5000)")
     parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results ({DEFAULT_OUTPUT})"
-    )
-    parser.add_argument(
-        "--model-dir", type=Path, help="model directory (default: Settings().resolved_model_dir)"
+        "--warm-up", type=int, default=128, help="messages each deployment is warmed up with (128)"
     )
     parser.add_argument(
         "--batch-size", type=int, default=64, help="messages per decide() call in (a) (64)"
@@ -227,8 +246,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="also run part c through a distributed gateway in front of Celery workers (on)",
     )
-    args = parser.parse_args(argv)
-    for option in ("messages", "batch_size", "bert_concurrency", "flush_every", "clients"):
+    args = options.parse(argv)
+    for option in (
+        "messages",
+        "warm_up",
+        "batch_size",
+        "bert_concurrency",
+        "flush_every",
+        "clients",
+    ):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     if args.half_load_runs < 1:
@@ -276,20 +302,11 @@ def assemble_messages(datasets: Path, count: int, warm_up: int) -> MessageSet:
     taken = {record["text"] for record in top_up}
     spare = [record for record in unused if record["text"] not in taken]
     warm = [record["text"] for record in evenly_spaced(spare, warm_up)]
-    texts = [record["text"] for record, _ in picked] + [record["text"] for record in top_up]
-    sources = [split for _, split in picked] + ["train-unused"] * len(top_up)
-    # The files list synopses (the longest messages) first; traffic interleaves them. One seeded
-    # shuffle gives every part the same order, and any prefix of it the same mix.
-    order = list(range(len(texts)))
-    random.Random(ORDER_SEED).shuffle(order)
-    texts, sources = [texts[i] for i in order], [sources[i] for i in order]
-    if len(set(texts)) != len(texts) or set(texts) & set(warm):
-        fail("the assembled messages repeat a text; the cache would short-circuit the run")
-    return MessageSet(
-        texts=texts,
-        sources=sources,
-        warm_up=warm,
-        how={
+    return shuffled(
+        [record["text"] for record, _ in picked] + [record["text"] for record in top_up],
+        [split for _, split in picked] + ["train-unused"] * len(top_up),
+        warm,
+        {
             "description": "Rotten Tomatoes snippets the default model never trained on: the "
             "held-out test split then the validation split, in file order, topped up with "
             "training-split snippets NOT among the fine-tuning subset "
@@ -302,12 +319,52 @@ def assemble_messages(datasets: Path, count: int, warm_up: int) -> MessageSet:
             f"random.Random({ORDER_SEED}) (the files list the long synopses first): every part "
             "sends them in that order, and the open-loop run takes a prefix of it.",
             "datasets": str(datasets),
-            "per_source": dict(Counter(sources)),
             "training_split_lines": len(train),
             "fine_tuning_subset": len(subset),
             "unused_training_lines": len(unused),
-            "warm_up_messages": len(warm),
         },
+    )
+
+
+def messages_from_split(path: Path, count: int, warm_up: int) -> MessageSet:
+    """``count`` messages evenly spaced over a held-out JSONL file, ``warm_up`` from the rest."""
+    records = read_jsonl(path)
+    timed = set(evenly_spaced(range(len(records)), count))
+    rest = [record for i, record in enumerate(records) if i not in timed]
+    if not rest:
+        fail(f"{path} has no messages left to warm up with; ask for fewer than {len(records)}")
+    return shuffled(
+        [records[i]["text"] for i in sorted(timed)],
+        [path.stem] * len(timed),
+        [record["text"] for record in evenly_spaced(rest, warm_up)],
+        {
+            "description": f"held-out messages from {path}: {len(timed)} evenly spaced over its "
+            f"{len(records)} lines (line i*N//n), warm-ups evenly spaced over the other lines. "
+            f"All n messages are then shuffled once with random.Random({ORDER_SEED}): every part "
+            "sends them in that order, and the open-loop run takes a prefix of it.",
+            "datasets": str(path),
+        },
+    )
+
+
+def shuffled(
+    texts: list[str], sources: list[str], warm_up: list[str], how: dict[str, Any]
+) -> MessageSet:
+    """The timed messages in one seeded order, checked for repeats, and how they were chosen.
+
+    The files list synopses (the longest messages) first; traffic interleaves them. One seeded
+    shuffle gives every part the same order, and any prefix of it the same mix.
+    """
+    order = list(range(len(texts)))
+    random.Random(ORDER_SEED).shuffle(order)
+    texts, sources = [texts[i] for i in order], [sources[i] for i in order]
+    if len(set(texts)) != len(texts) or set(texts) & set(warm_up):
+        fail("the assembled messages repeat a text; the cache would short-circuit the run")
+    return MessageSet(
+        texts=texts,
+        sources=sources,
+        warm_up=warm_up,
+        how={**how, "per_source": dict(Counter(sources)), "warm_up_messages": len(warm_up)},
     )
 
 
@@ -317,17 +374,6 @@ def messages_for(texts: Sequence[str], run: str) -> list[Message]:
 
 
 # ---------------------------------------------------------------------------------- figures
-
-
-def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """p50, p90, p99 and the maximum of ``seconds``, in milliseconds."""
-    p50, p90, p99 = (float(v) * 1000 for v in np.percentile(seconds, [50, 90, 99]))
-    return {
-        "p50_ms": round(p50, 2),
-        "p90_ms": round(p90, 2),
-        "p99_ms": round(p99, 2),
-        "max_ms": round(max(seconds) * 1000, 2),
-    }
 
 
 def answer_summary(decisions: Sequence[Decision]) -> dict[str, Any]:
@@ -383,36 +429,6 @@ def batch_summary(
     return summary
 
 
-# ---------------------------------------------------------------------------------- Redis keys
-
-
-@contextlib.contextmanager
-def fresh_prefixes() -> Iterator[list[str]]:
-    """Collect the runs' key prefixes; every key naming one is deleted afterwards (db 0 and 1).
-
-    The pattern ``*prefix*`` also catches the broker's queue lists and kombu binding keys,
-    which are named after the run's queues.
-    """
-    made: list[str] = []
-    try:
-        yield made
-    finally:
-        for db in REDIS_DATABASES:
-            client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-            for prefix in made:
-                keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
-                if keys:
-                    client.delete(*keys)
-            client.close()
-
-
-def new_prefix(made: list[str], purpose: str) -> str:
-    """A random key prefix for one run, remembered for deletion."""
-    prefix = f"tiergate-bench-gw-{purpose}-{uuid.uuid4().hex[:10]}"
-    made.append(prefix)
-    return prefix
-
-
 # ---------------------------------------------------------------------------------- services
 
 
@@ -424,6 +440,7 @@ class Services:
     settings: Settings
     logs: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    commands: dict[int, str] = field(default_factory=dict)  # process id -> its command line
 
     def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
         """Start ``tiergate <arguments>`` in its own process group, logging to a file."""
@@ -437,6 +454,7 @@ class Services:
                 start_new_session=True,
             )
         self.processes.append(process)
+        self.commands[process.pid] = shlex.join(command)
         return process
 
     def check_running(self) -> None:
@@ -444,7 +462,7 @@ class Services:
         for process in self.processes:
             if process.poll() is not None:
                 fail(
-                    f"{shlex.join(map(str, process.args))} exited ({process.returncode}):\n"
+                    f"{self.commands[process.pid]} exited ({process.returncode}):\n"
                     + self.log_tail()
                 )
 
@@ -527,24 +545,22 @@ def in_process(
     )
     classifier = BertClassifier.from_settings(settings, model_dir)
     classifier.warmup()
-    book = load_policy_book(
-        settings, classifier.labels, multi_label=classifier.manifest.multi_label
-    )
-    cascade = build_cascade(settings, classifier, book)
+    cascade = open_cascade(settings, classifier)
     warm = messages_for(texts.warm_up, f"{prefix}-warm")
-    for start in range(0, len(warm), batch_size):
-        cascade.decide(warm[start : start + batch_size])
+    for part in batches(len(warm), batch_size):
+        cascade.decide(warm[part])
     messages = messages_for(texts.texts, prefix)
     decisions: list[Decision] = []
     latencies: list[float] = []
     gc.collect()
     started = time.perf_counter()
-    for start in range(0, len(messages), batch_size):
+    for part in batches(len(messages), batch_size):
         call_started = time.perf_counter()
-        got = cascade.decide(messages[start : start + batch_size])
+        got = cascade.decide(messages[part])
         latencies += [time.perf_counter() - call_started] * len(got)
         decisions += got
     wall = time.perf_counter() - started
+    policy = cascade.policies.default
     return {
         "messages": len(decisions),
         "wall_s": round(wall, 3),
@@ -555,7 +571,7 @@ def in_process(
         "intra_op_threads": settings.intra_op_threads,
         "answers": answer_summary(decisions),
         "model_version": classifier.model_version,
-        "policy": {"name": book.default.name, "version": book.default.version},
+        "policy": {"name": policy.name, "version": policy.version},
     }
 
 
@@ -891,7 +907,7 @@ def through_http(
     gateway: GatewayFactory,
     mode: str,
     texts: MessageSet,
-    prefixes: list[str],
+    new_prefix: Callable[[str], str],
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Part c: the closed-loop maximum, then the open loop at half of it (fresh deployments).
@@ -900,7 +916,7 @@ def through_http(
     before its clock starts; the batch sizes are read before and after the timed run.
     """
     model_dir, data_dir = args.model_dir, args.data_dir
-    prefix = new_prefix(prefixes, f"http-{mode}-max")
+    prefix = new_prefix(f"http-{mode}-max")
     with gateway(model_dir, data_dir, prefix, args) as running:
         closed_loop(running.base_url, messages_for(texts.warm_up, f"{prefix}-warm"), args.clients)
         before = running.batches()
@@ -915,7 +931,7 @@ def through_http(
     count = min(len(texts.texts), max(1, round(rate * args.open_loop_s)))
     runs: list[tuple[dict[str, Any], HttpRun]] = []
     for attempt in range(args.half_load_runs):
-        prefix = new_prefix(prefixes, f"http-{mode}-half-{attempt}")
+        prefix = new_prefix(f"http-{mode}-half-{attempt}")
         with gateway(model_dir, data_dir, prefix, args) as running:
             warm = messages_for(texts.warm_up, f"{prefix}-warm")
             closed_loop(running.base_url, warm, args.clients)
@@ -1021,47 +1037,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.model_dir = (args.model_dir or settings.resolved_model_dir).resolve()
     args.data_dir = settings.data_dir
     datasets = settings.data_dir / "datasets" / default_model.DATASET_NAME
-    for needed in (args.model_dir / MANIFEST_FILE, datasets / "test.jsonl"):
-        if not needed.is_file():
-            fail(
-                f"{needed} is missing: build the default model with `tiergate model build-default`"
-            )
+    require(args.model_dir / MANIFEST_FILE, args.test_split or datasets / "test.jsonl")
     client = redis.Redis.from_url(REDIS_URL)
     try:
         machine_info = machine(client)  # before the benchmark adds its own load
     except redis.RedisError as exc:
         fail(f"Redis at {REDIS_URL} does not answer ({exc}); every part needs it")
     client.close()
-    texts = assemble_messages(datasets, args.messages, WARM_UP_MESSAGES)
+    if args.test_split is None:
+        texts = assemble_messages(datasets, args.messages, args.warm_up)
+    else:
+        texts = messages_from_split(args.test_split, args.messages, args.warm_up)
     note(f"{len(texts.texts)} messages ({texts.how['per_source']}) · model {args.model_dir}")
 
     parts: dict[str, dict[str, Any]] = {}
-    with fresh_prefixes() as prefixes:
+    # Database 0 holds the decisions, cache and ledger; 1 the broker's queues.
+    with key_prefixes("gw", [REDIS_URL, BROKER_URL]) as new_prefix:
         # (a) first: it is the baseline the rest is read against. Then (c) embedded, which
         # needs no workers, then (b) (twice) and (c) distributed, which start their own.
         parts["in_process"] = in_process(
-            settings, args.model_dir, texts, new_prefix(prefixes, "inproc"), args.batch_size
+            settings, args.model_dir, texts, new_prefix("inproc"), args.batch_size
         )
         note(f"(a) in-process: {parts['in_process']['msgs_per_s']:.0f} msg/s")
         gc.collect()
         parts["http_max"], parts["http_half"] = through_http(
-            embedded_gateway, "embedded", texts, prefixes, args
+            embedded_gateway, "embedded", texts, new_prefix, args
         )
         parts["celery"] = through_celery(
-            args.model_dir, args.data_dir, texts, new_prefix(prefixes, "celery"), args
+            args.model_dir, args.data_dir, texts, new_prefix("celery"), args
         )
         note(f"(b) Celery: {parts['celery']['msgs_per_s']:.0f} msg/s")
         if args.tuned_flush_interval_s > 0:
-            tuned = argparse.Namespace(
+            tuned_args = argparse.Namespace(
                 **{**vars(args), "flush_interval_s": args.tuned_flush_interval_s}
             )
             parts["celery_tuned"] = through_celery(
-                args.model_dir, args.data_dir, texts, new_prefix(prefixes, "celery-tuned"), tuned
+                args.model_dir, args.data_dir, texts, new_prefix("celery-tuned"), tuned_args
             )
             note(f"(b) Celery, tuned: {parts['celery_tuned']['msgs_per_s']:.0f} msg/s")
         if args.http_distributed:
             parts["http_distributed_max"], parts["http_distributed_half"] = through_http(
-                distributed_gateway, "distributed", texts, prefixes, args
+                distributed_gateway, "distributed", texts, new_prefix, args
             )
 
     baseline, celery, http_half = parts["in_process"], parts["celery"], parts["http_half"]
@@ -1151,11 +1167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "aiohttp",
             )
         ),
-        "command": shlex.join(sys.orig_argv),
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(args),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_results(args.output, results)
     out.print(results_table(results))
     out.print(f"results written to {args.output}", highlight=False, soft_wrap=True)
     failed = {key: part["errors"] for key, part in parts.items() if part.get("errors")}

@@ -27,11 +27,15 @@ import redis
 import structlog
 from celery import Celery
 
-from tiergate.policies.spec import PolicySpec, example_policy, load_policy
-from tiergate.workers.celery_app import CLASSIFY_TASK, create_celery_app
+from tiergate.policies.spec import PolicySpec, load_policy
+from tiergate.workers.bert.manifest import read_manifest
+from tiergate.workers.cascade import load_policy_book
 from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.errors import ModelError, PoliciesNotAnnouncedError
 from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.served_policies import ServedPolicies
 from tiergate.workers.settings import Settings
+from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +51,7 @@ class TiergateClient:
         self.settings = settings
         self.app = app
         self.ledger = ledger
+        self.served = ServedPolicies(ledger.client, settings.cache_prefix)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TiergateClient:
@@ -190,10 +195,29 @@ class TiergateClient:
                     break
 
     def policies(self) -> list[PolicySpec]:
-        """The policies the workers serve: ``settings.policy_files``, else the default model's."""
+        """The policies the BERT workers serve, the default first.
+
+        What a worker announced when it built its cascade (:class:`ServedPolicies`). Before any
+        has, the choice a worker would make with this client's settings:
+        ``settings.policy_files``, else the policies that fit the model at
+        ``settings.resolved_model_dir`` when this process can read its manifest. Raises
+        :class:`~tiergate.workers.errors.PoliciesNotAnnouncedError` when neither is known.
+        """
+        announced = self.served.read()
+        if announced is not None:
+            return list(announced.policies)
         if self.settings.policy_files:
             return [load_policy(path) for path in self.settings.policy_files]
-        return [example_policy("rotten-tomatoes")]
+        try:
+            manifest = read_manifest(self.settings.resolved_model_dir, verify=False)
+        except ModelError as exc:
+            raise PoliciesNotAnnouncedError(
+                "no BERT worker has announced the policies it serves yet, no policy files are "
+                f"set (TIERGATE_POLICY_FILES) and the model cannot be read here ({exc})"
+            ) from None
+        return list(
+            load_policy_book(self.settings, manifest.labels, multi_label=manifest.multi_label)
+        )
 
     def ready(self) -> dict[str, bool]:
         """Whether the broker and Redis answer."""

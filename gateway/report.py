@@ -1,9 +1,9 @@
 """Reports of ``tiergate eval`` and ``tiergate calibrate``: JSON, a PNG plot, and rich tables.
 
 The math lives in :mod:`tiergate.policies.evaluate` and :mod:`tiergate.policies.calibrate`; this
-module only writes and draws what they computed. matplotlib is imported inside
-:func:`write_evaluation` (it is slow to import and only this command needs it), and draws on an Agg
-canvas of its own, so no global pyplot state or display is involved.
+module only writes and draws what they computed. matplotlib (the ``plot`` extra) is imported only
+when :func:`write_evaluation` draws a plot (it is slow to import and only ``eval --plot`` needs
+it), and draws on an Agg canvas of its own, so no global pyplot state or display is involved.
 """
 
 from __future__ import annotations
@@ -35,19 +35,22 @@ def _dollars(amount: float) -> str:
 
 
 def write_evaluation(
-    evaluation: Evaluation, json_path: Path, png_path: Path, *, title: str, simulated: bool
+    evaluation: Evaluation, json_path: Path, png_path: Path | None, *, title: str, simulated: bool
 ) -> None:
-    """Write ``evaluation`` as JSON and as a plot of accuracy against the share sent to the LLM.
+    """Write ``evaluation`` as JSON and, unless ``png_path`` is ``None``, as a plot.
 
-    The JSON is :meth:`Evaluation.to_dict` plus ``title`` and ``simulated``. The plot marks BERT
-    only, LLM only, the policy's operating point and the matched-accuracy point, with the cost
-    per 1,000 messages on a second axis; when ``simulated`` is true its title says that the LLM
-    answers were simulated (see :func:`simulated_title`). Parent folders are created.
+    The JSON is :meth:`Evaluation.to_dict` plus ``title`` and ``simulated``. The plot, of
+    accuracy against the share sent to the LLM, needs matplotlib; it marks BERT only, LLM only,
+    the policy's operating point and the matched-accuracy point, with the cost per 1,000
+    messages on a second axis; when ``simulated`` is true its title says that the LLM answers
+    were simulated (see :func:`simulated_title`). Parent folders are created.
     """
     full_title = f"{title}\n{simulated_title(evaluation)}" if simulated else title
     document: dict[str, Any] = {"title": title, "simulated": simulated, **evaluation.to_dict()}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if png_path is None:
+        return
     png_path.parent.mkdir(parents=True, exist_ok=True)
     _plot(evaluation, png_path, full_title)
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
+import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +38,8 @@ from tiergate.policies.spec import (
     example_policy,
     load_policy,
 )
+from tiergate.workers.budget import BudgetLedger, open_budget_ledger
+from tiergate.workers.cache import DecisionCache, cache_key, open_cache
 from tiergate.workers.errors import (
     BreakerOpenError,
     LLMError,
@@ -44,14 +47,13 @@ from tiergate.workers.errors import (
     SingleFlightTimeout,
     UnknownPolicyError,
 )
+from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
+from tiergate.workers.llm.tier import LLMRequest, LLMResult, LLMTier
 from tiergate.workers.schemas import Decision, LLMSkip, Message, Prediction, Status, Tier
 from tiergate.workers.settings import Settings
 
 if TYPE_CHECKING:
     from tiergate.workers.bert.classifier import BertClassifier
-    from tiergate.workers.budget import BudgetLedger
-    from tiergate.workers.cache import DecisionCache
-    from tiergate.workers.llm.tier import LLMResult, LLMTier
 
 log = structlog.get_logger(__name__)
 
@@ -174,8 +176,6 @@ class Cascade:
         return self.llm.route_key(spec) if self.llm is not None else NO_LLM_ROUTE
 
     def _cache_key(self, message: Message, spec: PolicySpec, llm_route: str) -> str:
-        from tiergate.workers.cache import cache_key  # noqa: PLC0415 -- keeps the cache optional
-
         return cache_key(
             message.text,
             policy=spec.name,
@@ -331,8 +331,6 @@ class Cascade:
         ]
 
     def _call_llm(self, work: LLMWork, spec: PolicySpec) -> Decision:
-        from tiergate.workers.llm.tier import LLMRequest  # noqa: PLC0415 -- the SDKs load only when used
-
         llm = self.llm
         if llm is None or not llm.configured(spec):
             return _fallback(work, spec, LLMSkip.NO_PROVIDER, "no LLM provider is configured")
@@ -557,7 +555,9 @@ def open_cascade(
     :class:`~tiergate.policies.spec.PolicyError` for a policy that does not fit it.
     """
     if classifier is None:
-        from tiergate.workers.bert.classifier import BertClassifier  # noqa: PLC0415 -- ONNX Runtime
+        # Imports ONNX Runtime, which a process that loads no model (the distributed gateway)
+        # does without.
+        from tiergate.workers.bert.classifier import BertClassifier  # noqa: PLC0415
 
         classifier = BertClassifier.from_settings(settings)
     return build_cascade(
@@ -585,15 +585,8 @@ def build_cascade(
     breaker's state live in Redis and are shared by every process; without it the cache is the
     embedded SQLite file and budgets and breaker state are per process.
     """
-    from tiergate.workers.budget import open_budget_ledger  # noqa: PLC0415
-    from tiergate.workers.cache import open_cache  # noqa: PLC0415
-    from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore  # noqa: PLC0415
-    from tiergate.workers.llm.tier import LLMTier  # noqa: PLC0415
-
     store: LocalBreakerStore | RedisBreakerStore
     if settings.redis_url:
-        import redis  # noqa: PLC0415
-
         store = RedisBreakerStore(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
     else:
         store = LocalBreakerStore()

@@ -3,28 +3,29 @@
 The hierarchy::
 
     TiergateError
-    ├── InputError             bad input from a user; the CLI exits with code 2
-    │   ├── RecordError        one record of a file is bad (carries its line number)
-    │   └── DataFileError      a whole input file is unusable (missing column, unreadable)
-    │   └── UnknownPolicyError a message names a policy that is not loaded
-    ├── ModelError             the model directory cannot be used
-    │   ├── ModelNotFoundError     no model directory, or a file missing from it
-    │   └── ModelIntegrityError    a corrupt manifest or a file whose hash does not match
-    ├── LLMError               an LLM provider gave no usable answer (carries provider, status)
-    │   ├── TransientLLMError      worth retrying later: 429, 5xx, timeouts, connection errors
-    │   │   └── BreakerOpenError   the provider's circuit breaker is open; no call was made
-    │   └── PermanentLLMError      retrying the same request will not help
+    ├── InputError                  bad input from a user: HTTP 4xx, CLI exit code 2
+    │   ├── RecordError             one record of a file is bad (carries its line number)
+    │   ├── DataFileError           a whole input file is unusable (missing column, unreadable)
+    │   └── UnknownPolicyError      a message names a policy that is not loaded
+    ├── ModelError                  the model directory cannot be used
+    │   ├── ModelNotFoundError      no model directory, or a file missing from it
+    │   └── ModelIntegrityError     a corrupt manifest or a file whose hash does not match
+    ├── LLMError                    no usable answer (provider, status_code, retry_after)
+    │   ├── TransientLLMError       429, 5xx, timeouts, connection errors (also TransientError)
+    │   │   └── BreakerOpenError    the provider's circuit breaker is open; no call was made
+    │   └── PermanentLLMError       retrying the same request will not help
     │       ├── ProviderNotConfiguredError  unknown provider name or no API key
-    │       ├── InvalidAnswerError the answer failed validation, also after one repair attempt
-    │       └── RefusalError       the model refused to answer
-    └── CoordinationError      the decision cache, single-flight or budget store failed
-        └── SingleFlightTimeout    another worker's LLM call did not finish in time
+    │       ├── InvalidAnswerError  the answer failed validation, also after one repair attempt
+    │       └── RefusalError        the model refused to answer
+    └── TransientError              may go away on its own: the same work can be tried again
+        ├── TransientLLMError       (above)
+        ├── CoordinationError       Redis, the cache, single-flight or budget store failed
+        │   └── SingleFlightTimeout another worker's LLM call did not finish in time
+        └── PoliciesNotAnnouncedError  no BERT worker has said which policies it serves yet
 
-``TransientError`` marks the errors worth retrying (``TransientLLMError``,
-``CoordinationError``): Celery's ``autoretry_for`` names exactly that class.
-
-Every error keeps its constructor arguments in ``args`` so it survives pickling (Celery carries
-errors between processes).
+Retrying code reads one split: a ``TransientError`` is tried again later (a worker republishes
+its task with backoff; the HTTP gateway answers 503), any other error is final for that work.
+Errors keep their constructor arguments in ``args``, so they copy and pickle like built-in ones.
 """
 
 from __future__ import annotations
@@ -155,3 +156,7 @@ class CoordinationError(TransientError):
 
 class SingleFlightTimeout(CoordinationError):  # noqa: N818 -- reads as the event it reports
     """Waiting for another worker's LLM answer to the same message timed out."""
+
+
+class PoliciesNotAnnouncedError(TransientError):
+    """A process that loads no model asked which policies the workers serve before any said."""

@@ -20,9 +20,9 @@ import typer.exceptions
 import typer.main
 import yaml
 
-from tiergate.gateway.api import _router
 from tiergate.gateway.cli import app as cli_app
-from tiergate.gateway.metrics import DECISION_STEPS, BudgetReading, GatewayMetrics
+from tiergate.gateway.http.metrics import DECISION_STEPS, BudgetReading, GatewayMetrics
+from tiergate.gateway.http.routes import router
 from tiergate.policies.routing import Reason
 from tiergate.workers.schemas import Decision, LLMSkip, LLMUsage, Tier
 from tiergate.workers.settings import Settings
@@ -377,7 +377,7 @@ def test_every_exec_probe_reads_only_real_settings_and_compiles():
 
 def test_probe_and_scrape_paths_are_gateway_routes():
     """Every HTTP probe, health check and scrape path is a GET route of the gateway."""
-    routes = {route.path for route in _router.routes if "GET" in getattr(route, "methods", ())}
+    routes = {route.path for route in router.routes if "GET" in getattr(route, "methods", ())}
     paths = {}
     for where, command in _probe_commands():
         for _, path in URL.findall(" ".join(command)):

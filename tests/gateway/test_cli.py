@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,13 @@ from tiergate.workers.bert.manifest import ONNX_FILE
 
 
 def tiergate(
-    *args: str, model: Path | None, data_dir: Path, stdin: bytes | None = None
+    *args: str,
+    model: Path | None,
+    data_dir: Path,
+    stdin: bytes | None = None,
+    missing: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a fresh interpreter, as a user would."""
+    """Run the CLI in a fresh interpreter, as a user would; ``missing`` modules fail to import."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -26,8 +31,13 @@ def tiergate(
     env["TIERGATE_DATA_DIR"] = str(data_dir)
     if model is not None:
         env["TIERGATE_MODEL_DIR"] = str(model)
+    command = [sys.executable, "-m", "tiergate", *args]
+    if missing:  # a module set to None in sys.modules raises ImportError, as if not installed
+        hide = "".join(f"sys.modules[{name!r}] = None; " for name in missing)
+        program = f"import runpy, sys; {hide}runpy.run_module('tiergate', run_name='__main__')"
+        command = [sys.executable, "-c", program, *args]
     return subprocess.run(
-        [sys.executable, "-m", "tiergate", *args],
+        command,
         input=stdin.decode("utf-8", errors="surrogateescape") if stdin is not None else None,
         capture_output=True,
         text=True,
@@ -46,8 +56,15 @@ def _lines(stdout: str) -> list[dict]:
 def run(trained_model, tmp_path):
     """The CLI bound to the trained test model and a scratch data directory."""
 
-    def _run(*args: str, stdin: bytes | None = None, model: Path | None = trained_model.directory):
-        return tiergate(*args, model=model, data_dir=tmp_path / "data", stdin=stdin)
+    def _run(
+        *args: str,
+        stdin: bytes | None = None,
+        model: Path | None = trained_model.directory,
+        missing: Sequence[str] = (),
+    ):
+        return tiergate(
+            *args, model=model, data_dir=tmp_path / "data", stdin=stdin, missing=missing
+        )
 
     return _run
 
@@ -360,6 +377,34 @@ def test_eval_replays_recorded_answers_by_id(run, trained_model, tmp_path):
     assert document["llm_only"]["accuracy"] == pytest.approx(36 / 40)
     assert document["llm_only"]["cost_per_1000"] == pytest.approx(1000 * 0.001)
     assert document["simulated"] is False
+
+
+def test_eval_plot_without_matplotlib_names_the_extra_to_install(run, trained_model, tmp_path):
+    """Without matplotlib, --plot exits 2 before any work, naming the `plot` extra, in one line.
+
+    Without --plot, eval needs no matplotlib: it writes the JSON report and no plot.
+    """
+    data = _labelled_file(tmp_path, trained_model.test[:40])
+    report, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    args = ("eval", str(data), "--simulate-accuracy", "0.95", "--json", str(report))
+    refused = run(*args, "--plot", str(plot), missing=["matplotlib"])
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --plot needs matplotlib: pip install 'tiergate[plot]'\n"
+    assert not report.exists()
+    assert not plot.exists()
+    plain = run(*args, missing=["matplotlib"])
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(report.read_text())["simulated"] is True
+    assert not plot.exists()
+
+
+def test_the_cli_loads_no_matplotlib_until_a_plot_is_drawn():
+    """Importing the CLI and its commands leaves matplotlib unimported."""
+    probe = "import sys, tiergate.gateway.cli; print('matplotlib' in sys.modules)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout
+    assert loaded.strip() == "False"
 
 
 def test_eval_rejects_a_replay_label_outside_the_policy(run, trained_model, tmp_path):

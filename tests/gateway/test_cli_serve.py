@@ -10,8 +10,8 @@ import structlog
 import uvicorn
 from typer.testing import CliRunner
 
-from tiergate.gateway import api
 from tiergate.gateway.cli import app
+from tiergate.gateway.http import app as app_module
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_the_served_app_freezes_what_startup_built(started, monkeypatch):
     """One process: the app is built, then startup's objects leave the garbage collector."""
     served = object()
     monkeypatch.delenv("TIERGATE_BROKER_URL", raising=False)
-    monkeypatch.setattr(api, "create_app", lambda *_, **__: served)
+    monkeypatch.setattr(app_module, "create_app", lambda *_, **__: served)
     gc.unfreeze()
     try:
         result = CliRunner().invoke(app, ["serve", "--port", "8124"])

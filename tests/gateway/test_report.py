@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +96,14 @@ def test_write_evaluation_draws_a_png_of_sensible_size(tmp_path, evaluation):
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the signature
     assert (width, height) == (960, 600)
     assert 20_000 < len(data) < 2_000_000
+
+
+def test_write_evaluation_without_a_plot_writes_only_the_json(tmp_path, evaluation, monkeypatch):
+    """With no PNG path the JSON is written and matplotlib is never imported."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it would raise
+    write_evaluation(evaluation, tmp_path / "eval.json", None, title="t", simulated=False)
+    assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["title"] == "t"
+    assert [path.name for path in tmp_path.iterdir()] == ["eval.json"]
 
 
 def test_evaluation_table_shows_the_figures(evaluation):

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.celery_app import CLASSIFY_TASK, create_celery_app
 from tiergate.workers.delivery import RedisDecisionLedger
 from tiergate.workers.schemas import Message, Tier
+from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
 
 # Real held-out snippets would do as well; these are short, varied and give both tiers work.
 TEXTS = [
@@ -169,7 +169,34 @@ def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tm
     assert len(answers) == 13
     assert answers[5] == {"line": 6, "error": "'text': text is empty or only whitespace"}
     assert [a["id"] for a in answers if "id" in a] == [f"s-{i}" for i in range(12)]
+    assert "rejected line 6: 'text': text is empty or only whitespace" in result.stderr
     assert "13 messages: 12 answered, 1 rejected" in result.stderr
+
+
+def test_submit_counts_a_message_not_answered_in_time_as_rejected(make_cluster, tmp_path):
+    """With no worker running, each message times out: an error line in place, and exit 1."""
+    import subprocess
+    import sys
+
+    cluster = make_cluster()
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": f"t-{i}", "text": TEXTS[i]}) + "\n" for i in range(3))
+    )
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "tiergate", "submit", str(data), "-o", str(out), "--timeout", "1"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert answers == [{"id": f"t-{i}", "error": "not answered in time"} for i in range(3)]
+    assert "rejected t-2: not answered in time" in result.stderr
+    assert "3 messages: 0 answered, 3 rejected" in result.stderr
 
 
 def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
@@ -180,7 +207,7 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
     import httpx2 as httpx
     import uvicorn
 
-    from tiergate.gateway.api import create_app
+    from tiergate.gateway.http import create_app
 
     cluster = make_cluster()
     cluster.start_worker("bert", concurrency=2)

@@ -59,11 +59,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cluster import StreamTail, default_test_policy, unlimited_policy, wait_until
-from tiergate.gateway.api import create_app
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.celery_app import create_celery_app, run_bert_step, run_llm_step
+from tiergate.gateway.http import create_app
 from tiergate.workers.errors import TransientError
 from tiergate.workers.schemas import Message
+from tiergate.workers.tasks import create_celery_app, run_bert_step, run_llm_step
 
 pytestmark = pytest.mark.reliability
 

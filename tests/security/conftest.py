@@ -1,6 +1,6 @@
 """Fixtures of the security suite: a real gateway over real HTTP, real Redis, a fake LLM API.
 
-``make_gateway`` serves ``tiergate.gateway.api.create_app`` in embedded mode with uvicorn on a free
+``make_gateway`` serves ``tiergate.gateway.http.create_app`` in embedded mode with uvicorn on a free
 local port, over a real ONNX model (the session's ``tiny_model``, or the multi-label one built
 here), policies loaded from YAML files, API keys configured, Redis under the test's own
 prefix, and the LLM tier pointed at a :class:`~tiergate.workers.llm.testing.FakeLLMServer`: the only
@@ -31,8 +31,7 @@ import uvicorn
 import yaml
 
 from cluster import delete_keys
-from tiergate.gateway.api import create_app
-from tiergate.gateway.auth import hash_api_key
+from tiergate.gateway.http import create_app, hash_api_key
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.llm.testing import FakeLLMServer
 from tiergate.workers.logs import configure_logging

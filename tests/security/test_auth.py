@@ -1,7 +1,7 @@
 """API keys over real HTTP: every route but the deliberately open ones needs one, keys stay secret.
 
-Open on purpose (``tiergate.gateway.api``'s module docstring and the README): ``/healthz`` and
-``/readyz`` (orchestrators probe them without credentials), ``/metrics`` (Prometheus scrapes
+Open on purpose (the docstring of ``tiergate.gateway.http.routes`` and the README): ``/healthz``
+and ``/readyz`` (orchestrators probe them without credentials), ``/metrics`` (Prometheus scrapes
 it; it holds counts and latencies, no texts, ids or keys), and FastAPI's schema and docs pages
 (``/openapi.json``, ``/docs``, ``/docs/oauth2-redirect``, ``/redoc``: the API's shape, no data).
 The route walk below reads the app's own route table, so a route added later without

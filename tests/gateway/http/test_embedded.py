@@ -11,8 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tiergate.gateway.api import _build_embedded_cascade, create_app
-from tiergate.gateway.auth import hash_api_key
+from tiergate.gateway.http import create_app, hash_api_key
+from tiergate.gateway.http.app import _build_embedded_cascade
 from tiergate.policies.spec import (
     BudgetSpec,
     Escalation,

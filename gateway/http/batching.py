@@ -1,4 +1,4 @@
-"""Micro-batching: concurrent requests share one cascade call, so one ONNX batch.
+"""Micro-batching: concurrent requests share one call of the BERT step, so one ONNX batch.
 
 Each HTTP request in embedded mode carries a handful of messages; ONNX Runtime is far faster
 per message on a batch than on one text at a time. :class:`MicroBatcher` runs one ``decide``
@@ -40,18 +40,18 @@ class _Request(Generic[T]):
 class MicroBatcher(Generic[T]):
     """Runs ``decide`` once for the messages of many concurrent :meth:`submit` calls.
 
-    When no batch is running, a request starts at once, with whatever else is already
-    waiting: an idle gateway adds no delay. While a batch runs, a new batch holds the requests
-    that arrive within ``window_ms`` of its first one (or until the batcher is idle again), up
-    to ``max_batch`` messages in all (a
-    single larger request runs alone, whole). At most ``concurrency`` batches run at once, each
-    in a worker thread; while they all run, new requests wait and form the next, larger batch,
-    so batches grow with the load by themselves. A request ``solo`` picks (a long text, say)
-    runs in a batch of its own, and the others pass it by: every request of a batch gets its
-    answers when the whole batch is done, so a short message must not share a batch with a
-    text that takes ten times as long. When ``decide`` raises for a batch of
-    several requests, each of them is decided again on its own, so a request fails only with
-    its own error. ``on_batch`` is told the size of every batch run (for metrics).
+    When no batch is running, a request starts at once, with whatever else is already waiting:
+    an idle gateway adds no delay. While a batch runs, a new batch holds the requests that
+    arrive within ``window_ms`` of its first one (or until the batcher is idle again), up to
+    ``max_batch`` messages in all (a single larger request runs alone, whole). At most
+    ``concurrency`` batches run at once, each in a worker thread; while they all run, new
+    requests wait and form the next, larger batch, so batches grow with the load by themselves.
+    A request ``solo`` picks (a long text, say) runs in a batch of its own, and the others pass
+    it by: every request of a batch gets its answers when the whole batch is done, so a short
+    message must not share a batch with a text that takes ten times as long. When ``decide``
+    raises for a batch of several requests, each of them is decided again on its own, so a
+    request fails only with its own error. ``on_batch`` is told the size of every batch run (for
+    metrics).
 
     Use it from one event loop: :meth:`start` it, :meth:`submit` from any number of tasks,
     :meth:`stop` it.

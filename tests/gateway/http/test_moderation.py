@@ -15,8 +15,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from tiergate.gateway.api import create_app
-from tiergate.gateway.auth import hash_api_key
+from tiergate.gateway.http import create_app, hash_api_key
 from tiergate.policies.spec import LabelSpec, PolicySpec, example_policy
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.settings import Settings

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tiergate.gateway.batching import BatcherClosedError, MicroBatcher
+from tiergate.gateway.http.batching import BatcherClosedError, MicroBatcher
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.errors import InputError

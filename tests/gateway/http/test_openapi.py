@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tiergate.gateway.api import create_app
-from tiergate.gateway.auth import hash_api_key
+from tiergate.gateway.http import create_app, hash_api_key
 from tiergate.policies.spec import LabelSpec, PolicySpec, example_policy
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.settings import Settings

@@ -1,0 +1,395 @@
+"""The gateway's two modes behind one :class:`Backend`, which is all the routes call.
+
+Embedded (no broker): the cascade runs in this process. Concurrent requests share one BERT
+pass (:class:`~tiergate.gateway.http.batching.MicroBatcher`); the LLM step runs beside the
+batches, and every decision is delivered to the decision ledger. Distributed: messages go to
+the workers through a :class:`Dispatcher` (Celery tasks sent by name, results waited on
+without polling) and this process runs no model. Blocking work always runs in worker threads,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import anyio.to_thread
+import redis
+import structlog
+from anyio import CapacityLimiter
+
+from tiergate.gateway.http.batching import MicroBatcher
+from tiergate.gateway.http.metrics import BudgetReading, GatewayMetrics
+from tiergate.gateway.http.types import PendingResponse
+from tiergate.policies.spec import PolicySpec
+from tiergate.workers.budget import BudgetLedger
+from tiergate.workers.cascade import Cascade, LLMWork, PolicyBook
+from tiergate.workers.delivery import DecisionLedger
+from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Distributed mode: the most requests that may each block a thread, waiting for their decisions.
+_DISTRIBUTED_WAITERS = 256
+_READINESS_TIMEOUT_S = 2.0
+_WARM_UP_TEXTS = ["tiergate warm-up"]
+
+
+class Dispatcher(Protocol):
+    """The gateway's side of distributed mode: hands messages to workers, reads decisions.
+
+    Implementations send Celery tasks by name and read the decision ledger in Redis. Every
+    method may block (the gateway calls them from worker threads) and may raise
+    :class:`~tiergate.workers.errors.TransientError` when the broker or Redis is unreachable.
+    """
+
+    def submit_many(self, messages: Sequence[Message]) -> list[str]:
+        """Publish ``messages`` for the workers; their ids, in input order."""
+        ...
+
+    def wait_many(self, ids: Sequence[str], timeout_s: float) -> list[Decision | None]:
+        """Block (without polling) until each id is answered or ``timeout_s`` passes."""
+        ...
+
+    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
+        """The delivered decision of each id, in order (``None`` where there is none yet)."""
+        ...
+
+    def policies(self) -> list[PolicySpec]:
+        """The policies the workers serve; the first is the default one."""
+        ...
+
+    def ready(self) -> dict[str, bool]:
+        """Whether each dependency is reachable, by name (``{"broker": True, "redis": False}``)."""
+        ...
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each work queue, by queue name."""
+        ...
+
+
+class Backend(Protocol):
+    """What the routes need from a mode: decide, accept, look up, report health."""
+
+    async def start(self) -> None:
+        """Start the mode's background work; called once, when the app starts."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop it and wait for the work in flight; called once, when the app stops."""
+        ...
+
+    async def policy_book(self) -> PolicyBook:
+        """The policies this mode serves."""
+        ...
+
+    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
+        """The decisions of ``messages`` in input order; ``None`` for each not ready in time.
+
+        A message not decided within ``timeout_s`` is still answered, and its decision
+        delivered, later.
+        """
+        ...
+
+    async def accept(self, messages: list[Message]) -> list[str]:
+        """Take ``messages`` to be decided and delivered later; their ids, in input order."""
+        ...
+
+    async def lookup(self, message_id: str) -> Decision | PendingResponse | None:
+        """The decision of ``message_id`` once delivered, else ``None``.
+
+        :class:`PendingResponse` while it is still being answered, when the mode can tell.
+        """
+        ...
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each dependency is ready, by name (``{"model": True, "redis": False}``)."""
+        ...
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting, by queue name; read on every metrics scrape."""
+        ...
+
+    def budget_readings(self) -> list[BudgetReading]:
+        """What is left of each budgeted policy's LLM budget; read on every metrics scrape."""
+        ...
+
+
+class _EmbeddedBackend:
+    """The cascade in this process: micro-batched, decisions delivered to the ledger.
+
+    Every decision (of /v1/classify and of /v1/messages alike) is delivered to the ledger, so
+    a request that timed out can be read back by id. Ids accepted and not yet delivered are
+    tracked, so a lookup can say "pending" rather than "unknown".
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        cascade: Cascade,
+        ledger: DecisionLedger,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.cascade = cascade
+        self.ledger = ledger
+        self.metrics = metrics
+        # The BERT step is CPU-bound: its batches share the cores, taking turns step by step
+        # (see _build_embedded_cascade in app.py). The LLM step waits on the network, so it
+        # runs beside them, outside the batcher.
+        self.batcher: MicroBatcher[Decision | LLMWork] = MicroBatcher(
+            self._first_pass,
+            window_ms=settings.gateway_batch_window_ms,
+            max_batch=settings.batch_size,
+            concurrency=settings.gateway_batches_in_flight,
+            on_batch=metrics.observe_batch,
+            solo=self._has_long_text,
+        )
+        self.model_ready = False
+        self._pending: dict[str, int] = {}
+        self._submitted: dict[str, float] = {}  # message id -> when its request came in
+        self._background: set[asyncio.Task[Any]] = set()
+        self._redis: redis.Redis | None = None
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        self._spawn(self._warm_up())
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._redis is not None:
+            self._redis.close()
+
+    async def policy_book(self) -> PolicyBook:
+        return self.cascade.policies
+
+    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
+        task = self._spawn(self._answer(messages))
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if task in done:
+            return list(task.result())
+        task.add_done_callback(self._dead_letter_if_failed(messages))
+        return [None] * len(messages)
+
+    async def accept(self, messages: list[Message]) -> list[str]:
+        task = self._spawn(self._answer(messages))
+        task.add_done_callback(self._dead_letter_if_failed(messages))
+        return [m.id for m in messages]
+
+    async def lookup(self, message_id: str) -> Decision | PendingResponse | None:
+        found = (await anyio.to_thread.run_sync(self.ledger.get_many, [message_id]))[0]
+        if found is None and message_id in self._pending:
+            return PendingResponse(id=message_id)
+        return found
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"model": self.model_ready}
+        if self.settings.redis_url:
+            checks["redis"] = await anyio.to_thread.run_sync(self._redis_answers)
+        return checks
+
+    def queue_depths(self) -> dict[str, int]:
+        return {"gateway": self.batcher.queued_messages}
+
+    def budget_readings(self) -> list[BudgetReading]:
+        budget = self.cascade.budget
+        if budget is None:
+            return []
+        readings = []
+        for spec in self.cascade.policies:
+            if spec.budget.calls_per_minute is None and spec.budget.usd_per_day is None:
+                continue
+            state = budget.state(spec.name, spec.budget)
+            readings.append(BudgetReading(spec.name, state.calls_left, state.usd_left))
+        return readings
+
+    # -------------------------------------------------------------------------- internals
+
+    def _has_long_text(self, messages: Sequence[Message]) -> bool:
+        """Whether a request holds a text of several model windows (it then runs alone)."""
+        return any(self.cascade.classifier.is_long(message.text) for message in messages)
+
+    def _first_pass(self, messages: list[Message]) -> list[Decision | LLMWork]:
+        """The BERT step for a micro-batch (in its worker thread), delivering what it decided.
+
+        Decisions the LLM has no part in are finished here, in the batch's own thread, so a
+        BERT-answered request costs no second thread hop. ``total`` in each decision's
+        timings is the time since its request was submitted.
+        """
+        first = self.cascade.first_pass(messages)
+        now = time.perf_counter()
+        out: list[Decision | LLMWork] = []
+        for message, item in zip(messages, first, strict=True):
+            if isinstance(item, LLMWork):
+                out.append(item)
+            else:
+                out.append(self._finished(item, self._submitted.get(message.id, now), now))
+        self._deliver([item for item in out if not isinstance(item, LLMWork)])
+        return out
+
+    def _answer_llm(self, first: list[Decision | LLMWork], started: float) -> list[Decision]:
+        """The LLM step for what the BERT step handed on (in a worker thread), then delivery."""
+        work = [item for item in first if isinstance(item, LLMWork)]
+        answered = self.cascade.answer_many(work)
+        now = time.perf_counter()
+        finished = [self._finished(d, started, now) for d in answered]
+        self._deliver(finished)
+        llm_answers = iter(finished)
+        return [next(llm_answers) if isinstance(item, LLMWork) else item for item in first]
+
+    @staticmethod
+    def _finished(decision: Decision, started: float, now: float) -> Decision:
+        total = round((now - started) * 1000.0, 3)
+        return decision.model_copy(update={"timings_ms": {**decision.timings_ms, "total": total}})
+
+    def _deliver(self, decisions: list[Decision]) -> None:
+        self.ledger.deliver_many(decisions)
+        self.metrics.observe_decisions(decisions)
+
+    async def _answer(self, messages: list[Message]) -> list[Decision]:
+        ids = [m.id for m in messages]
+        started = time.perf_counter()
+        for message_id in ids:
+            self._pending[message_id] = self._pending.get(message_id, 0) + 1
+            self._submitted.setdefault(message_id, started)
+        try:
+            first = await self.batcher.submit(messages)
+            if not any(isinstance(item, LLMWork) for item in first):
+                return [item for item in first if not isinstance(item, LLMWork)]
+            return await anyio.to_thread.run_sync(self._answer_llm, first, started)
+        finally:
+            for message_id in ids:
+                left = self._pending.pop(message_id, 1) - 1
+                if left > 0:
+                    self._pending[message_id] = left
+                else:
+                    self._submitted.pop(message_id, None)
+
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
+        # The loop keeps only weak references to tasks; this set keeps them alive.
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _dead_letter_if_failed(self, messages: list[Message]) -> Any:
+        """A done-callback: messages nobody waits for any more go to the dead letters."""
+
+        def check(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            log.warning("messages.unanswered", count=len(messages), error_type=type(error).__name__)
+            self._spawn(self._dead_letter(messages, type(error).__name__))
+
+        return check
+
+    async def _dead_letter(self, messages: list[Message], reason: str) -> None:
+        def keep() -> None:
+            for message in messages:
+                self.ledger.dead_letter(message.model_dump(mode="json"), reason)
+
+        try:
+            await anyio.to_thread.run_sync(keep)
+        except Exception as exc:  # noqa: BLE001 -- nothing is left to hand the error to
+            log.error(  # noqa: TRY400 -- no traceback: its frames' locals may hold texts
+                "messages.dead_letter_failed", count=len(messages), error_type=type(exc).__name__
+            )
+
+    async def _warm_up(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.cascade.classifier.predict, _WARM_UP_TEXTS)
+        except Exception as exc:  # noqa: BLE001 -- reported by /readyz, not fatal
+            log.error(  # noqa: TRY400 -- no traceback: its frames' locals may hold texts
+                "model.warm_up_failed", error_type=type(exc).__name__, error=str(exc)
+            )
+        else:
+            self.model_ready = True
+            log.info("model.ready", model_version=self.cascade.classifier.model_version)
+
+    def _redis_answers(self) -> bool:
+        if self._redis is None:
+            assert self.settings.redis_url is not None
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_url,
+                socket_connect_timeout=_READINESS_TIMEOUT_S,
+                socket_timeout=_READINESS_TIMEOUT_S,
+            )
+        try:
+            return bool(self._redis.ping())
+        except redis.RedisError:
+            return False
+
+
+class _DistributedBackend:
+    """Messages go to the workers through a :class:`Dispatcher`; this process runs no model."""
+
+    def __init__(self, settings: Settings, client: Dispatcher, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.client = client
+        self.metrics = metrics
+        # Waiting for results blocks a thread per request; keep that off the shared pool.
+        self._waiters = CapacityLimiter(_DISTRIBUTED_WAITERS)
+        self._book: PolicyBook | None = None
+        self._book_lock = asyncio.Lock()
+        self._budget: BudgetLedger | None = None
+
+    async def start(self) -> None:
+        # Policies load on first use, so a gateway started before its broker still starts.
+        return
+
+    async def stop(self) -> None:
+        return
+
+    async def policy_book(self) -> PolicyBook:
+        async with self._book_lock:
+            if self._book is None:
+                specs = await anyio.to_thread.run_sync(self.client.policies)
+                self._book = PolicyBook(specs)
+            return self._book
+
+    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
+        ids = await anyio.to_thread.run_sync(self.client.submit_many, messages)
+        found = await anyio.to_thread.run_sync(
+            self.client.wait_many, ids, timeout_s, limiter=self._waiters
+        )
+        self.metrics.observe_decisions(d for d in found if d is not None)
+        return found
+
+    async def accept(self, messages: list[Message]) -> list[str]:
+        return await anyio.to_thread.run_sync(self.client.submit_many, messages)
+
+    async def lookup(self, message_id: str) -> Decision | PendingResponse | None:
+        return (await anyio.to_thread.run_sync(self.client.get_many, [message_id]))[0]
+
+    async def readiness(self) -> dict[str, bool]:
+        try:
+            return dict(await anyio.to_thread.run_sync(self.client.ready))
+        except Exception as exc:  # noqa: BLE001 -- a failing probe means "not ready"
+            log.warning("readiness.probe_failed", error_type=type(exc).__name__)
+            return {"dispatcher": False}
+
+    def queue_depths(self) -> dict[str, int]:
+        return dict(self.client.queue_depths())
+
+    def budget_readings(self) -> list[BudgetReading]:
+        # Budgets live in Redis in distributed mode; without it there is nothing shared to read.
+        if self._book is None or not self.settings.redis_url:
+            return []
+        if self._budget is None:
+            from tiergate.workers.budget import open_budget_ledger  # noqa: PLC0415 -- only when scraped
+
+            self._budget = open_budget_ledger(self.settings)
+        ledger = self._budget
+        readings = []
+        for spec in self._book:
+            if spec.budget.calls_per_minute is None and spec.budget.usd_per_day is None:
+                continue
+            state = ledger.state(spec.name, spec.budget)
+            readings.append(BudgetReading(spec.name, state.calls_left, state.usd_left))
+        return readings
