@@ -123,7 +123,7 @@ from tiergate.workers.bert import default_model
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.manifest import MANIFEST_FILE, RECORDED_PACKAGES, package_versions
 from tiergate.workers.cascade import open_cascade
-from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.logs import configure_logging
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings

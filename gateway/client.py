@@ -30,8 +30,8 @@ from celery import Celery
 from tiergate.policies.spec import PolicySpec, load_policy
 from tiergate.workers.bert.manifest import read_manifest
 from tiergate.workers.cascade import load_policy_book
-from tiergate.workers.delivery import RedisDecisionLedger
 from tiergate.workers.errors import ModelError, PoliciesNotAnnouncedError
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.served_policies import ServedPolicies
 from tiergate.workers.settings import Settings

@@ -38,7 +38,7 @@ import redis
 
 from tiergate.policies.routing import BudgetState
 from tiergate.policies.spec import BudgetSpec
-from tiergate.workers.cache import redis_errors_as_coordination_errors
+from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
 from tiergate.workers.settings import Settings
 
 Clock = Callable[[], float]
@@ -269,5 +269,5 @@ def open_budget_ledger(settings: Settings) -> BudgetLedger:
     every worker shares the budgets; else a ledger local to this process.
     """
     if settings.redis_url:
-        return RedisBudgetLedger(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
+        return RedisBudgetLedger(shared_redis(settings.redis_url), settings.cache_prefix)
     return LocalBudgetLedger()

@@ -44,6 +44,7 @@ from typing import Protocol
 import redis
 
 from tiergate.workers.errors import CoordinationError, SingleFlightTimeout
+from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
 from tiergate.workers.schemas import Decision
 from tiergate.workers.settings import Settings
 
@@ -201,32 +202,6 @@ def _lease_ms(lease_s: float) -> int:
     if lease_s <= 0:
         raise ValueError(f"lease_s must be positive, not {lease_s}")
     return max(1, round(lease_s * 1000))
-
-
-# --- Redis
-
-
-def _describe_redis(client: redis.Redis) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"Redis at unix:{kwargs['path']}"
-    return f"Redis at {kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-
-
-@contextmanager
-def redis_errors_as_coordination_errors(client: redis.Redis, doing: str) -> Iterator[None]:
-    """Turn Redis connection failures and timeouts into :class:`CoordinationError`.
-
-    ``doing`` says what was being done (``"reading the decision cache"``), so the message reads
-    "<doing>: Redis at host:port is unreachable or timed out (<detail>)". Other Redis errors
-    (a bad script, a wrong type) are bugs and propagate unchanged.
-    """
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise CoordinationError(
-            f"{doing}: {_describe_redis(client)} is unreachable or timed out ({exc})"
-        ) from exc
 
 
 # KEYS: decision, lease. ARGV: token, lease in ms.
@@ -521,5 +496,5 @@ def open_cache(settings: Settings) -> DecisionCache:
     :class:`~tiergate.workers.errors.CoordinationError` if Redis is unreachable.
     """
     if settings.redis_url:
-        return RedisDecisionCache(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
+        return RedisDecisionCache(shared_redis(settings.redis_url), settings.cache_prefix)
     return SqliteDecisionCache(settings.resolved_cache_path)

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +48,7 @@ from tiergate.workers.errors import (
 )
 from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
 from tiergate.workers.llm.tier import LLMRequest, LLMResult, LLMTier
+from tiergate.workers.redis_connection import shared_redis
 from tiergate.workers.schemas import Decision, LLMSkip, Message, Prediction, Status, Tier
 from tiergate.workers.settings import Settings
 
@@ -587,7 +587,7 @@ def build_cascade(
     """
     store: LocalBreakerStore | RedisBreakerStore
     if settings.redis_url:
-        store = RedisBreakerStore(redis.Redis.from_url(settings.redis_url), settings.cache_prefix)
+        store = RedisBreakerStore(shared_redis(settings.redis_url), settings.cache_prefix)
     else:
         store = LocalBreakerStore()
     llm = LLMTier(settings, breaker_store=store)

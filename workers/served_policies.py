@@ -14,7 +14,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tiergate.policies.spec import PolicySpec
-from tiergate.workers.cache import redis_errors_as_coordination_errors
+from tiergate.workers.redis_connection import redis_errors_as_coordination_errors
 
 
 class Announcement(BaseModel):

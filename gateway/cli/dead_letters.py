@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tiergate.gateway.cli.errors import err, fail, guarded
 from tiergate.gateway.cli.output import excerpt
-from tiergate.workers.delivery import RedisDecisionLedger, held_messages
+from tiergate.workers.ledger import RedisDecisionLedger, held_messages
 from tiergate.workers.schemas import Message
 from tiergate.workers.settings import Settings
 

@@ -25,7 +25,7 @@ from tiergate.gateway.http.metrics import GatewayMetrics
 from tiergate.gateway.http.middleware import RequestContextMiddleware
 from tiergate.gateway.http.routes import Gateway, router
 from tiergate.workers.cascade import Cascade
-from tiergate.workers.delivery import DecisionLedger
+from tiergate.workers.ledger import DecisionLedger
 from tiergate.workers.logs import configure_logging
 from tiergate.workers.settings import Settings
 
@@ -41,7 +41,7 @@ def create_app(
 
     Embedded mode (``settings.broker_url`` unset) runs ``cascade``, or builds one from the
     model at ``settings.resolved_model_dir`` and the configured policies, and delivers
-    decisions to ``ledger`` (default: :func:`~tiergate.workers.delivery.open_ledger`). Distributed
+    decisions to ``ledger`` (default: :func:`~tiergate.workers.ledger.open_ledger`). Distributed
     mode needs ``client``. Raises ``ValueError`` for a mode without what it needs or for malformed
     API keys, and the model's errors when the model cannot be loaded.
     """
@@ -56,7 +56,7 @@ def create_app(
         if cascade is None:
             cascade = _build_embedded_cascade(settings)
         if ledger is None:
-            from tiergate.workers.delivery import open_ledger  # noqa: PLC0415 -- embedded mode only
+            from tiergate.workers.ledger import open_ledger  # noqa: PLC0415 -- embedded mode only
 
             ledger = open_ledger(settings)
         backend = _EmbeddedBackend(settings, cascade, ledger, metrics)

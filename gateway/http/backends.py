@@ -26,7 +26,8 @@ from tiergate.gateway.http.types import PendingResponse
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.budget import BudgetLedger
 from tiergate.workers.cascade import Cascade, LLMWork, PolicyBook
-from tiergate.workers.delivery import DecisionLedger
+from tiergate.workers.ledger import DecisionLedger
+from tiergate.workers.redis_connection import probe_redis
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 
@@ -315,11 +316,7 @@ class _EmbeddedBackend:
     def _redis_answers(self) -> bool:
         if self._redis is None:
             assert self.settings.redis_url is not None
-            self._redis = redis.Redis.from_url(
-                self.settings.redis_url,
-                socket_connect_timeout=_READINESS_TIMEOUT_S,
-                socket_timeout=_READINESS_TIMEOUT_S,
-            )
+            self._redis = probe_redis(self.settings.redis_url, _READINESS_TIMEOUT_S)
         try:
             return bool(self._redis.ping())
         except redis.RedisError:

@@ -7,6 +7,7 @@ exception gets which answer (:data:`EXCEPTION_HANDLERS`, installed by ``create_a
     HTTPException                   its own status; 422 for a body FastAPI could not decode
     RequestValidationError          422 naming every invalid field by its path in the body
     UnknownPolicyError, InputError  422
+    PoliciesNotAnnouncedError       503 with Retry-After: no worker has said what it serves yet
     TransientError, ModelError,
       BatcherClosedError            503 with Retry-After
     anything else                   500, from the request-context middleware
@@ -25,7 +26,13 @@ from starlette.types import HTTPExceptionHandler
 
 from tiergate.gateway.http.batching import BatcherClosedError
 from tiergate.gateway.http.types import ErrorResponse, FieldError
-from tiergate.workers.errors import InputError, ModelError, TransientError, UnknownPolicyError
+from tiergate.workers.errors import (
+    InputError,
+    ModelError,
+    PoliciesNotAnnouncedError,
+    TransientError,
+    UnknownPolicyError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -157,6 +164,15 @@ async def _unavailable(_: Request, exc: Exception) -> Response:
     return error_response(503, "a dependency is unavailable; retry later", {"Retry-After": "1"})
 
 
+async def _policies_not_announced(_: Request, exc: Exception) -> Response:
+    log.warning("request.policies_not_announced", error=str(exc))
+    return error_response(
+        503,
+        "no BERT worker has announced the policies it serves yet; retry once one is running",
+        {"Retry-After": "5"},
+    )
+
+
 # Which handler answers each exception type; create_app installs every one.
 EXCEPTION_HANDLERS: dict[type[Exception], HTTPExceptionHandler] = {
     GatewayError: _gateway_error,
@@ -164,6 +180,7 @@ EXCEPTION_HANDLERS: dict[type[Exception], HTTPExceptionHandler] = {
     RequestValidationError: _validation_error,
     UnknownPolicyError: _unknown_policy,
     InputError: _input_error,
+    PoliciesNotAnnouncedError: _policies_not_announced,
     TransientError: _unavailable,
     ModelError: _unavailable,
     BatcherClosedError: _unavailable,

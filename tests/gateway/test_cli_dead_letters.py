@@ -10,7 +10,7 @@ import sys
 
 import redis
 
-from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.settings import Settings
 
 BROKER_DB = 1

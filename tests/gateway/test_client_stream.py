@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from cluster import bert_decision
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.settings import Settings
 
 

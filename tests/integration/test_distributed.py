@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.schemas import Message, Tier
 from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
 

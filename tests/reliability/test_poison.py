@@ -19,7 +19,7 @@ import pytest
 
 from cluster import unlimited_policy, wait_until
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.delivery import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.llm.testing import message_of
 from tiergate.workers.schemas import LLMSkip, Message, Tier
 

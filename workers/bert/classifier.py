@@ -28,9 +28,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from tiergate.policies.calibration import sigmoid, softmax
 from tiergate.workers.bert.manifest import ONNX_FILE, TOKENIZER_FILE, ModelManifest, read_manifest
 from tiergate.workers.bert.scheduling import StepScheduler, plan_steps
+from tiergate.workers.bert.temperature import sigmoid, softmax
 from tiergate.workers.errors import InputError, ModelIntegrityError
 from tiergate.workers.schemas import Prediction
 from tiergate.workers.settings import Settings

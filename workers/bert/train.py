@@ -26,14 +26,6 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tiergate.policies.calibration import (
-    calibrate_temperature,
-    expected_calibration_error,
-    log_loss,
-    multilabel_calibration_error,
-    softmax,
-)
-from tiergate.policies.metrics import accuracy, macro_f1
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.export import export_onnx
@@ -46,6 +38,14 @@ from tiergate.workers.bert.manifest import (
     package_versions,
     sha256_file,
     write_manifest,
+)
+from tiergate.workers.bert.quality import accuracy, macro_f1
+from tiergate.workers.bert.temperature import (
+    calibrate_temperature,
+    expected_calibration_error,
+    log_loss,
+    multilabel_calibration_error,
+    softmax,
 )
 from tiergate.workers.errors import InputError, TiergateError
 

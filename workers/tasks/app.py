@@ -10,8 +10,8 @@ from celery import Celery, signals
 from celery.worker.consumer import Consumer
 from celery_batches import SimpleRequest
 
-from tiergate.workers.delivery import RedisDecisionLedger
 from tiergate.workers.errors import TransientError
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.settings import Settings
 from tiergate.workers.tasks.bert_step import PoolAwareBatches, check_batches_hooks, run_bert_step
 from tiergate.workers.tasks.llm_step import run_llm_step

@@ -6,7 +6,7 @@ import structlog
 from celery import Celery
 
 from tiergate.workers.cascade import LLMWork
-from tiergate.workers.delivery import DecisionLedger
+from tiergate.workers.ledger import DecisionLedger
 from tiergate.workers.schemas import Decision, Message, Status
 from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK, WEBHOOK_TASK
 from tiergate.workers.tasks.runtime import WorkerRuntime

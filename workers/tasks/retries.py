@@ -14,8 +14,8 @@ import structlog
 from celery import Celery
 from pydantic import ValidationError
 
-from tiergate.workers.delivery import DecisionLedger, held_messages
 from tiergate.workers.errors import TransientError
+from tiergate.workers.ledger import DecisionLedger, held_messages
 from tiergate.workers.tasks.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)

@@ -8,7 +8,7 @@ import threading
 import structlog
 from celery import Celery
 
-from tiergate.workers.delivery import open_ledger
+from tiergate.workers.ledger import open_ledger
 from tiergate.workers.tasks.names import CLASSIFY_TASK
 from tiergate.workers.tasks.runtime import WorkerRuntime
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from tiergate.gateway.http import create_app
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
-from tiergate.workers.delivery import LocalDecisionLedger
+from tiergate.workers.ledger import LocalDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 from tiergate.workers.testing import FixedScoreClassifier

@@ -24,7 +24,7 @@ from tiergate.policies.spec import (
 from tiergate.workers.budget import RedisBudgetLedger
 from tiergate.workers.cache import RedisDecisionCache
 from tiergate.workers.cascade import Cascade, PolicyBook
-from tiergate.workers.delivery import LocalDecisionLedger, RedisDecisionLedger
+from tiergate.workers.ledger import LocalDecisionLedger, RedisDecisionLedger
 from tiergate.workers.llm.breaker import LocalBreakerStore
 from tiergate.workers.llm.testing import FakeLLMServer, Respond
 from tiergate.workers.llm.tier import LLMTier

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 
-from tiergate.policies.calibration import sigmoid, softmax
 from tiergate.workers.bert.classifier import BertClassifier, Windows
 from tiergate.workers.bert.manifest import (
     MANIFEST_FILE,
@@ -23,6 +22,7 @@ from tiergate.workers.bert.manifest import (
     read_manifest,
     sha256_file,
 )
+from tiergate.workers.bert.temperature import sigmoid, softmax
 from tiergate.workers.errors import InputError, ModelIntegrityError, ModelNotFoundError
 
 LONG_TEXT = " ".join(f"word{i} alpha beta gamma" for i in range(60))

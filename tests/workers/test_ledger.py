@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from cluster import bert_decision
-from tiergate.workers.delivery import LocalDecisionLedger, RedisDecisionLedger, held_messages
+from tiergate.workers.ledger import LocalDecisionLedger, RedisDecisionLedger, held_messages
 from tiergate.workers.schemas import Decision
 
 

@@ -1,4 +1,4 @@
-"""Delivery: every accepted message is answered exactly once, where consumers can read it.
+"""The decision ledger: every accepted message is answered exactly once, where consumers read it.
 
 A decision is delivered by :meth:`DecisionLedger.deliver`, which in one atomic step
 
@@ -29,7 +29,7 @@ from typing import Any, Protocol, Self
 
 import redis
 
-from tiergate.workers.cache import redis_errors_as_coordination_errors
+from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
 from tiergate.workers.schemas import Decision
 from tiergate.workers.settings import Settings
 
@@ -162,7 +162,7 @@ class RedisDecisionLedger:
         if client is None:
             if settings.redis_url is None:
                 raise ValueError("the Redis ledger needs TIERGATE_REDIS_URL")
-            client = redis.Redis.from_url(settings.redis_url)
+            client = shared_redis(settings.redis_url)
         return cls(
             client,
             prefix=settings.cache_prefix,

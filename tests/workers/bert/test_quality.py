@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tiergate.policies.metrics import accuracy, macro_f1
+from tiergate.workers.bert.quality import accuracy, macro_f1
 
 
 @st.composite

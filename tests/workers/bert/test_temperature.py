@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tiergate.policies.calibration import (
+from tiergate.workers.bert.temperature import (
     calibrate_temperature,
     expected_calibration_error,
     multilabel_calibration_error,
