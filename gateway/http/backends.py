@@ -26,6 +26,7 @@ from tiergate.gateway.http.types import PendingResponse
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.budget import BudgetLedger
 from tiergate.workers.cascade import Cascade, LLMWork, PolicyBook
+from tiergate.workers.errors import TransientError
 from tiergate.workers.ledger import DecisionLedger
 from tiergate.workers.redis_connection import probe_redis
 from tiergate.workers.schemas import Decision, Message
@@ -36,6 +37,9 @@ log = structlog.get_logger(__name__)
 # Distributed mode: the most requests that may each block a thread, waiting for their decisions.
 _DISTRIBUTED_WAITERS = 256
 _READINESS_TIMEOUT_S = 2.0
+# How long a distributed gateway trusts the policies it read before asking again: a worker that
+# starts with new policies is heard from within this many seconds.
+_POLICY_REFRESH_S = 30.0
 _WARM_UP_TEXTS = ["tiergate warm-up"]
 
 
@@ -334,6 +338,7 @@ class _DistributedBackend:
         self._waiters = CapacityLimiter(_DISTRIBUTED_WAITERS)
         self._book: PolicyBook | None = None
         self._book_lock = asyncio.Lock()
+        self._book_read_at = 0.0
         self._budget: BudgetLedger | None = None
 
     async def start(self) -> None:
@@ -345,9 +350,17 @@ class _DistributedBackend:
 
     async def policy_book(self) -> PolicyBook:
         async with self._book_lock:
-            if self._book is None:
-                specs = await anyio.to_thread.run_sync(self.client.policies)
-                self._book = PolicyBook(specs)
+            now = time.monotonic()
+            if self._book is None or now - self._book_read_at >= _POLICY_REFRESH_S:
+                try:
+                    specs = await anyio.to_thread.run_sync(self.client.policies)
+                except TransientError:
+                    if self._book is None:
+                        raise
+                    log.warning("policies.refresh_failed")  # keep serving the last known ones
+                else:
+                    self._book = PolicyBook(specs)
+                self._book_read_at = now
             return self._book
 
     async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:

@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 from fastapi.testclient import TestClient
 
-from tiergate.gateway.http import create_app
+from tiergate.gateway.http import backends, create_app
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.errors import TransientError
 from tiergate.workers.ledger import LocalDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
@@ -177,3 +178,40 @@ def test_distributed_mode_needs_a_dispatcher(tmp_path):
     """With a broker configured and no Dispatcher, the app refuses to build."""
     with pytest.raises(ValueError, match="Dispatcher"):
         create_app(Settings(data_dir=tmp_path, broker_url="memory://"))
+
+
+class ChangingPolicies(ThreadDispatcher):
+    """A dispatcher whose workers' policies a test can change, or make unreadable."""
+
+    def __init__(self, cascade: Cascade) -> None:
+        super().__init__(cascade)
+        self.served = list(cascade.policies)
+        self.unreadable = False
+
+    def policies(self) -> list[PolicySpec]:
+        """What the test says the workers serve now."""
+        if self.unreadable:
+            raise TransientError("Redis is unreachable")
+        return list(self.served)
+
+
+def test_the_gateway_hears_of_new_policies_and_keeps_the_last_known_ones(
+    tmp_path, dispatcher, monkeypatch
+):
+    """Policies are read again after the refresh interval; a failed read keeps the old ones."""
+    monkeypatch.setattr(backends, "_POLICY_REFRESH_S", 0.0)
+    changing = ChangingPolicies(dispatcher.cascade)
+    renamed = changing.served[0].model_copy(update={"name": "films-v2"})
+    try:
+        with gateway(tmp_path, changing) as client:
+            assert [p["name"] for p in client.get("/v1/policies").json()["policies"]] == ["films"]
+            changing.served = [renamed]
+            assert [p["name"] for p in client.get("/v1/policies").json()["policies"]] == [
+                "films-v2"
+            ]
+            changing.unreadable = True
+            response = client.get("/v1/policies")
+    finally:
+        changing.close()
+    assert response.status_code == 200
+    assert [p["name"] for p in response.json()["policies"]] == ["films-v2"]
