@@ -72,4 +72,4 @@ bench-gateway: $(STAMP)
 	$(BIN)/python bench/service_paths.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache

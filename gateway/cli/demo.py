@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import SecretStr
 from rich.console import Console
 
-from tiergate.gateway.cli.embedded import MODEL_OPTION, build_cascade, load_classifier
+from tiergate.gateway.cli.embedded import MODEL_OPTION, load_classifier, open_cascade_or_exit
 from tiergate.gateway.cli.errors import err, guarded
 from tiergate.gateway.cli.inputs import stream_items
 from tiergate.gateway.cli.model import ensure_default_model
@@ -47,7 +47,7 @@ def demo(
         demo_settings = llm_settings.model_copy(
             update={"redis_url": None, "cache_path": Path(scratch) / "cache.sqlite3"}
         )
-        cascade = build_cascade(demo_settings, classifier)
+        cascade = open_cascade_or_exit(demo_settings, classifier)
         err.print(
             f"policy {cascade.policies.default.name!r} v{cascade.policies.default.version} · "
             f"LLM tier: {llm_note}",

@@ -28,8 +28,8 @@ def load_classifier(settings: Settings, model: Path | None) -> BertClassifier:
     return guarded(lambda: BertClassifier.from_settings(settings, model))
 
 
-def build_cascade(
+def open_cascade_or_exit(
     settings: Settings, classifier: BertClassifier, *, use_cache: bool = True
 ) -> Cascade:
-    """The embedded cascade: the policies, cache, budgets and LLM tier ``settings`` configure."""
+    """:func:`~tiergate.workers.cascade.open_cascade` over ``classifier``; a bad policy exits 2."""
     return guarded(lambda: open_cascade(settings, classifier, use_cache=use_cache))
