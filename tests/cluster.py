@@ -12,6 +12,7 @@ build on it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -33,8 +34,9 @@ from redis.retry import Retry
 
 from tiergate.gateway.client import TiergateClient
 from tiergate.policies.routing import Reason
-from tiergate.policies.spec import BudgetSpec, Escalation, PolicySpec, example_policy
-from tiergate.workers.llm.testing import FakeLLMServer
+from tiergate.policies.spec import BudgetSpec, Escalation, PolicySpec, Task, example_policy
+from tiergate.workers.errors import TransientError
+from tiergate.workers.llm.testing import FakeLLMServer, first_label_answer
 from tiergate.workers.schemas import Decision, Message, Tier
 from tiergate.workers.settings import Settings
 
@@ -42,6 +44,13 @@ BROKERS = {
     "redis": "redis://127.0.0.1:6379/1",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
 }
+
+# How long a process or thread of these suites may take to start or stop. Generous: a loaded
+# 2-core runner can take many seconds, and on a healthy one nothing waits this long.
+START_STOP_S = 60
+
+SENTINEL_ID = "sentinel"
+SENTINEL_TEXT = "A last message, sent after every other one."
 
 
 def default_test_policy(min_probability: float = 0.9) -> PolicySpec:
@@ -51,9 +60,9 @@ def default_test_policy(min_probability: float = 0.9) -> PolicySpec:
     )
 
 
-def positive_answer(_body: dict[str, Any]) -> dict[str, Any]:
-    """The fake LLM's answer in these suites: always ``positive``."""
-    return {"label": "positive"}
+def positive_answer(body: dict[str, Any]) -> dict[str, Any]:
+    """The fake LLM's answer in these suites: always ``positive``, with a text if one is asked."""
+    return {**first_label_answer(body), "label": "positive"}
 
 
 def bert_decision(message_id: str, label: str = "positive") -> Decision:
@@ -98,14 +107,14 @@ class Cluster:
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         """SIGKILL a worker and every process it forked."""
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        process.wait(timeout=START_STOP_S)
 
     def stop_all(self) -> None:
         """Stop every worker still running."""
         for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + START_STOP_S
         for process in self.processes:
             if process.poll() is None:
                 try:
@@ -118,6 +127,21 @@ class Cluster:
         warm = Message(id="warm-up", text=text)
         client.submit(warm)
         assert client.wait(warm.id, timeout_s=120) is not None, self.log_text()
+
+    def send_sentinel(self, client: TiergateClient, timeout_s: float = 600) -> Decision:
+        """Submit a sentinel message after everything else; its decision, once answered.
+
+        Its task (``explain``) sends it through the LLM step as well, and both queues are
+        FIFO: once it is answered, each worker has taken the work published before it on either
+        queue, such as a redelivered copy that would answer an id a second time. Tests check
+        for duplicates after this, not after a sleep that a slow machine can outlast. Its id
+        is ``SENTINEL_ID`` and its text ``SENTINEL_TEXT``, so that tests can leave it out.
+        """
+        sentinel = Message(id=SENTINEL_ID, text=SENTINEL_TEXT, task=Task.EXPLAIN)
+        client.submit(sentinel)
+        decision = client.wait(sentinel.id, timeout_s=timeout_s)
+        assert decision is not None, f"the sentinel was not answered\n{self.log_text()}"
+        return decision
 
     def log_text(self) -> str:
         """Everything the workers wrote, for failure messages."""
@@ -248,8 +272,17 @@ class BackgroundLoop:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask ``_run`` to return and wait, a bounded time, for the thread to end."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=START_STOP_S)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the thread has ended."""
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -316,6 +349,91 @@ class StreamTail(BackgroundLoop):
             time.sleep(0.2)
 
 
+class Producer(BackgroundLoop):
+    """Submits new messages in chunks at a steady pace until stopped, as a real producer would.
+
+    Message ``n`` is ``<prefix>-<n>`` with the ``n``-th of ``texts`` (numbered once they run
+    out). A chunk is accepted when ``submit_many`` returns; one refused (``TransientError``,
+    such as Redis down) is counted in ``refused`` and submitted again, and the pace resumes
+    from then on rather than catching up. Otherwise chunks are due on a fixed schedule, so a
+    slow submit is made up for. With ``tail`` and ``max_backlog``: while that many accepted
+    messages are not yet on the stream, one chunk a second goes out instead, so that a slow
+    machine does not pile up a backlog it cannot drain, yet the producer keeps submitting (and
+    so meets an outage). A failure other than a refusal ends the thread, kept in ``error``.
+    """
+
+    def __init__(
+        self,
+        client: TiergateClient,
+        texts: list[str],
+        per_s: float,
+        *,
+        prefix: str = "p",
+        chunk: int = 10,
+        tail: StreamTail | None = None,
+        max_backlog: int | None = None,
+    ) -> None:
+        super().__init__("producer")
+        self.client = client
+        self.texts = texts
+        self.interval_s = chunk / per_s
+        self.prefix = prefix
+        self.chunk = chunk
+        self.tail = tail
+        self.max_backlog = max_backlog
+        self.refused = 0
+        self.error: BaseException | None = None
+        self._accepted: list[tuple[str, float]] = []  # (id, when accepted), in order
+        self._lock = threading.Lock()
+
+    def _text(self, number: int) -> str:
+        text = self.texts[number % len(self.texts)]
+        return text if number < len(self.texts) else f"{text} (#{number})"
+
+    def _backlogged(self) -> bool:
+        if self.tail is None or self.max_backlog is None:
+            return False
+        accepted = self.accepted()
+        return len(accepted) - len(set(accepted).intersection(self.tail.ids())) >= self.max_backlog
+
+    def _run(self) -> None:
+        try:
+            due = time.monotonic()
+            for start in itertools.count(0, self.chunk):
+                if self._stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                chunk = [
+                    Message(id=f"{self.prefix}-{n}", text=self._text(n))
+                    for n in range(start, start + self.chunk)
+                ]
+                while True:
+                    try:
+                        self.client.submit_many(chunk)
+                        break
+                    except TransientError:
+                        self.refused += 1
+                        if self._stop.wait(0.2):
+                            return
+                        due = time.monotonic()
+                now = time.monotonic()
+                with self._lock:
+                    self._accepted += [(m.id, now) for m in chunk]
+                due += 1.0 if self._backlogged() else self.interval_s
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            self.error = exc
+            raise
+
+    def accepted(self) -> list[str]:
+        """The ids accepted so far, in order (an id accepted twice would be here twice)."""
+        with self._lock:
+            return [message_id for message_id, _ in self._accepted]
+
+    def accepted_at(self) -> dict[str, float]:
+        """When each id accepted so far was accepted (``time.monotonic()``)."""
+        with self._lock:
+            return dict(self._accepted)
+
+
 def wait_until(
     condition: Callable[[], bool], timeout_s: float, cluster: Cluster, what: str
 ) -> float:
@@ -370,7 +488,7 @@ class RedisServer:
         with (self.directory / f"redis-{self.starts}.log").open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + START_STOP_S
         while True:
             try:
                 with self.client() as probe:
@@ -387,12 +505,12 @@ class RedisServer:
         with self.client() as admin:
             admin.shutdown(nosave=True)
         if self.process is not None:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=START_STOP_S)
             self.process = None
 
     def stop(self) -> None:
         """Kill the server if it runs."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=START_STOP_S)
         self.process = None

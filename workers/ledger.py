@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
 
 import redis
@@ -68,6 +68,9 @@ return out
 """
 
 _REPLY_TTL_S = 300
+
+# The time in epoch seconds; a ledger takes one so that tests can move it.
+Clock = Callable[[], float]
 
 
 def held_messages(payload: Any) -> list[dict[str, Any]]:
@@ -137,6 +140,8 @@ class RedisDecisionLedger:
     Keys: ``{prefix}:decision-of:{id}`` (the record, with a TTL: the idempotency window),
     ``{stream}`` (the stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes) and
     ``{prefix}:dead-letters`` (a list of JSON objects with ``payload``, ``reason`` and ``at``).
+    ``clock`` gives the time in epoch seconds (injectable for tests): when a message was
+    accepted, when it is overdue, and a dead letter's ``at``.
     """
 
     def __init__(
@@ -147,12 +152,14 @@ class RedisDecisionLedger:
         stream: str = "tiergate:decisions",
         record_ttl_s: int = 7 * 24 * 3600,
         stream_maxlen: int = 1_000_000,
+        clock: Clock = time.time,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.stream = stream
         self.record_ttl_s = record_ttl_s
         self.stream_maxlen = stream_maxlen
+        self._clock = clock
         self._deliver = client.register_script(_DELIVER)
         self._claim_overdue = client.register_script(_CLAIM_OVERDUE)
 
@@ -204,7 +211,7 @@ class RedisDecisionLedger:
         """
         if not payloads:
             return
-        now = time.time()
+        now = self._clock()
         with redis_errors_as_coordination_errors(self.client, "recording accepted messages"):
             pipe = self.client.pipeline(transaction=True)
             mapping: dict[str | bytes, str | bytes] = dict(payloads.items())
@@ -214,7 +221,7 @@ class RedisDecisionLedger:
 
     def claim_overdue(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
         """Accepted messages still unanswered after ``older_than_s``, claimed for a republish."""
-        now = time.time()
+        now = self._clock()
         with redis_errors_as_coordination_errors(self.client, "claiming overdue messages"):
             flat = self._claim_overdue(
                 keys=[self.accepted_key, self.accepted_payload_key],
@@ -309,7 +316,7 @@ class RedisDecisionLedger:
 
     def dead_letter(self, payload: Any, reason: str) -> None:
         """See :meth:`DecisionLedger.dead_letter`."""
-        entry = json.dumps({"payload": payload, "reason": reason, "at": time.time()}, default=str)
+        entry = json.dumps({"payload": payload, "reason": reason, "at": self._clock()}, default=str)
         with redis_errors_as_coordination_errors(self.client, "writing a dead letter"):
             self.client.lpush(self.dead_letter_key, entry)
 
@@ -354,11 +361,13 @@ class LocalDecisionLedger:
     """The ledger in one process (embedded mode): the latest ``capacity`` decisions by id.
 
     There is no stream; ``deliver`` keeps the first decision of an id, as the Redis ledger
-    does. Thread-safe.
+    does. ``clock`` gives the time in epoch seconds, as for :class:`RedisDecisionLedger`.
+    Thread-safe.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 100_000, *, clock: Clock = time.time) -> None:
         self.capacity = capacity
+        self._clock = clock
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dead: list[dict[str, Any]] = []
         self._batches: dict[int, int] = {}
@@ -395,7 +404,7 @@ class LocalDecisionLedger:
     def dead_letter(self, payload: Any, reason: str) -> None:
         """See :meth:`DecisionLedger.dead_letter`."""
         with self._changed:
-            self._dead.insert(0, {"payload": payload, "reason": reason, "at": time.time()})
+            self._dead.insert(0, {"payload": payload, "reason": reason, "at": self._clock()})
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """See :meth:`DecisionLedger.dead_letters`."""
@@ -415,14 +424,14 @@ class LocalDecisionLedger:
 
     def accept(self, payloads: Mapping[str, str]) -> None:
         """See :meth:`DecisionLedger.accept`."""
-        now = time.time()
+        now = self._clock()
         with self._changed:
             for message_id, payload in payloads.items():
                 self._accepted[message_id] = (now, payload)
 
     def claim_overdue(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
         """See :meth:`DecisionLedger.claim_overdue`."""
-        now = time.time()
+        now = self._clock()
         with self._changed:
             due = [
                 (message_id, payload)

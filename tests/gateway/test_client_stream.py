@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from structlog.testing import capture_logs
 
@@ -24,7 +25,7 @@ def test_stream_survives_a_redis_restart_and_recreates_the_lost_group(private_re
     def consume() -> None:
         try:
             stream = client.stream(
-                group="billing", consumer="c1", block_ms=200, reconnect_timeout_s=10
+                group="billing", consumer="c1", block_ms=200, reconnect_timeout_s=60
             )
             for item in stream:
                 received.put(item.id)
@@ -38,13 +39,18 @@ def test_stream_survives_a_redis_restart_and_recreates_the_lost_group(private_re
         consumer.start()
         try:
             client.ledger.deliver(bert_decision("before"))
-            assert received.get(timeout=10) == "before"
+            assert received.get(timeout=60) == "before"
             private_redis.shutdown()  # SHUTDOWN NOSAVE: the stream and its group are gone
+            # Down until the consumer has noticed, however quickly a restart would have come.
+            deadline = time.monotonic() + 60
+            while not any(entry["event"] == "stream.redis_unavailable" for entry in list(logs)):
+                assert time.monotonic() < deadline, "the consumer never noticed Redis was gone"
+                time.sleep(0.01)
             private_redis.start()
             with private_redis.client() as fresh:
                 RedisDecisionLedger.from_settings(settings, fresh).deliver(bert_decision("after"))
-            assert received.get(timeout=15) == "after"
-            consumer.join(timeout=5)
+            assert received.get(timeout=60) == "after"
+            consumer.join(timeout=60)
         finally:
             client.ledger.client.close()
     events = [entry["event"] for entry in logs]

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from cluster import SENTINEL_ID, SENTINEL_TEXT
 from tiergate.gateway.client import TiergateClient
 from tiergate.workers.ledger import RedisDecisionLedger
+from tiergate.workers.llm.testing import message_of
 from tiergate.workers.schemas import Message, Tier
 from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
 
@@ -23,6 +25,10 @@ TEXTS = [
     "Sharp, funny and far smarter than it has any right to be.",
     "A young boxer from Philadelphia gets a shot at the heavyweight title.",
 ]
+
+
+# Messages in flight when a BERT worker is killed.
+KILLED_MID_BATCH = 3000
 
 
 def messages(count: int, prefix: str = "m") -> list[Message]:
@@ -55,7 +61,8 @@ def test_messages_flow_through_bert_and_llm_workers_to_the_stream(make_cluster, 
     client = TiergateClient.from_settings(cluster.settings)
     sent = messages(40)
     client.submit_many(sent)
-    decisions = client.wait_many([m.id for m in sent], timeout_s=90)
+    # The bound includes the workers' start (cold) on a loaded machine.
+    decisions = client.wait_many([m.id for m in sent], timeout_s=300)
     assert all(d is not None for d in decisions), cluster.log_text()
     assert sorted(stream_ids(client)) == sorted(m.id for m in sent)
     by_tier = {tier: [d for d in decisions if d and d.tier is tier] for tier in Tier}
@@ -75,14 +82,13 @@ def test_same_id_submitted_twice_is_answered_once(make_cluster):
     client = TiergateClient.from_settings(cluster.settings)
     batch = messages(10, prefix="dup")
     client.submit_many(batch)
-    first = client.wait_many([m.id for m in batch], timeout_s=90)
+    first = client.wait_many([m.id for m in batch], timeout_s=300)
     assert all(first), cluster.log_text()
     client.submit_many(batch)
-    client.submit(Message(id="sentinel", text="A last message, after the duplicates."))
-    assert client.wait("sentinel", timeout_s=60) is not None
-    time.sleep(1.0)
+    # One process per worker: a second answer would be on the stream before the sentinel's.
+    cluster.send_sentinel(client)
     ids = stream_ids(client)
-    assert sorted(ids) == sorted([m.id for m in batch] + ["sentinel"])
+    assert sorted(ids) == sorted([m.id for m in batch] + [SENTINEL_ID])
 
 
 def test_poison_message_goes_to_the_dead_letters_with_its_reason(make_cluster):
@@ -99,7 +105,7 @@ def test_poison_message_goes_to_the_dead_letters_with_its_reason(make_cluster):
         queue=cluster.settings.bert_queue,
     )
     ledger = RedisDecisionLedger.from_settings(cluster.settings)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     letters = ledger.dead_letters()
     while len(letters) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -119,27 +125,32 @@ def test_worker_killed_mid_batch_loses_nothing_and_pays_no_llm_call_twice(
     RabbitMQ redelivers a dead consumer's unacknowledged messages at once; the Redis broker
     restores them after the visibility timeout (10 s here).
     """
-    cluster = make_cluster(broker)
+    # The sweep is for messages a broker lost, not for a backlog that is merely slow.
+    cluster = make_cluster(broker, TIERGATE_REDELIVER_AFTER_S="600")
     fake_llm.latency_s = 0.05
     client = TiergateClient.from_settings(cluster.settings)
-    sent = messages(300, prefix="k")
+    # Many more than the 20 answered before the kill, so the kill comes mid-stream even when
+    # the next poll comes late or the machine is fast.
+    sent = messages(KILLED_MID_BATCH, prefix="k")
     client.submit_many(sent)
     cluster.start_worker("llm", concurrency=4)
     victim = cluster.start_worker("bert", concurrency=2)
-    partial = wait_for_stream(client, 20, timeout_s=90)
+    partial = wait_for_stream(client, 20, timeout_s=300)
     assert partial, cluster.log_text()
     cluster.kill(victim)
     answered_before = len(stream_ids(client))
     cluster.start_worker("bert", concurrency=2)
-    decisions = client.wait_many([m.id for m in sent], timeout_s=120)
+    decisions = client.wait_many([m.id for m in sent], timeout_s=600)
     missing = [m.id for m, d in zip(sent, decisions, strict=True) if d is None]
     assert not missing, cluster.log_text()
-    time.sleep(1.0)
-    ids = stream_ids(client)
-    assert len(ids) == len(set(ids)) == 300
-    assert answered_before < 300, "the kill happened mid-stream"
+    # A second decision or LLM call would come before the sentinel's.
+    cluster.send_sentinel(client)
+    ids = [i for i in stream_ids(client) if i != SENTINEL_ID]
+    assert len(ids) == len(set(ids)) == KILLED_MID_BATCH
+    assert answered_before < KILLED_MID_BATCH, "the kill happened mid-stream"
     routed_texts = {m.text for m, d in zip(sent, decisions, strict=True) if d.tier is Tier.LLM}
-    assert fake_llm.calls == len(routed_texts)
+    calls = [r for r in fake_llm.requests if message_of(r.body) != SENTINEL_TEXT]
+    assert len(calls) == len(routed_texts)
 
 
 def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tmp_path):
@@ -157,11 +168,12 @@ def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tm
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "tiergate", "submit", str(data), "-o", str(out), "--timeout", "90"],
+        # The bound includes the workers' start (cold) on a loaded machine.
+        [sys.executable, "-m", "tiergate", "submit", str(data), "-o", str(out), "--timeout", "300"],
         env=cluster.env,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 1, result.stderr  # one record rejected
@@ -189,7 +201,7 @@ def test_submit_counts_a_message_not_answered_in_time_as_rejected(make_cluster, 
         env=cluster.env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
     assert result.returncode == 1, result.stderr
@@ -209,7 +221,8 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
 
     from tiergate.gateway.http import create_app
 
-    cluster = make_cluster()
+    # /v1/classify waits for workers that may still be starting on a loaded machine.
+    cluster = make_cluster(TIERGATE_REQUEST_TIMEOUT_S="300")
     cluster.start_worker("bert", concurrency=2)
     cluster.start_worker("llm", concurrency=4)
     client = TiergateClient.from_settings(cluster.settings)
@@ -221,11 +234,13 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive(), "the gateway failed to start"
+            assert time.monotonic() < deadline, "the gateway did not start within 60 s"
             time.sleep(0.05)
         body = {"messages": [{"id": f"h-{i}", "text": TEXTS[i]} for i in range(len(TEXTS))]}
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json=body, timeout=120)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json=body, timeout=360)
         assert response.status_code == 200, response.text
         decisions = response.json()["decisions"]
         assert [d["id"] for d in decisions] == [f"h-{i}" for i in range(len(TEXTS))]
@@ -234,16 +249,16 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
         accepted = httpx.post(
             f"http://127.0.0.1:{port}/v1/messages",
             json={"text": "One more, answered later.", "id": "h-async"},
-            timeout=30,
+            timeout=60,
         )
         assert accepted.status_code == 202
-        assert client.wait("h-async", timeout_s=60) is not None
-        fetched = httpx.get(f"http://127.0.0.1:{port}/v1/messages/h-async", timeout=30)
+        assert client.wait("h-async", timeout_s=300) is not None
+        fetched = httpx.get(f"http://127.0.0.1:{port}/v1/messages/h-async", timeout=60)
         assert fetched.status_code == 200
         assert sorted(stream_ids(client)) == sorted([d["id"] for d in decisions] + ["h-async"])
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=60)
 
 
 def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp_path):
@@ -287,8 +302,8 @@ def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp
     cluster.start_worker("llm")
     client = TiergateClient.from_settings(cluster.settings)
     client.submit(Message(id="hooked", text=TEXTS[0]))
-    assert client.wait("hooked", timeout_s=90) is not None, cluster.log_text()
-    deadline = time.monotonic() + 30
+    assert client.wait("hooked", timeout_s=300) is not None, cluster.log_text()
+    deadline = time.monotonic() + 120
     while len(received) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     server.shutdown()
@@ -308,7 +323,7 @@ def test_a_message_the_broker_lost_is_published_again_and_answered(make_cluster)
     lost = Message(id="lost-in-transit", text=TEXTS[2])
     client.ledger.accept({lost.id: json.dumps({"message": lost.model_dump(mode="json")})})
     started = time.monotonic()
-    decision = client.wait(lost.id, timeout_s=90)
+    decision = client.wait(lost.id, timeout_s=300)
     assert decision is not None, cluster.log_text()
     assert time.monotonic() - started >= 10  # only once it was overdue (15 s here)
     assert stream_ids(client) == [lost.id]

@@ -7,7 +7,6 @@ reached the fake provider.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +45,18 @@ from tiergate.workers.testing import FixedScoreClassifier
 LABELS = ("negative", "positive", "synopsis")
 CONFIDENT = (0.95, 0.03, 0.02)
 UNSURE = (0.45, 0.35, 0.2)
+# The budgets' fixed clock: 10 s into a UTC minute, so no test straddles a minute boundary.
+BUDGET_NOW = 1_700_000_010.0
+
+
+class Clock:
+    """A settable clock for the circuit breakers of one test (seconds as a float)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def policy(**changes) -> PolicySpec:
@@ -77,11 +88,14 @@ def server() -> Iterator[FakeLLMServer]:
 
 
 def settings_for(server: FakeLLMServer, **overrides) -> Settings:
-    """Settings pointing the OpenAI provider at the fake server, with fast failures."""
+    """Settings pointing the OpenAI provider at the fake server, with no SDK retries.
+
+    The timeout is far above any local answer, so only a stalled server reaches it.
+    """
     values = {
         "openai_api_key": "test-key",
         "openai_base_url": server.openai_base_url,
-        "llm_timeout_s": 1.0,
+        "llm_timeout_s": 10.0,
         "llm_max_retries": 0,
         "breaker_failures": 50,
     }
@@ -99,6 +113,7 @@ def cascade_for(
     """A cascade over a fixed-score classifier, the LLM tier at the fake server, and Redis."""
     settings = settings_for(server, **settings_overrides)
     client = redis.Redis(host="127.0.0.1", port=6379) if redis_prefix else None
+    budget = RedisBudgetLedger(client, redis_prefix, clock=lambda: BUDGET_NOW) if client else None
     return Cascade(
         FixedScoreClassifier(
             LABELS,
@@ -109,8 +124,8 @@ def cascade_for(
         PolicyBook(specs or [policy()]),
         llm=LLMTier(settings, breaker_store=LocalBreakerStore()),
         cache=RedisDecisionCache(client, redis_prefix) if client else None,
-        budget=RedisBudgetLedger(client, redis_prefix) if client else None,
-        single_flight_timeout_s=10.0,
+        budget=budget,
+        single_flight_timeout_s=60.0,
     )
 
 
@@ -162,24 +177,27 @@ def test_identical_messages_in_one_batch_share_a_call_without_a_cache(server):
 
 
 @pytest.mark.parametrize(
-    ("fault", "calls", "skip", "detail"),
+    ("fault", "calls", "skip", "detail", "timeout_s"),
     [
-        (Fail(500), 1, LLMSkip.LLM_UNAVAILABLE, "500"),
-        (Stall(3.0), 1, LLMSkip.LLM_UNAVAILABLE, "timed out"),
-        (RespondRaw("this is not json"), 2, LLMSkip.INVALID_ANSWER, "repair"),
-        (Respond({"label": "brilliant"}), 2, LLMSkip.INVALID_ANSWER, "brilliant"),
-        (Refuse("I cannot help with that."), 1, LLMSkip.INVALID_ANSWER, "refus"),
+        (Fail(500), 1, LLMSkip.LLM_UNAVAILABLE, "500", 10.0),
+        # The stall needs a timeout that fires; 3 s still leaves the recovered call room.
+        (Stall(600), 1, LLMSkip.LLM_UNAVAILABLE, "timed out", 3.0),
+        (RespondRaw("this is not json"), 2, LLMSkip.INVALID_ANSWER, "repair", 10.0),
+        (Respond({"label": "brilliant"}), 2, LLMSkip.INVALID_ANSWER, "brilliant", 10.0),
+        (Refuse("I cannot help with that."), 1, LLMSkip.INVALID_ANSWER, "refus", 10.0),
     ],
 )
 def test_llm_faults_fall_back_to_the_bert_answer_and_are_not_cached(
-    server, redis_prefix, fault, calls, skip, detail
+    server, redis_prefix, fault, calls, skip, detail, timeout_s
 ):
     """Each fault gives the BERT answer with the reason; once fixed, the LLM answers.
 
     An invalid answer gets one repair attempt (two calls); other faults are not repaired.
     """
     server.script(*[fault] * calls)
-    cascade = cascade_for(server, redis_prefix=redis_prefix, scores={"hard": UNSURE})
+    cascade = cascade_for(
+        server, redis_prefix=redis_prefix, scores={"hard": UNSURE}, llm_timeout_s=timeout_s
+    )
     decision = cascade.decide([Message(id="h", text="hard")])[0]
     assert (decision.tier, decision.label, decision.llm_skipped) == (Tier.BERT, "negative", skip)
     assert decision.llm_error is not None
@@ -278,10 +296,12 @@ def test_an_open_breaker_spends_no_budget_and_its_probe_answers_after_recovery(
     """Messages met by an open breaker reserve no budget; once half-open, the LLM answers."""
     spec = policy(budget=BudgetSpec(calls_per_minute=5))
     client = redis.Redis(host="127.0.0.1", port=6379)
-    budget = RedisBudgetLedger(client, redis_prefix, clock=lambda: 1_700_000_010.0)
+    budget = RedisBudgetLedger(client, redis_prefix, clock=lambda: BUDGET_NOW)
+    clock = Clock()
     tier = LLMTier(
-        settings_for(server, breaker_failures=1, breaker_reset_s=0.5),
+        settings_for(server, breaker_failures=1, breaker_reset_s=30),
         breaker_store=RedisBreakerStore(client, redis_prefix),
+        breaker_clock=clock,
     )
     cascade = Cascade(
         FixedScoreClassifier(LABELS, {}, default=UNSURE),
@@ -297,7 +317,7 @@ def test_an_open_breaker_spends_no_budget_and_its_probe_answers_after_recovery(
     assert all("circuit breaker open" in (d.llm_error or "") for d in outage)
     assert budget.state(spec.name, spec.budget).calls_left == 5
     assert server.calls == 0
-    time.sleep(0.6)  # the breaker is half-open: checking must leave its probe for the call
+    clock.now += 30  # the breaker is half-open: checking must leave its probe for the call
     recovered = cascade.decide([Message(id="r", text="hard 0")])[0]
     assert (recovered.tier, recovered.label, recovered.llm_skipped) == (
         Tier.LLM,

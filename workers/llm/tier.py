@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import structlog
@@ -97,8 +97,11 @@ class LLMTier:
     the tier (one SDK client each); ``providers`` injects ready ones keyed by
     ``(provider name, model)``, which take precedence. Circuit breakers live in
     ``breaker_store`` (in process by default; pass a
-    :class:`~tiergate.workers.llm.breaker.RedisBreakerStore` to share them between workers). At most
-    ``settings.llm_concurrency`` provider calls are in flight per tier. Thread-safe.
+    :class:`~tiergate.workers.llm.breaker.RedisBreakerStore` to share them between workers);
+    ``breaker_clock`` is the breakers' clock, in seconds (``time.time`` by default); like
+    :class:`~tiergate.workers.llm.breaker.CircuitBreaker`'s, it must agree across the workers
+    that share a store. At most ``settings.llm_concurrency`` provider calls are in flight per
+    tier. Thread-safe.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class LLMTier:
         *,
         breaker_store: BreakerStore | None = None,
         providers: Mapping[tuple[str, str], Provider] | None = None,
+        breaker_clock: Callable[[], float] = time.time,
     ) -> None:
         self.prompt_version = PROMPT_VERSION
         self._settings = settings
@@ -114,6 +118,7 @@ class LLMTier:
             breaker_store if breaker_store is not None else LocalBreakerStore(),
             settings.breaker_failures,
             settings.breaker_reset_s,
+            clock=breaker_clock,
         )
         self._injected = dict(providers or {})
         self._built: dict[ProviderRef, Provider | None] = {}

@@ -43,7 +43,7 @@ class RunningServer:
 
     def __enter__(self) -> RunningServer:
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
@@ -58,7 +58,7 @@ class RunningServer:
 
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=60)
 
 
 def moderation_app(tmp_path, *policies: PolicySpec) -> FastAPI:
@@ -79,7 +79,7 @@ def server(tmp_path) -> Iterator[RunningServer]:
 
 def sdk(server: RunningServer, key: str = KEY) -> openai.OpenAI:
     """The official OpenAI client pointed at the gateway."""
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=10)
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def test_sdk_moderation_flags_and_scores_each_input(server):

@@ -43,7 +43,7 @@ def _queue_behind_holder(
     def holder() -> None:
         with scheduler.turn(1):
             holding.set()
-            release.wait(5)
+            release.wait(60)
 
     def caller(cost: int) -> None:
         with scheduler.turn(cost):
@@ -51,7 +51,7 @@ def _queue_behind_holder(
 
     first = threading.Thread(target=holder)
     first.start()
-    assert holding.wait(5)
+    assert holding.wait(60)
     callers = []
     for cost in costs:
         thread = threading.Thread(target=caller, args=(cost,))
@@ -62,13 +62,14 @@ def _queue_behind_holder(
         time.sleep(pause_s)
     release.set()
     for thread in [first, *callers]:
-        thread.join(5)
+        thread.join(60)
     return served
 
 
 def test_the_caller_with_the_least_work_left_goes_next():
     """Waiting callers are served shortest first, not in arrival order."""
-    scheduler = StepScheduler(step_tokens=256)
+    # Patience far past the test's length: however slowly the callers queue, none is late.
+    scheduler = StepScheduler(step_tokens=256, max_wait_s=3600)
     assert _queue_behind_holder(scheduler, [900, 30, 400, 5]) == [5, 30, 400, 900]
     assert scheduler.steps == 5
 
@@ -79,7 +80,7 @@ def test_a_caller_waiting_too_long_goes_first_whatever_its_size():
     # The long caller queues first and has waited 0.1 s when the short one arrives.
     assert _queue_behind_holder(scheduler, [5000, 10], pause_s=0.1) == [5000, 10]
     # Within max_wait_s the short caller would have gone first.
-    patient = StepScheduler(step_tokens=256, max_wait_s=10)
+    patient = StepScheduler(step_tokens=256, max_wait_s=3600)
     assert _queue_behind_holder(patient, [5000, 10], pause_s=0.1) == [10, 5000]
 
 
@@ -93,7 +94,7 @@ def test_a_long_call_is_late_once_in_all_not_once_per_step():
     def holder() -> None:
         with scheduler.turn(1):
             holding.set()
-            release.wait(5)
+            release.wait(60)
 
     def caller(name: str, cost: int, since: float | None) -> None:
         with scheduler.turn(cost, since=since):
@@ -101,7 +102,7 @@ def test_a_long_call_is_late_once_in_all_not_once_per_step():
 
     threads = [threading.Thread(target=holder)]
     threads[0].start()
-    assert holding.wait(5)
+    assert holding.wait(60)
     for name, cost, since in (("long", 5000, first_step), ("short", 10, None)):
         threads.append(threading.Thread(target=caller, args=(name, cost, since)))
         threads[-1].start()
@@ -109,7 +110,7 @@ def test_a_long_call_is_late_once_in_all_not_once_per_step():
             time.sleep(0.001)
     release.set()
     for thread in threads:
-        thread.join(5)
+        thread.join(60)
     # The long call's next step has waited only milliseconds, but the call is 0.2 s old.
     assert served == ["long", "short"]
 
@@ -119,7 +120,7 @@ def test_slots_let_that_many_steps_run_at_once_and_no_more():
     scheduler = StepScheduler(step_tokens=256, slots=2)
     inside, peak = 0, 0
     counting = threading.Lock()
-    both_in = threading.Barrier(2, timeout=5)
+    both_in = threading.Barrier(2, timeout=60)
 
     def caller(cost: int) -> None:
         nonlocal inside, peak
@@ -137,7 +138,7 @@ def test_slots_let_that_many_steps_run_at_once_and_no_more():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(5)
+        thread.join(60)
     assert peak == 2
     assert scheduler.steps == 4
 

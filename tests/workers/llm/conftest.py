@@ -30,7 +30,10 @@ def server() -> Iterator[FakeLLMServer]:
 
 @pytest.fixture
 def make_settings(server: FakeLLMServer) -> Callable[..., Settings]:
-    """Settings with both keys set and both endpoints at the fake server, fast retries."""
+    """Settings with both keys set and both endpoints at the fake server, one SDK retry.
+
+    The timeout is far above any local answer; a test that needs one to fire sets its own.
+    """
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -38,7 +41,7 @@ def make_settings(server: FakeLLMServer) -> Callable[..., Settings]:
             "anthropic_api_key": "k",
             "openai_base_url": server.openai_base_url,
             "anthropic_base_url": server.anthropic_base_url,
-            "llm_timeout_s": 1.0,
+            "llm_timeout_s": 10.0,
             "llm_max_retries": 1,
             "breaker_failures": 5,
             "breaker_reset_s": 30.0,

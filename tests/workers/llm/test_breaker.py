@@ -182,7 +182,7 @@ def test_only_one_of_many_concurrent_callers_gets_the_probe(redis_store):
         breaker = CircuitBreaker(
             RedisBreakerStore(worker_client, prefix), failures=1, reset_s=10, clock=clock
         )
-        start.wait(timeout=5)
+        start.wait(timeout=60)
         allowed = breaker.allow(KEY)
         with lock:
             results.append(allowed)
@@ -191,7 +191,7 @@ def test_only_one_of_many_concurrent_callers_gets_the_probe(redis_store):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=10)
+        thread.join(timeout=60)
     for worker_client in clients:
         worker_client.close()
     assert sorted(results) == [False] * 7 + [True]

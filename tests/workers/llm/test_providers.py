@@ -103,7 +103,7 @@ def test_a_very_long_retry_after_is_not_slept_through(name, server, make_setting
         provider.complete(request_for())
     assert caught.value.retry_after == pytest.approx(600, abs=1)
     assert server.calls == 1
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < 30  # the ten minutes were not slept through
 
 
 def test_a_500_is_retried_by_the_sdk(name, server, make_settings, request_for):
@@ -128,12 +128,12 @@ def test_persistent_429_becomes_transient_with_retry_after(
 
 def test_a_timeout_becomes_transient(name, server, make_settings, request_for):
     """A server slower than llm_timeout_s gives TransientLLMError without waiting it out."""
-    server.script(Stall(3))
+    server.script(Stall(600))
     provider = provider_for(name, make_settings(llm_timeout_s=0.3, llm_max_retries=0))
     started = time.monotonic()
     with pytest.raises(TransientLLMError, match="timed out"):
         provider.complete(request_for())
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # the stall was not waited out
 
 
 def test_an_unreachable_server_becomes_transient(name, make_settings, request_for):

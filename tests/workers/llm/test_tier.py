@@ -38,6 +38,16 @@ from tiergate.workers.llm.tier import LLMRequest, LLMTier
 PATHS = {"openai": OPENAI_PATH, "anthropic": ANTHROPIC_PATH}
 
 
+class Clock:
+    """A settable clock shared by the circuit breakers of one test (seconds as a float)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(params=["openai", "anthropic"])
 def name(request):
     """Tests that concern one provider run once per provider."""
@@ -82,11 +92,13 @@ def test_a_persistent_500_falls_back_to_the_next_provider(server, make_settings,
 
 def test_a_timeout_falls_back_to_the_next_provider(server, make_settings, make_policy):
     """A provider slower than llm_timeout_s is abandoned for the next one."""
-    server.script(Stall(3), Respond({"label": "positive"}))
-    tier = LLMTier(make_settings(llm_timeout_s=0.3, llm_max_retries=0))
+    server.script(Stall(600), Respond({"label": "positive"}))
+    tier = LLMTier(make_settings(llm_timeout_s=3, llm_max_retries=0))
+    spec = make_policy("anthropic", "openai")
+    tier.chain(spec)  # build the SDK clients before timing: only the answer is timed
     started = time.monotonic()
-    result = tier.answer(LLMRequest("Loved it.", make_policy("anthropic", "openai")))
-    assert time.monotonic() - started < 2
+    result = tier.answer(LLMRequest("Loved it.", spec))
+    assert time.monotonic() - started < 60  # the stall was not waited out
     assert result.usage.provider == "openai"
 
 
@@ -301,9 +313,14 @@ def test_the_breaker_opens_stops_calls_half_opens_and_closes_across_workers(
 ):
     """Two tiers sharing a Redis breaker: failures open it for both, a probe closes it."""
     client, prefix = redis_store
-    settings = make_settings(llm_max_retries=0, breaker_failures=2, breaker_reset_s=0.5)
-    worker_a = LLMTier(settings, breaker_store=RedisBreakerStore(client, prefix))
-    worker_b = LLMTier(settings, breaker_store=RedisBreakerStore(client, prefix))
+    settings = make_settings(llm_max_retries=0, breaker_failures=2, breaker_reset_s=30)
+    clock = Clock()
+    worker_a = LLMTier(
+        settings, breaker_store=RedisBreakerStore(client, prefix), breaker_clock=clock
+    )
+    worker_b = LLMTier(
+        settings, breaker_store=RedisBreakerStore(client, prefix), breaker_clock=clock
+    )
     spec = make_policy("openai")
     server.script(Fail(500), Fail(500))
     for worker in (worker_a, worker_b):
@@ -316,7 +333,7 @@ def test_the_breaker_opens_stops_calls_half_opens_and_closes_across_workers(
                 worker.answer(LLMRequest("x", spec))
     assert server.calls == 2  # no call went out while open
     assert [entry["event"] for entry in logs] == ["llm.breaker_open"] * 2
-    time.sleep(0.55)
+    clock.now += 30
     assert worker_b.breaker.state("openai:gpt-4o-mini") == "half_open"
     server.script(Fail(500))  # the first probe fails: open again for a full period
     with pytest.raises(TransientLLMError):
@@ -324,7 +341,7 @@ def test_the_breaker_opens_stops_calls_half_opens_and_closes_across_workers(
     with pytest.raises(BreakerOpenError):
         worker_b.answer(LLMRequest("x", spec))
     assert server.calls == 3
-    time.sleep(0.55)
+    clock.now += 30
     assert worker_b.answer(LLMRequest("x", spec)).label == "positive"  # the probe succeeds
     assert worker_a.breaker.state("openai:gpt-4o-mini") == "closed"
     assert worker_a.answer(LLMRequest("x", spec)).label == "positive"
@@ -364,19 +381,28 @@ def test_concurrent_answers_share_one_tier_within_the_concurrency_limit(make_set
     in_flight = 0
     most = 0
     lock = threading.Lock()
+    both_in = threading.Event()
 
     def slow_answer(body):
         nonlocal in_flight, most
         with lock:
             in_flight += 1
             most = max(most, in_flight)
+            if in_flight == 2:
+                both_in.set()
+        # The first call is held until a second overlaps it, so two always do. The pause only
+        # gives a tier that lets a third call out the time to show it; the outcome never
+        # depends on it.
+        both_in.wait(timeout=60)
         time.sleep(0.05)
         with lock:
             in_flight -= 1
         return first_label_answer(body)
 
     with FakeLLMServer(slow_answer) as fake:
-        settings = make_settings(openai_base_url=fake.openai_base_url, llm_concurrency=2)
+        settings = make_settings(
+            openai_base_url=fake.openai_base_url, llm_concurrency=2, llm_timeout_s=120
+        )
         tier = LLMTier(settings)
         spec = make_policy("openai")
         with ThreadPoolExecutor(max_workers=6) as pool:
