@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         TransientError,
         UnknownPolicyError,
     )
+    from tiergate.workers.ledger import IdReused
     from tiergate.workers.schemas import Decision, LLMUsage, Message, Status, Tier
     from tiergate.workers.settings import Price, Settings
 
@@ -95,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "UnknownPolicyError": "tiergate.workers.errors",
     # Distributed mode and the HTTP gateway.
     "TiergateClient": "tiergate.gateway.client",
+    "IdReused": "tiergate.workers.ledger",
     "create_app": "tiergate.gateway.http",
 }
 
@@ -103,6 +105,7 @@ __all__ = [
     "Cascade",
     "Classifier",
     "Decision",
+    "IdReused",
     "InputError",
     "LLMError",
     "LLMUsage",

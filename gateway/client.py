@@ -31,7 +31,7 @@ from tiergate.policies.spec import PolicySpec, load_policy
 from tiergate.workers.bert.manifest import read_manifest
 from tiergate.workers.cascade import load_policy_book
 from tiergate.workers.errors import ModelError, PoliciesNotAnnouncedError
-from tiergate.workers.ledger import RedisDecisionLedger
+from tiergate.workers.ledger import IdReused, RedisDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.served_policies import ServedPolicies
 from tiergate.workers.settings import Settings
@@ -94,13 +94,41 @@ class TiergateClient:
         return self.ledger.wait(message_id, timeout_s)
 
     def wait_many(self, ids: Sequence[str], timeout_s: float) -> list[Decision | None]:
-        """Block until every id is answered or the shared ``timeout_s`` passes."""
+        """Block until every id is answered or the shared ``timeout_s`` passes.
+
+        By id alone: an id answered for another text gives that text's decision. Use
+        :meth:`wait_for` to tell.
+        """
         deadline = time.monotonic() + timeout_s
         found = self.ledger.get_many(ids)
         for index, message_id in enumerate(ids):
             if found[index] is None:
                 found[index] = self.ledger.wait(message_id, max(0.0, deadline - time.monotonic()))
         return found
+
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """Each message's decision so far (``None`` where not answered yet).
+
+        :class:`~tiergate.workers.ledger.IdReused` where its id was answered for another text:
+        the workers dead-letter such a message instead of answering it.
+        """
+        return self.ledger.answers_for(messages)
+
+    def wait_for(
+        self, messages: Sequence[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
+        """:meth:`wait_many` for messages, telling an id answered for another text (IdReused)."""
+        deadline = time.monotonic() + timeout_s
+        found = self.ledger.answers_for(messages)
+        for index, message in enumerate(messages):
+            if found[index] is None:
+                left = max(0.0, deadline - time.monotonic())
+                found[index] = self.ledger.wait_for(message, left)
+        return found
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters written, by kind (see :class:`~tiergate.workers.ledger.DeadLetterKind`)."""
+        return self.ledger.dead_letter_counts()
 
     def stream(
         self,

@@ -6,11 +6,13 @@ A worker reserves before it calls the LLM and settles with the real cost afterwa
     if reservation is None:
         ...  # budget spent: the policy's when_exhausted applies
     try:
-        answer = provider.complete(request)
-    except LLMError:
-        ledger.settle(reservation, 0.0)  # no usage: the money comes back, the call still counts
+        result = tier.answer(request)
+    except LLMError as exc:
+        # A failed answer is paid for what its calls cost (no call, or no answer: nothing);
+        # the call still counts against the minute.
+        ledger.settle(reservation, exc.usage.cost_usd if exc.usage is not None else 0.0)
         raise
-    ledger.settle(reservation, answer.usage.cost_usd)
+    ledger.settle(reservation, result.usage.cost_usd)
 
 Reserving checks both limits and charges both counters in one atomic step, so concurrent
 workers can never be granted more than the limits between them. Calls per minute count
@@ -125,8 +127,9 @@ class BudgetLedger(Protocol):
     def settle(self, reservation: Reservation, actual_usd: float) -> None:
         """Correct the reserved day's spend by ``actual_usd - reservation.usd``.
 
-        A call that failed with no usage settles with 0, which gives the estimate back. The
-        call itself stays counted. Settle each reservation once.
+        A failed call settles with what it cost (an invalid answer's tokens are paid; a call
+        that got no answer settles with 0, which gives the estimate back). The call itself
+        stays counted. Settle each reservation once.
         """
         ...
 

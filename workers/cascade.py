@@ -15,7 +15,9 @@ The CLI, the HTTP gateway (embedded mode) and the Celery workers all call
 When the policy wants the LLM but cannot have it (no provider configured, budget spent, every
 provider failing, an invalid answer), the BERT answer is given and the decision says why in
 ``llm_skipped``; nothing is dropped. Such fallbacks are not cached, so the message gets the
-LLM's answer once the LLM is back.
+LLM's answer once the LLM is back. Every call made is paid for: a decision's ``llm`` block and
+the budget's settlement count the calls made for it whatever their outcome, and a decision that
+reuses an answer (a cache hit, a duplicate in the batch) carries an unpaid one.
 """
 
 from __future__ import annotations
@@ -49,7 +51,15 @@ from tiergate.workers.errors import (
 from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
 from tiergate.workers.llm.tier import LLMRequest, LLMResult, LLMTier
 from tiergate.workers.redis_connection import shared_redis
-from tiergate.workers.schemas import Decision, LLMSkip, Message, Prediction, Status, Tier
+from tiergate.workers.schemas import (
+    Decision,
+    LLMSkip,
+    LLMUsage,
+    Message,
+    Prediction,
+    Status,
+    Tier,
+)
 from tiergate.workers.settings import Settings
 
 if TYPE_CHECKING:
@@ -313,7 +323,11 @@ class Cascade:
                 )
 
     def answer_many(self, work: Sequence[LLMWork]) -> list[Decision]:
-        """Answer each work item, asking the LLM once per distinct cache key, in parallel."""
+        """Answer each work item, asking the LLM once per distinct cache key, in parallel.
+
+        Items sharing a key share the first one's answer; only the first carries what the
+        calls cost, the others an unpaid ``llm`` block (:meth:`LLMUsage.unpaid`).
+        """
         if not work:
             return []
         by_key: dict[str, list[LLMWork]] = {}
@@ -323,12 +337,19 @@ class Cascade:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiergate-llm") as pool:
             firsts = [group[0] for group in by_key.values()]
             answers = dict(zip(by_key, pool.map(self.answer, firsts), strict=True))
-        return [
-            answers[item.key].model_copy(
-                update={"id": item.message.id, "metadata": dict(item.message.metadata)}
-            )
-            for item in work
-        ]
+        decisions = []
+        seen: set[str] = set()
+        for item in work:
+            answer = answers[item.key]
+            update: dict[str, object] = {
+                "id": item.message.id,
+                "metadata": dict(item.message.metadata),
+            }
+            if item.key in seen and answer.llm is not None:
+                update["llm"] = answer.llm.unpaid()
+            seen.add(item.key)
+            decisions.append(answer.model_copy(update=update))
+        return decisions
 
     def _call_llm(self, work: LLMWork, spec: PolicySpec) -> Decision:
         llm = self.llm
@@ -356,15 +377,15 @@ class Cascade:
             result = llm.answer(request)
             spent = result.usage.cost_usd
         except LLMError as exc:
-            # A permanent failure consumed tokens we cannot see; keep the reservation as spent.
-            spent = spent if isinstance(exc, PermanentLLMError) else 0.0
+            # The calls made for a failed answer are paid all the same (none: nothing to pay).
+            spent = exc.usage.cost_usd if exc.usage is not None else 0.0
             skip = (
                 LLMSkip.INVALID_ANSWER
                 if isinstance(exc, PermanentLLMError)
                 else LLMSkip.LLM_UNAVAILABLE
             )
             log.warning("llm.failed", policy=spec.name, message_id=work.message.id, error=str(exc))
-            return _fallback(work, spec, skip, str(exc))
+            return _fallback(work, spec, skip, str(exc), exc.usage)
         finally:
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, spent)
@@ -470,11 +491,16 @@ def _llm_decision(
     )
 
 
-def _fallback(work: LLMWork, spec: PolicySpec, skip: LLMSkip, error: str) -> Decision:
-    """The BERT answer for a message the LLM step could not answer, saying why."""
+def _fallback(
+    work: LLMWork, spec: PolicySpec, skip: LLMSkip, error: str, usage: LLMUsage | None = None
+) -> Decision:
+    """The BERT answer for a message the LLM step could not answer, saying why.
+
+    ``usage`` is what the calls made for it cost (``None`` when no call was made).
+    """
     return _bert_decision(
         work.message, spec, work.prediction, work.route, work.timings_ms, skip
-    ).model_copy(update={"llm_error": error})
+    ).model_copy(update={"llm_error": error, "llm": usage})
 
 
 def _budget_fallback(work: LLMWork, spec: PolicySpec) -> Decision:
@@ -488,11 +514,13 @@ def _budget_fallback(work: LLMWork, spec: PolicySpec) -> Decision:
 
 
 def _from_cache(hit: Decision, message: Message, lookup_ms: float) -> Decision:
+    """The cached ``hit`` as the decision for ``message``: nothing is paid for it this time."""
     return hit.model_copy(
         update={
             "id": message.id,
             "metadata": dict(message.metadata),
             "cached": True,
+            "llm": hit.llm.unpaid() if hit.llm is not None else None,
             "timings_ms": {"cache": lookup_ms},
         }
     )

@@ -10,7 +10,7 @@ The hierarchy::
     ├── ModelError                  the model directory cannot be used
     │   ├── ModelNotFoundError      no model directory, or a file missing from it
     │   └── ModelIntegrityError     a corrupt manifest or a file whose hash does not match
-    ├── LLMError                    no usable answer (provider, status_code, retry_after)
+    ├── LLMError                    no usable answer (provider, status_code, retry_after, usage)
     │   ├── TransientLLMError       429, 5xx, timeouts, connection errors (also TransientError)
     │   │   └── BreakerOpenError    the provider's circuit breaker is open; no call was made
     │   └── PermanentLLMError       retrying the same request will not help
@@ -31,6 +31,10 @@ Errors keep their constructor arguments in ``args``, so they copy and pickle lik
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tiergate.workers.schemas import LLMUsage
 
 
 class TiergateError(Exception):
@@ -106,7 +110,11 @@ class LLMError(TiergateError):
         reason: what went wrong, in words.
         status_code: the HTTP status of the failed call, when there was one.
         retry_after: seconds the provider asked us to wait (``Retry-After``), when it did.
+        usage: what the calls made for the failed answer cost (attempts, tokens, dollars),
+            set by the LLM tier on the errors it raises; ``None`` when no call was made.
     """
+
+    usage: LLMUsage | None = None
 
     def __init__(
         self,

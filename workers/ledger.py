@@ -10,9 +10,12 @@ A decision is delivered by :meth:`DecisionLedger.deliver`, which in one atomic s
    short-lived reply list they block on (``BLPOP``; nobody polls).
 
 If the id already has a decision nothing happens, so a task that crashed after delivering and
-was redelivered cannot put a second entry in the stream. Messages that cannot be answered at all
-(a payload that is not a message, a task that keeps failing) go to the dead-letter list with
-their reason; they never vanish.
+was redelivered cannot put a second entry in the stream. The record keeps the SHA-256 of the
+message's text beside it, so the same id sent again with another text is told apart from a
+redelivery (:attr:`Delivery.ID_REUSED`, :class:`IdReused`) instead of being given the earlier
+text's decision. Messages that cannot be answered at all (a payload that is not a message, a
+task that keeps failing, an id reused for another text) go to the dead-letter list with their
+reason and a :class:`DeadLetterKind`; they never vanish, and each is counted by kind and logged.
 
 :class:`RedisDecisionLedger` is the distributed one; :class:`LocalDecisionLedger` keeps the
 same contract in one process (embedded mode), without a stream.
@@ -20,27 +23,43 @@ same contract in one process (embedded mode), without a stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, Self
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any, Protocol, Self, TypeVar
 
 import redis
+import structlog
 
 from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
-from tiergate.workers.schemas import Decision
+from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 
-# KEYS: record, stream, reply, accepted (zset), accepted payloads (hash).
-# ARGV: decision JSON, record TTL, stream maxlen, reply TTL, message id.
-# Returns 1 when delivered now, 0 when the id already had a decision.
+log = structlog.get_logger(__name__)
+
+# KEYS: record, stream, reply, accepted (zset), accepted payloads (hash), text hash.
+# ARGV: decision JSON, record TTL, stream maxlen, reply TTL, message id, text hash ('' if none).
+# Returns 1 when delivered now, 0 when the id already had a decision (for this text, or for a
+# text of unknown hash), -1 when it had one for another text.
 _DELIVER = """
 redis.call('ZREM', KEYS[4], ARGV[5])
 redis.call('HDEL', KEYS[5], ARGV[5])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then
+  if ARGV[6] ~= '' then
+    local known = redis.call('GET', KEYS[6])
+    if known and known ~= ARGV[6] then
+      return -1
+    end
+  end
   return 0
+end
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[2])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[5], 'decision', ARGV[1])
 redis.call('RPUSH', KEYS[3], '1')
@@ -68,45 +87,167 @@ return out
 """
 
 _REPLY_TTL_S = 300
+_DEAD_LETTERS_MAXLEN = 100_000
 
 # The time in epoch seconds; a ledger takes one so that tests can move it.
 Clock = Callable[[], float]
+
+
+class Delivery(Enum):
+    """What :meth:`DecisionLedger.deliver` did; true only for ``DELIVERED``.
+
+    ``ANSWERED_BEFORE``: the id already had a decision, for the same text (a redelivery or a
+    resubmission) or one recorded without its text's hash. ``ID_REUSED``: the id already had a
+    decision for another text; the new one is not recorded.
+    """
+
+    DELIVERED = "delivered"
+    ANSWERED_BEFORE = "answered_before"
+    ID_REUSED = "id_reused"
+
+    def __bool__(self) -> bool:
+        return self is Delivery.DELIVERED
+
+
+@dataclass(frozen=True)
+class IdReused:
+    """A message whose id was answered before for another text (its lookup's answer)."""
+
+    id: str
+
+
+# What a wait for a message id finds: a decision, a reused id, or nothing yet (None).
+_Found = TypeVar("_Found", Decision | None, Decision | IdReused | None)
+
+
+class DeadLetterKind(StrEnum):
+    """Why a message was dead-lettered, as a small fixed set (the metric's label values).
+
+    The dead letter's ``reason`` says it in full; the kind groups reasons for counting.
+    """
+
+    NOT_A_MESSAGE = "not_a_message"  # a classify payload that is not a valid message
+    WRONG_ARGUMENTS = "wrong_arguments"  # a task without its expected keyword argument
+    UNKNOWN_POLICY = "unknown_policy"
+    ID_REUSED = "id_reused"  # an id already answered for another text
+    NOT_LLM_WORK = "not_llm_work"  # an LLM step payload that is not LLM work
+    GAVE_UP = "gave_up"  # transient failures outlasted the retries
+    WEBHOOK_GAVE_UP = "webhook_gave_up"
+    UNDECODABLE = "undecodable"  # a message body invalid in its content type
+    NOT_A_TASK = "not_a_task"  # not a Celery task message
+    UNKNOWN_TASK = "unknown_task"  # a task name no worker here serves
+    INVALID_TASK = "invalid_task"  # e.g. a content type other than JSON
+    UNANSWERED = "unanswered"  # embedded gateway: the cascade failed and nobody waits
+
+
+def id_reused_reason(message_id: str) -> str:
+    """The reason of the dead letter of a message whose id was answered for another text."""
+    return f"id {message_id!r} was answered before for another text"
+
+
+def text_digest(text: str) -> str:
+    """The SHA-256 (hex) of a message's text: kept with its decision to tell a reused id."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def held_messages(payload: Any) -> list[dict[str, Any]]:
     """What in a dead letter's payload may be the message, most likely first.
 
     A BERT step's task arguments hold it under ``message``, an LLM step's under
-    ``work.message``, and a payload that failed validation may be the message itself.
+    ``work.message``; a task sent with the wrong arguments keeps its ``args`` and ``kwargs``, and
+    one no task could take its raw ``body`` (Celery's ``[args, kwargs, embed]`` JSON); a payload
+    that failed validation may be the message itself.
     """
     if not isinstance(payload, dict):
         return []
-    work = payload.get("work")
-    candidates = [payload.get("message"), work.get("message") if isinstance(work, dict) else None]
+    candidates = list(_task_arguments(payload))
+    body = payload.get("body")
+    if isinstance(body, str):
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list) and len(decoded) >= 2:
+            candidates += _task_arguments({"args": decoded[0], "kwargs": decoded[1]})
     return [c for c in [*candidates, payload] if isinstance(c, dict)]
+
+
+def _task_arguments(payload: dict[str, Any]) -> Iterator[Any]:
+    """The values of task arguments that may be the message: by keyword first, then any."""
+    kwargs = payload.get("kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    args = payload.get("args")
+    args = args if isinstance(args, list) else []
+    for source in (payload, kwargs):
+        yield source.get("message")
+        work = source.get("work")
+        yield work.get("message") if isinstance(work, dict) else None
+    yield from args
+    yield from kwargs.values()
+
+
+def held_message_id(payload: Any) -> str | None:
+    """The id of the message a dead letter's payload holds, valid message or not."""
+    for candidate in held_messages(payload):
+        found = candidate.get("id")
+        if isinstance(found, str) and found:
+            return found
+    return None
+
+
+def _log_kept(payload: Any, reason: str, kind: DeadLetterKind) -> None:
+    """One warning per dead letter kept, naming its message id: someone has to look at it."""
+    log.warning(
+        "dead_letter.kept", message_id=held_message_id(payload), kind=kind.value, reason=reason
+    )
 
 
 class DecisionLedger(Protocol):
     """Where decisions are delivered, looked up by message id, and waited for."""
 
-    def deliver(self, decision: Decision) -> bool:
-        """Record, stream and announce ``decision``; False when its id was already answered."""
+    def deliver(self, decision: Decision, text: str | None = None) -> Delivery:
+        """Record, stream and announce ``decision``, made for ``text``, unless its id was answered.
+
+        The text's hash is kept with the record (none when ``text`` is ``None``), so that a later
+        delivery or lookup of the same id can tell another text from a redelivery.
+        """
         ...
 
-    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
-        """:meth:`deliver` each decision, in order, in one round trip to the store."""
+    def deliver_many(
+        self, decisions: Sequence[Decision], texts: Sequence[str | None] | None = None
+    ) -> list[Delivery]:
+        """:meth:`deliver` each decision with its text, in order, in one round trip to the store."""
         ...
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """The delivered decision of each id, in order (``None`` where there is none yet)."""
         ...
 
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """Per message, its id's decision; :class:`IdReused` when made for another text.
+
+        A decision recorded without a text hash counts as this text's (idempotent as before).
+        """
+        ...
+
     def wait(self, message_id: str, timeout_s: float) -> Decision | None:
         """Block until ``message_id`` is answered or ``timeout_s`` passes (then ``None``)."""
         ...
 
-    def dead_letter(self, payload: Any, reason: str) -> None:
-        """Keep a message that cannot be answered, with the reason, for an operator."""
+    def wait_for(self, message: Message, timeout_s: float) -> Decision | IdReused | None:
+        """:meth:`wait` for ``message``'s id, telling a decision for another text (IdReused)."""
+        ...
+
+    def dead_letter(self, payload: Any, reason: str, *, kind: DeadLetterKind | str) -> None:
+        """Keep a message that cannot be answered, with the reason, for an operator.
+
+        Logs a warning naming the message id and counts it under ``kind`` (a
+        :class:`DeadLetterKind` or its value; any other raises ``ValueError``).
+        """
+        ...
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """How many dead letters were written, by kind, since the store began counting."""
         ...
 
     def count_batch(self, size: int) -> None:
@@ -138,8 +279,11 @@ class RedisDecisionLedger:
     """The ledger in Redis: records, the decisions stream, reply lists and dead letters.
 
     Keys: ``{prefix}:decision-of:{id}`` (the record, with a TTL: the idempotency window),
-    ``{stream}`` (the stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes) and
-    ``{prefix}:dead-letters`` (a list of JSON objects with ``payload``, ``reason`` and ``at``).
+    ``{prefix}:text-of:{id}`` (the SHA-256 of its text, with the same TTL), ``{stream}`` (the
+    stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes),
+    ``{prefix}:dead-letters`` (a list of JSON objects with ``payload``, ``reason``, ``kind`` and
+    ``at``, newest first, trimmed to ``dead_letters_maxlen``) and
+    ``{prefix}:dead-letter-counts`` (a hash: kind -> dead letters written).
     ``clock`` gives the time in epoch seconds (injectable for tests): when a message was
     accepted, when it is overdue, and a dead letter's ``at``.
     """
@@ -152,6 +296,7 @@ class RedisDecisionLedger:
         stream: str = "tiergate:decisions",
         record_ttl_s: int = 7 * 24 * 3600,
         stream_maxlen: int = 1_000_000,
+        dead_letters_maxlen: int = _DEAD_LETTERS_MAXLEN,
         clock: Clock = time.time,
     ) -> None:
         self.client = client
@@ -159,6 +304,7 @@ class RedisDecisionLedger:
         self.stream = stream
         self.record_ttl_s = record_ttl_s
         self.stream_maxlen = stream_maxlen
+        self.dead_letters_maxlen = dead_letters_maxlen
         self._clock = clock
         self._deliver = client.register_script(_DELIVER)
         self._claim_overdue = client.register_script(_CLAIM_OVERDUE)
@@ -176,11 +322,16 @@ class RedisDecisionLedger:
             stream=settings.decisions_stream,
             record_ttl_s=settings.decision_record_ttl_s,
             stream_maxlen=settings.decisions_stream_maxlen,
+            dead_letters_maxlen=settings.dead_letters_maxlen,
         )
 
     def record_key(self, message_id: str) -> str:
         """The Redis key of a message id's decision record."""
         return f"{self.prefix}:decision-of:{message_id}"
+
+    def text_key(self, message_id: str) -> str:
+        """The Redis key of the SHA-256 of the text a message id's decision was made for."""
+        return f"{self.prefix}:text-of:{message_id}"
 
     def reply_key(self, message_id: str) -> str:
         """The Redis list a waiter for ``message_id`` blocks on."""
@@ -190,6 +341,11 @@ class RedisDecisionLedger:
     def dead_letter_key(self) -> str:
         """The Redis list of dead letters."""
         return f"{self.prefix}:dead-letters"
+
+    @property
+    def dead_letter_counts_key(self) -> str:
+        """The Redis hash of dead letters written, by kind."""
+        return f"{self.prefix}:dead-letter-counts"
 
     @property
     def accepted_key(self) -> str:
@@ -238,14 +394,17 @@ class RedisDecisionLedger:
             pipe.hdel(self.accepted_payload_key, message_id)
             pipe.execute()
 
-    def deliver(self, decision: Decision) -> bool:
+    def deliver(self, decision: Decision, text: str | None = None) -> Delivery:
         """See :meth:`DecisionLedger.deliver`; one Lua script, so it is all or nothing."""
-        return self.deliver_many([decision])[0]
+        return self.deliver_many([decision], [text])[0]
 
-    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
+    def deliver_many(
+        self, decisions: Sequence[Decision], texts: Sequence[str | None] | None = None
+    ) -> list[Delivery]:
         """See :meth:`DecisionLedger.deliver_many`: the script once per decision, pipelined."""
         if not decisions:
             return []
+        digests = _digests(decisions, texts)
         calls = [
             (
                 self.record_key(decision.id),
@@ -253,13 +412,15 @@ class RedisDecisionLedger:
                 self.reply_key(decision.id),
                 self.accepted_key,
                 self.accepted_payload_key,
+                self.text_key(decision.id),
                 decision.model_dump_json(),
                 self.record_ttl_s,
                 self.stream_maxlen,
                 _REPLY_TTL_S,
                 decision.id,
+                digest,
             )
-            for decision in decisions
+            for decision, digest in zip(decisions, digests, strict=True)
         ]
         with redis_errors_as_coordination_errors(self.client, "delivering decisions"):
             delivered = self._run_deliveries(calls)
@@ -278,7 +439,7 @@ class RedisDecisionLedger:
             for out in delivered:
                 if isinstance(out, Exception):
                     raise out
-        return [bool(flag) for flag in delivered]
+        return [_DELIVERIES[int(flag)] for flag in delivered]
 
     def _run_deliveries(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """One ``EVALSHA`` of the delivery script per call, in one round trip.
@@ -288,7 +449,7 @@ class RedisDecisionLedger:
         """
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(self._deliver.sha, 5, *call)
+            pipe.evalsha(self._deliver.sha, 6, *call)
         return pipe.execute(raise_on_error=False)
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
@@ -299,11 +460,32 @@ class RedisDecisionLedger:
             raw = self.client.mget([self.record_key(i) for i in ids])
         return [Decision.model_validate_json(r) if r is not None else None for r in raw]
 
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """See :meth:`DecisionLedger.answers_for`; one ``MGET`` of records and text hashes."""
+        if not messages:
+            return []
+        keys = [self.record_key(m.id) for m in messages] + [self.text_key(m.id) for m in messages]
+        with redis_errors_as_coordination_errors(self.client, "reading decisions"):
+            raw = self.client.mget(keys)
+        records, digests = raw[: len(messages)], raw[len(messages) :]
+        return [
+            _answer_for(message, record, digest)
+            for message, record, digest in zip(messages, records, digests, strict=True)
+        ]
+
     def wait(self, message_id: str, timeout_s: float) -> Decision | None:
         """See :meth:`DecisionLedger.wait`: check the record, else block on the reply list."""
+        return self._wait(message_id, timeout_s, lambda: self.get_many([message_id])[0])
+
+    def wait_for(self, message: Message, timeout_s: float) -> Decision | IdReused | None:
+        """See :meth:`DecisionLedger.wait_for`."""
+        return self._wait(message.id, timeout_s, lambda: self.answers_for([message])[0])
+
+    def _wait(self, message_id: str, timeout_s: float, read: Callable[[], _Found]) -> _Found:
+        """``read()`` until it finds something, blocking on the id's reply list in between."""
         deadline = time.monotonic() + timeout_s
         while True:
-            found = self.get_many([message_id])[0]
+            found = read()
             if found is not None:
                 return found
             left = deadline - time.monotonic()
@@ -314,11 +496,26 @@ class RedisDecisionLedger:
             with redis_errors_as_coordination_errors(self.client, "waiting for a decision"):
                 self.client.blpop([self.reply_key(message_id)], timeout=min(0.5, max(0.01, left)))
 
-    def dead_letter(self, payload: Any, reason: str) -> None:
-        """See :meth:`DecisionLedger.dead_letter`."""
-        entry = json.dumps({"payload": payload, "reason": reason, "at": self._clock()}, default=str)
+    def dead_letter(self, payload: Any, reason: str, *, kind: DeadLetterKind | str) -> None:
+        """See :meth:`DecisionLedger.dead_letter`: list, trim and count in one transaction."""
+        checked = DeadLetterKind(kind)
+        entry = json.dumps(
+            {"payload": payload, "reason": reason, "kind": checked.value, "at": self._clock()},
+            default=str,
+        )
         with redis_errors_as_coordination_errors(self.client, "writing a dead letter"):
-            self.client.lpush(self.dead_letter_key, entry)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(self.dead_letter_key, entry)
+            pipe.ltrim(self.dead_letter_key, 0, self.dead_letters_maxlen - 1)
+            pipe.hincrby(self.dead_letter_counts_key, checked.value, 1)
+            pipe.execute()
+        _log_kept(payload, reason, checked)
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """See :meth:`DecisionLedger.dead_letter_counts`; one ``HGETALL``."""
+        with redis_errors_as_coordination_errors(self.client, "reading dead-letter counts"):
+            raw: dict[Any, Any] = self.client.hgetall(self.dead_letter_counts_key)
+        return {_text(kind): int(count) for kind, count in raw.items()}
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """See :meth:`DecisionLedger.dead_letters`."""
@@ -331,7 +528,7 @@ class RedisDecisionLedger:
         """
         with redis_errors_as_coordination_errors(self.client, "reading dead letters"):
             raw = self.client.lrange(self.dead_letter_key, 0, limit - 1)
-        stored = [e.decode() if isinstance(e, bytes) else str(e) for e in raw]
+        stored = [_text(e) for e in raw]
         return [(entry, json.loads(entry)) for entry in stored]
 
     def discard_dead_letter(self, stored: str) -> bool:
@@ -360,51 +557,99 @@ class RedisDecisionLedger:
 class LocalDecisionLedger:
     """The ledger in one process (embedded mode): the latest ``capacity`` decisions by id.
 
-    There is no stream; ``deliver`` keeps the first decision of an id, as the Redis ledger
-    does. ``clock`` gives the time in epoch seconds, as for :class:`RedisDecisionLedger`.
-    Thread-safe.
+    There is no stream; ``deliver`` keeps the first decision of an id (with its text's hash),
+    as the Redis ledger does, and the newest ``dead_letters_maxlen`` dead letters. ``clock``
+    gives the time in epoch seconds, as for :class:`RedisDecisionLedger`. Thread-safe.
     """
 
-    def __init__(self, capacity: int = 100_000, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        capacity: int = 100_000,
+        *,
+        dead_letters_maxlen: int = _DEAD_LETTERS_MAXLEN,
+        clock: Clock = time.time,
+    ) -> None:
         self.capacity = capacity
+        self.dead_letters_maxlen = dead_letters_maxlen
         self._clock = clock
-        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        # id -> (decision, SHA-256 of its text, or None when delivered without it)
+        self._decisions: OrderedDict[str, tuple[Decision, str | None]] = OrderedDict()
         self._dead: list[dict[str, Any]] = []
+        self._dead_counts: dict[str, int] = {}
         self._batches: dict[int, int] = {}
         self._accepted: dict[str, tuple[float, str]] = {}
         self._changed = threading.Condition()
 
-    def deliver(self, decision: Decision) -> bool:
+    def deliver(self, decision: Decision, text: str | None = None) -> Delivery:
         """See :meth:`DecisionLedger.deliver`."""
-        with self._changed:
-            self._accepted.pop(decision.id, None)
-            if decision.id in self._decisions:
-                return False
-            self._decisions[decision.id] = decision
-            while len(self._decisions) > self.capacity:
-                self._decisions.popitem(last=False)
-            self._changed.notify_all()
-            return True
+        return self.deliver_many([decision], [text])[0]
 
-    def deliver_many(self, decisions: Sequence[Decision]) -> list[bool]:
+    def deliver_many(
+        self, decisions: Sequence[Decision], texts: Sequence[str | None] | None = None
+    ) -> list[Delivery]:
         """See :meth:`DecisionLedger.deliver_many`."""
-        return [self.deliver(decision) for decision in decisions]
+        digests = _digests(decisions, texts)
+        out = []
+        with self._changed:
+            for decision, digest in zip(decisions, digests, strict=True):
+                self._accepted.pop(decision.id, None)
+                known = self._decisions.get(decision.id)
+                if known is not None:
+                    reused = bool(digest) and known[1] is not None and known[1] != digest
+                    out.append(Delivery.ID_REUSED if reused else Delivery.ANSWERED_BEFORE)
+                    continue
+                self._decisions[decision.id] = (decision, digest or None)
+                while len(self._decisions) > self.capacity:
+                    self._decisions.popitem(last=False)
+                out.append(Delivery.DELIVERED)
+            self._changed.notify_all()
+        return out
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """See :meth:`DecisionLedger.get_many`."""
         with self._changed:
-            return [self._decisions.get(i) for i in ids]
+            found = [self._decisions.get(i) for i in ids]
+        return [known[0] if known is not None else None for known in found]
+
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """See :meth:`DecisionLedger.answers_for`."""
+        with self._changed:
+            return [self._answer_for(message) for message in messages]
+
+    def _answer_for(self, message: Message) -> Decision | IdReused | None:
+        known = self._decisions.get(message.id)
+        if known is None:
+            return None
+        decision, digest = known
+        return _answer_for(message, decision, digest)
 
     def wait(self, message_id: str, timeout_s: float) -> Decision | None:
         """See :meth:`DecisionLedger.wait`."""
         with self._changed:
             self._changed.wait_for(lambda: message_id in self._decisions, timeout=timeout_s)
-            return self._decisions.get(message_id)
+            known = self._decisions.get(message_id)
+            return known[0] if known is not None else None
 
-    def dead_letter(self, payload: Any, reason: str) -> None:
-        """See :meth:`DecisionLedger.dead_letter`."""
+    def wait_for(self, message: Message, timeout_s: float) -> Decision | IdReused | None:
+        """See :meth:`DecisionLedger.wait_for`."""
         with self._changed:
-            self._dead.insert(0, {"payload": payload, "reason": reason, "at": self._clock()})
+            self._changed.wait_for(lambda: message.id in self._decisions, timeout=timeout_s)
+            return self._answer_for(message)
+
+    def dead_letter(self, payload: Any, reason: str, *, kind: DeadLetterKind | str) -> None:
+        """See :meth:`DecisionLedger.dead_letter`."""
+        checked = DeadLetterKind(kind)
+        entry = {"payload": payload, "reason": reason, "kind": checked.value, "at": self._clock()}
+        with self._changed:
+            self._dead.insert(0, entry)
+            del self._dead[self.dead_letters_maxlen :]
+            self._dead_counts[checked.value] = self._dead_counts.get(checked.value, 0) + 1
+        _log_kept(payload, reason, checked)
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """See :meth:`DecisionLedger.dead_letter_counts`."""
+        with self._changed:
+            return dict(self._dead_counts)
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """See :meth:`DecisionLedger.dead_letters`."""
@@ -452,4 +697,33 @@ def open_ledger(settings: Settings) -> DecisionLedger:
     """The Redis ledger when ``settings.redis_url`` is set, else an in-process one."""
     if settings.redis_url:
         return RedisDecisionLedger.from_settings(settings)
-    return LocalDecisionLedger()
+    return LocalDecisionLedger(dead_letters_maxlen=settings.dead_letters_maxlen)
+
+
+# The delivery script's answers: 1 delivered, 0 answered before, -1 answered for another text.
+_DELIVERIES = {1: Delivery.DELIVERED, 0: Delivery.ANSWERED_BEFORE, -1: Delivery.ID_REUSED}
+
+
+def _digests(decisions: Sequence[Decision], texts: Sequence[str | None] | None) -> list[str]:
+    """The text hash of each decision's message, ``""`` where its text is not given."""
+    if texts is None:
+        return [""] * len(decisions)
+    if len(texts) != len(decisions):
+        raise ValueError(f"{len(decisions)} decisions but {len(texts)} texts")
+    return [text_digest(text) if text is not None else "" for text in texts]
+
+
+def _answer_for(
+    message: Message, record: Decision | bytes | str | None, digest: bytes | str | None
+) -> Decision | IdReused | None:
+    """A recorded decision as the answer for ``message``: IdReused when made for another text."""
+    if record is None:
+        return None
+    if digest is not None and _text(digest) != text_digest(message.text):
+        return IdReused(message.id)
+    return record if isinstance(record, Decision) else Decision.model_validate_json(record)
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

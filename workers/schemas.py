@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from tiergate.policies.prediction import Prediction
 from tiergate.policies.routing import Reason
@@ -25,21 +34,63 @@ def _has_surrogates(value: str) -> bool:
     return any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
 
 
+def _is_json_scalar(value: Any) -> bool:
+    """Whether ``value`` is a string, a finite number, a boolean or null."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int)
+
+
+def _refuse_extra(_value: Any) -> Any:
+    """Refuse an extra field left after the scalar ones moved into metadata."""
+    raise ValueError(
+        "an extra field must be a JSON scalar (a string, a finite number, a boolean or null);"
+        " it travels in metadata"
+    )
+
+
 class Message(BaseModel):
     """One message to classify.
 
     ``text`` must be a non-empty string that is not only whitespace; it is never truncated.
     ``id`` is the producer's identifier (a random one is assigned when absent) and is echoed in
     the decision. ``metadata`` holds the producer's own JSON scalars, passed through untouched.
+
+    Fields the schema does not define are the producer's own too: one holding a JSON scalar is
+    moved into ``metadata`` (where a key of the same name, given explicitly, keeps its value),
+    on every path (queue, HTTP, CLI); one holding a list or an object is refused, by name.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Extra fields are allowed only so that the schema (OpenAPI included) types them as
+    # scalars: scalar ones are moved into metadata first, and any left are refused by name.
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Annotated[JSONScalar, BeforeValidator(_refuse_extra)]] = Field(
+        init=False
+    )
 
     id: Annotated[StrictStr, Field(min_length=1, max_length=256)] = Field(default_factory=_new_id)
     text: StrictStr
     policy: Annotated[StrictStr, Field(min_length=1, max_length=128)] = "default"
     task: Task = Task.CLASSIFY
     metadata: dict[StrictStr, JSONScalar] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extra_scalars_into_metadata(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        extra = {
+            key: value
+            for key, value in data.items()
+            if isinstance(key, str) and key not in cls.model_fields and _is_json_scalar(value)
+        }
+        if not extra:
+            return data
+        kept = {key: value for key, value in data.items() if key not in extra}
+        metadata = data.get("metadata", {})
+        # Metadata that is not an object is the error to report; the scalars are not at fault.
+        kept["metadata"] = {**extra, **metadata} if isinstance(metadata, dict) else metadata
+        return kept
 
     @field_validator("text")
     @classmethod
@@ -96,10 +147,15 @@ class LLMSkip(StrEnum):
 
 
 class LLMUsage(BaseModel):
-    """What one LLM answer cost.
+    """What the LLM calls made for one decision cost, whatever their outcome.
 
-    Tokens as the provider reported them, summed over attempts, and dollars from the price
-    table in settings (0 when the model has no price).
+    ``attempts`` counts the calls made (a repair attempt and each provider tried count; the
+    SDKs' own retries do not); tokens are as the provider reported them, summed over the calls
+    (a call that got no answer has none), and dollars come from the price table in settings (0
+    when the model has no price). ``provider`` and ``model`` are the ones that answered, or
+    that failed last. A decision that reuses an answer paid for elsewhere (a cache hit, or an
+    identical message in the same batch) carries :meth:`unpaid`: ``attempts == 0``, no tokens,
+    no cost.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -110,6 +166,10 @@ class LLMUsage(BaseModel):
     output_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+
+    def unpaid(self) -> LLMUsage:
+        """The same provider and model with no call, tokens or cost: for a reused answer."""
+        return LLMUsage(provider=self.provider, model=self.model, attempts=0)
 
 
 class Decision(BaseModel):
@@ -122,7 +182,13 @@ class Decision(BaseModel):
     answered, ``llm_skipped`` says why (and ``llm_error`` gives the detail of a failure).
     ``text`` is the generated text when generation was asked for. ``cached`` is true when the
     decision was served from the decision cache (``tier`` is then the tier that first decided
-    it). ``timings_ms`` holds the time spent per step, in milliseconds.
+    it). ``llm`` is what the LLM calls made for this decision cost, failed ones included
+    (``None`` when the LLM was never called for it; unpaid, with ``attempts == 0``, when it
+    reuses an answer paid for elsewhere: see :class:`LLMUsage`), so summing ``llm.cost_usd``
+    over decisions counts each call once. ``timings_ms`` holds the time spent per step, in
+    milliseconds: ``cache``, ``bert``, ``llm``, and ``total`` for the whole decision; decisions
+    from Celery workers add ``queued``, the wait in the queues (see
+    :mod:`tiergate.workers.tasks.timings`).
     """
 
     model_config = ConfigDict(frozen=True)

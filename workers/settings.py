@@ -208,6 +208,9 @@ class Settings(BaseSettings):
     decisions_stream_maxlen: PositiveInt = Field(
         default=1_000_000, description="Approximate cap on the decisions stream's length."
     )
+    dead_letters_maxlen: PositiveInt = Field(
+        default=100_000, description="Dead letters kept (the oldest go first); all are counted."
+    )
     decision_record_ttl_s: PositiveInt = Field(
         default=7 * 24 * 3600,
         description="How long a message id's decision is kept (idempotency window).",

@@ -24,24 +24,28 @@ T = TypeVar("T")
 
 
 def message_from_record(record: Record, *, text_field: str, id_field: str) -> Message:
-    """The message a record holds; other columns travel as metadata."""
-    fields = dict(record.fields)
-    payload: dict[str, Any] = {}
-    if text_field not in fields:
+    """The message a record holds; other columns are its extra fields.
+
+    :class:`Message` moves extra scalar fields into metadata and refuses others by name.
+    """
+    payload: dict[str, Any] = dict(record.fields)
+    if text_field not in payload:
         raise RecordError(record.line, f"missing field {text_field!r}")
-    payload["text"] = fields.pop(text_field)
-    payload["id"] = fields.pop(id_field, None)
-    if payload["id"] is None:
+    text = payload.pop(text_field)
+    message_id = payload.pop(id_field, None)
+    # A ``text`` or ``id`` column that --text-field or --id-field passed over is the record's
+    # own data, so it travels in metadata like any other column.
+    passed_over = {name: payload.pop(name) for name in ("text", "id") if name in payload}
+    metadata = payload.get("metadata", {})
+    if passed_over and isinstance(metadata, dict):
+        payload["metadata"] = {**passed_over, **metadata}
+    payload["text"] = text
+    if message_id is None:
         payload["id"] = f"line-{record.line}"
-    elif isinstance(payload["id"], int) and not isinstance(payload["id"], bool):
-        payload["id"] = str(payload["id"])
-    for name in ("policy", "task"):
-        if name in fields:
-            payload[name] = fields.pop(name)
-    metadata = fields.pop("metadata", {})
-    if not isinstance(metadata, dict):
-        raise RecordError(record.line, "'metadata' must be a JSON object")
-    payload["metadata"] = {**fields, **metadata}  # other columns travel as metadata
+    elif isinstance(message_id, int) and not isinstance(message_id, bool):
+        payload["id"] = str(message_id)
+    else:
+        payload["id"] = message_id
     try:
         return Message.model_validate(payload)
     except ValidationError as exc:

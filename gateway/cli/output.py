@@ -42,9 +42,9 @@ def error_line(error: RecordError) -> str:
     return json.dumps({"line": error.line, "error": error.reason}) + "\n"
 
 
-def unanswered_line(message: Message) -> str:
+def unanswered_line(message: Message, reason: str = "not answered in time") -> str:
     """A message no decision came back for as one JSON line: ``{"id", "error"}``."""
-    return json.dumps({"id": message.id, "error": "not answered in time"}) + "\n"
+    return json.dumps({"id": message.id, "error": reason}) + "\n"
 
 
 def excerpt(text: str, width: int) -> str:

@@ -13,6 +13,7 @@ from tiergate.gateway.cli.errors import REJECTED, err, fail, guarded
 from tiergate.gateway.cli.inputs import CHUNK, chunks, stream_items
 from tiergate.gateway.cli.output import open_output
 from tiergate.gateway.cli.tally import Tally, print_summary, write_answers
+from tiergate.workers.ledger import IdReused
 from tiergate.workers.records import detect_format, read_bytes
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
@@ -32,8 +33,9 @@ def submit(
     """Publish a file of messages through the broker and report as decisions come back.
 
     Messages keep their file ids (records without one get ``line-N``), so submitting a file
-    twice is answered once per id. Exit codes as for ``classify``; a message not answered
-    within ``--timeout`` counts as rejected.
+    twice is answered once per id: the second run publishes them no more and reports them as
+    answered earlier, at no LLM cost; an id answered before for another text is rejected. Exit
+    codes as for ``classify``; a message not answered within ``--timeout`` counts as rejected.
     """
     from tiergate.gateway.client import TiergateClient  # noqa: PLC0415
 
@@ -47,6 +49,13 @@ def submit(
     )
     messages = [item for item in items if isinstance(item, Message)]
     client = guarded(lambda: TiergateClient.from_settings(settings))
+    # Ids answered before this run get their earlier decision back, paid for then, and are not
+    # published again; an id answered for another text is refused.
+    found: list[Decision | IdReused | None] = []
+    for chunk in chunks(messages, CHUNK):
+        found += client.answers_for(chunk)
+    answered_earlier = {answer.id for answer in found if isinstance(answer, Decision)}
+    fresh = [i for i, answer in enumerate(found) if answer is None]
     tally = Tally()
     started = time.perf_counter()
     deadline = time.monotonic() + timeout
@@ -59,17 +68,20 @@ def submit(
         transient=True,
     )
     with progress, open_output(output_file) as out:
-        published = progress.add_task("publishing", total=len(messages))
-        for chunk in chunks(messages, CHUNK):
+        pending = [messages[i] for i in fresh]
+        published = progress.add_task("publishing", total=len(pending))
+        for chunk in chunks(pending, CHUNK):
             client.submit_many(chunk)
             progress.update(published, advance=len(chunk))
-        answered = progress.add_task("answered", total=len(messages))
-        decisions: list[Decision | None] = []
-        for chunk in chunks(messages, CHUNK):  # in chunks, so that the bar moves
+        answered = progress.add_task("answered", total=len(pending))
+        waited: list[Decision | IdReused | None] = []
+        for chunk in chunks(pending, CHUNK):  # in chunks, so that the bar moves
             left = max(0.0, deadline - time.monotonic())
-            decisions += client.wait_many([message.id for message in chunk], left)
+            waited += client.wait_for(chunk, left)
             progress.update(answered, advance=len(chunk))
-        write_answers(items, decisions, out, tally)
+        for i, answer in zip(fresh, waited, strict=True):
+            found[i] = answer
+        write_answers(items, found, out, tally, answered_earlier)
     print_summary(tally, time.perf_counter() - started)
     if tally.rejected:
         raise typer.Exit(REJECTED)

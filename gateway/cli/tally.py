@@ -1,13 +1,15 @@
 """The account of a run: every input line answered in place, counted, and summed up at the end.
 
 ``classify`` and ``submit`` both write their answers through :func:`write_answers` and close
-with :func:`print_summary` on standard error.
+with :func:`print_summary` on standard error. The LLM cost is what this run paid: the sum of
+the decisions' ``llm.cost_usd``, where a decision that reused an answer (from the cache, or a
+duplicate in the same batch) carries none, and decisions made by an earlier run are not counted.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -16,6 +18,7 @@ from rich.markup import escape
 from tiergate.gateway.cli.errors import err
 from tiergate.gateway.cli.output import decision_line, error_line, unanswered_line
 from tiergate.workers.errors import RecordError
+from tiergate.workers.ledger import IdReused, id_reused_reason
 from tiergate.workers.schemas import Decision, Message, Status
 
 
@@ -31,32 +34,41 @@ class Tally:
     skipped: Counter[str] = field(default_factory=Counter)
     cached: int = 0
     deferred: int = 0
+    earlier: int = 0
     llm_cost_usd: float = 0.0
 
-    def count(self, decision: Decision) -> None:
-        """Add one decision to the counts."""
+    def count(self, decision: Decision, *, earlier: bool = False) -> None:
+        """Add one decision to the counts.
+
+        ``earlier`` marks a decision made before this run (a resubmitted id): its LLM calls
+        were paid for then, so its cost is not counted again.
+        """
         self.answered += 1
         self.labels.update(decision.labels)
         self.tiers[decision.tier.value] += 1
         self.cached += decision.cached
         self.deferred += decision.status is Status.DEFERRED
+        self.earlier += earlier
         if decision.llm_skipped is not None:
             self.skipped[decision.llm_skipped.value] += 1
-        if decision.llm is not None and not decision.cached:
+        if decision.llm is not None and not decision.cached and not earlier:
             self.llm_cost_usd += decision.llm.cost_usd
 
 
 def write_answers(
     items: Sequence[Message | RecordError],
-    decisions: Iterable[Decision | None],
+    decisions: Iterable[Decision | IdReused | None],
     out: IO[str],
     tally: Tally,
+    answered_earlier: Collection[str] = frozenset(),
 ) -> None:
     """Write one JSON line per item, in input order, and count each in ``tally``.
 
-    ``decisions`` holds one entry per message of ``items``, in order: its decision, or
-    ``None`` when none came back in time. A rejected record and an unanswered message are
-    each reported on standard error and written as an ``error`` line in place.
+    ``decisions`` holds one entry per message of ``items``, in order: its decision,
+    :class:`IdReused` when its id was answered before for another text, or ``None`` when none
+    came back in time. ``answered_earlier`` are the ids that had a decision before this run
+    began (see :meth:`Tally.count`). A rejected record and a message left unanswered are each
+    reported on standard error and written as an ``error`` line in place.
     """
     answers = iter(decisions)
     for item in items:
@@ -67,16 +79,17 @@ def write_answers(
             out.write(error_line(item))
             continue
         decision = next(answers)
-        if decision is None:
+        if decision is None or isinstance(decision, IdReused):
+            reason = "not answered in time" if decision is None else id_reused_reason(item.id)
             tally.rejected += 1
             err.print(
-                f"[yellow]rejected[/] {escape(item.id)}: not answered in time",
+                f"[yellow]rejected[/] {escape(item.id)}: {escape(reason)}",
                 highlight=False,
                 soft_wrap=True,
             )
-            out.write(unanswered_line(item))
+            out.write(unanswered_line(item, reason))
         else:
-            tally.count(decision)
+            tally.count(decision, earlier=decision.id in answered_earlier)
             out.write(decision_line(decision))
 
 
@@ -96,6 +109,8 @@ def print_summary(tally: Tally, seconds: float) -> None:
         soft_wrap=True,
     )
     details = [f"answered by {tiers}", f"{tally.cached} from the cache"]
+    if tally.earlier:
+        details.append(f"{tally.earlier} answered earlier")
     if tally.deferred:
         details.append(f"{tally.deferred} deferred (budget spent)")
     if tally.skipped:

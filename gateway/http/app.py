@@ -60,7 +60,11 @@ def create_app(
 
             ledger = open_ledger(settings)
         backend = _EmbeddedBackend(settings, cascade, ledger, metrics)
-    metrics.watch(budget_remaining=backend.budget_readings, queue_depths=backend.queue_depths)
+    metrics.watch(
+        budget_remaining=backend.budget_readings,
+        queue_depths=backend.queue_depths,
+        dead_letters=backend.dead_letter_counts,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

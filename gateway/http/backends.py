@@ -27,7 +27,14 @@ from tiergate.policies.spec import PolicySpec
 from tiergate.workers.budget import BudgetLedger
 from tiergate.workers.cascade import Cascade, LLMWork, PolicyBook
 from tiergate.workers.errors import TransientError
-from tiergate.workers.ledger import DecisionLedger
+from tiergate.workers.ledger import (
+    DeadLetterKind,
+    DecisionLedger,
+    Delivery,
+    IdReused,
+    LocalDecisionLedger,
+    id_reused_reason,
+)
 from tiergate.workers.redis_connection import probe_redis
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
@@ -55,12 +62,25 @@ class Dispatcher(Protocol):
         """Publish ``messages`` for the workers; their ids, in input order."""
         ...
 
-    def wait_many(self, ids: Sequence[str], timeout_s: float) -> list[Decision | None]:
-        """Block (without polling) until each id is answered or ``timeout_s`` passes."""
+    def wait_for(
+        self, messages: Sequence[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
+        """Block (without polling) until each message is answered or ``timeout_s`` passes.
+
+        :class:`IdReused` for a message whose id was answered for another text.
+        """
         ...
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """The delivered decision of each id, in order (``None`` where there is none yet)."""
+        ...
+
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """Each message's decision so far; :class:`IdReused` where made for another text."""
+        ...
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters written, by kind."""
         ...
 
     def policies(self) -> list[PolicySpec]:
@@ -91,12 +111,19 @@ class Backend(Protocol):
         """The policies this mode serves."""
         ...
 
-    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
+    async def decide(
+        self, messages: list[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
         """The decisions of ``messages`` in input order; ``None`` for each not ready in time.
 
         A message not decided within ``timeout_s`` is still answered, and its decision
-        delivered, later.
+        delivered, later. :class:`IdReused` for one whose id was answered meanwhile for another
+        text (its decision is not delivered).
         """
+        ...
+
+    async def reused_ids(self, messages: list[Message]) -> list[int]:
+        """The positions of the messages whose id was answered before for another text."""
         ...
 
     async def accept(self, messages: list[Message]) -> list[str]:
@@ -122,13 +149,19 @@ class Backend(Protocol):
         """What is left of each budgeted policy's LLM budget; read on every metrics scrape."""
         ...
 
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters written, by kind; read on every metrics scrape."""
+        ...
+
 
 class _EmbeddedBackend:
     """The cascade in this process: micro-batched, decisions delivered to the ledger.
 
     Every decision (of /v1/classify and of /v1/messages alike) is delivered to the ledger, so
     a request that timed out can be read back by id. Ids accepted and not yet delivered are
-    tracked, so a lookup can say "pending" rather than "unknown".
+    tracked, so a lookup can say "pending" rather than "unknown". A decision whose id the
+    ledger already holds for another text is not delivered: the request gets
+    :class:`IdReused`, and a message accepted for later goes to the dead letters.
     """
 
     def __init__(
@@ -145,7 +178,7 @@ class _EmbeddedBackend:
         # The BERT step is CPU-bound: its batches share the cores, taking turns step by step
         # (see _build_embedded_cascade in app.py). The LLM step waits on the network, so it
         # runs beside them, outside the batcher.
-        self.batcher: MicroBatcher[Decision | LLMWork] = MicroBatcher(
+        self.batcher: MicroBatcher[Decision | LLMWork | IdReused] = MicroBatcher(
             self._first_pass,
             window_ms=settings.gateway_batch_window_ms,
             max_batch=settings.batch_size,
@@ -173,7 +206,9 @@ class _EmbeddedBackend:
     async def policy_book(self) -> PolicyBook:
         return self.cascade.policies
 
-    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
+    async def decide(
+        self, messages: list[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
         task = self._spawn(self._answer(messages))
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
         if task in done:
@@ -185,6 +220,14 @@ class _EmbeddedBackend:
         task = self._spawn(self._answer(messages))
         task.add_done_callback(self._dead_letter_if_failed(messages))
         return [m.id for m in messages]
+
+    async def reused_ids(self, messages: list[Message]) -> list[int]:
+        if isinstance(self.ledger, LocalDecisionLedger):
+            # A lookup in this process's memory: cheaper than the thread hop Redis needs.
+            found = self.ledger.answers_for(messages)
+        else:
+            found = await anyio.to_thread.run_sync(self.ledger.answers_for, messages)
+        return [i for i, answer in enumerate(found) if isinstance(answer, IdReused)]
 
     async def lookup(self, message_id: str) -> Decision | PendingResponse | None:
         found = (await anyio.to_thread.run_sync(self.ledger.get_many, [message_id]))[0]
@@ -200,6 +243,9 @@ class _EmbeddedBackend:
 
     def queue_depths(self) -> dict[str, int]:
         return {"gateway": self.batcher.queued_messages}
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        return self.ledger.dead_letter_counts()
 
     def budget_readings(self) -> list[BudgetReading]:
         budget = self.cascade.budget
@@ -219,7 +265,7 @@ class _EmbeddedBackend:
         """Whether a request holds a text of several model windows (it then runs alone)."""
         return any(self.cascade.classifier.is_long(message.text) for message in messages)
 
-    def _first_pass(self, messages: list[Message]) -> list[Decision | LLMWork]:
+    def _first_pass(self, messages: list[Message]) -> list[Decision | LLMWork | IdReused]:
         """The BERT step for a micro-batch (in its worker thread), delivering what it decided.
 
         Decisions the LLM has no part in are finished here, in the batch's own thread, so a
@@ -228,23 +274,26 @@ class _EmbeddedBackend:
         """
         first = self.cascade.first_pass(messages)
         now = time.perf_counter()
-        out: list[Decision | LLMWork] = []
-        for message, item in zip(messages, first, strict=True):
-            if isinstance(item, LLMWork):
-                out.append(item)
-            else:
-                out.append(self._finished(item, self._submitted.get(message.id, now), now))
-        self._deliver([item for item in out if not isinstance(item, LLMWork)])
+        out: list[Decision | LLMWork | IdReused] = list(first)
+        finished = [
+            (i, self._finished(item, self._submitted.get(messages[i].id, now), now))
+            for i, item in enumerate(first)
+            if not isinstance(item, LLMWork)
+        ]
+        delivered = self._deliver([messages[i] for i, _ in finished], [d for _, d in finished])
+        for (i, _), item in zip(finished, delivered, strict=True):
+            out[i] = item
         return out
 
-    def _answer_llm(self, first: list[Decision | LLMWork], started: float) -> list[Decision]:
+    def _answer_llm(
+        self, first: list[Decision | LLMWork | IdReused], started: float
+    ) -> list[Decision | IdReused]:
         """The LLM step for what the BERT step handed on (in a worker thread), then delivery."""
         work = [item for item in first if isinstance(item, LLMWork)]
         answered = self.cascade.answer_many(work)
         now = time.perf_counter()
         finished = [self._finished(d, started, now) for d in answered]
-        self._deliver(finished)
-        llm_answers = iter(finished)
+        llm_answers = iter(self._deliver([w.message for w in work], finished))
         return [next(llm_answers) if isinstance(item, LLMWork) else item for item in first]
 
     @staticmethod
@@ -252,11 +301,18 @@ class _EmbeddedBackend:
         total = round((now - started) * 1000.0, 3)
         return decision.model_copy(update={"timings_ms": {**decision.timings_ms, "total": total}})
 
-    def _deliver(self, decisions: list[Decision]) -> None:
-        self.ledger.deliver_many(decisions)
+    def _deliver(
+        self, messages: Sequence[Message], decisions: list[Decision]
+    ) -> list[Decision | IdReused]:
+        """Deliver each message's decision; :class:`IdReused` where its id has another text's."""
+        deliveries = self.ledger.deliver_many(decisions, [m.text for m in messages])
         self.metrics.observe_decisions(decisions)
+        return [
+            IdReused(decision.id) if delivery is Delivery.ID_REUSED else decision
+            for decision, delivery in zip(decisions, deliveries, strict=True)
+        ]
 
-    async def _answer(self, messages: list[Message]) -> list[Decision]:
+    async def _answer(self, messages: list[Message]) -> list[Decision | IdReused]:
         ids = [m.id for m in messages]
         started = time.perf_counter()
         for message_id in ids:
@@ -283,21 +339,33 @@ class _EmbeddedBackend:
         return task
 
     def _dead_letter_if_failed(self, messages: list[Message]) -> Any:
-        """A done-callback: messages nobody waits for any more go to the dead letters."""
+        """A done-callback: messages nobody waits for any more go to the dead letters.
+
+        Those of a failed answer, and those whose id was answered for another text meanwhile.
+        """
 
         def check(task: asyncio.Task[Any]) -> None:
-            if task.cancelled() or task.exception() is None:
+            if task.cancelled():
                 return
             error = task.exception()
+            if error is None:
+                for message, found in zip(messages, task.result(), strict=True):
+                    if isinstance(found, IdReused):
+                        reason = id_reused_reason(message.id)
+                        self._spawn(self._dead_letter([message], reason, DeadLetterKind.ID_REUSED))
+                return
             log.warning("messages.unanswered", count=len(messages), error_type=type(error).__name__)
-            self._spawn(self._dead_letter(messages, type(error).__name__))
+            reason = type(error).__name__
+            self._spawn(self._dead_letter(messages, reason, DeadLetterKind.UNANSWERED))
 
         return check
 
-    async def _dead_letter(self, messages: list[Message], reason: str) -> None:
+    async def _dead_letter(
+        self, messages: list[Message], reason: str, kind: DeadLetterKind
+    ) -> None:
         def keep() -> None:
             for message in messages:
-                self.ledger.dead_letter(message.model_dump(mode="json"), reason)
+                self.ledger.dead_letter(message.model_dump(mode="json"), reason, kind=kind)
 
         try:
             await anyio.to_thread.run_sync(keep)
@@ -363,16 +431,33 @@ class _DistributedBackend:
                 self._book_read_at = now
             return self._book
 
-    async def decide(self, messages: list[Message], timeout_s: float) -> list[Decision | None]:
-        ids = await anyio.to_thread.run_sync(self.client.submit_many, messages)
-        found = await anyio.to_thread.run_sync(
-            self.client.wait_many, ids, timeout_s, limiter=self._waiters
-        )
-        self.metrics.observe_decisions(d for d in found if d is not None)
+    async def decide(
+        self, messages: list[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
+        # Messages answered before are not published again, and their decisions (paid for
+        # then) are not counted again in the metrics.
+        found = await anyio.to_thread.run_sync(self.client.answers_for, messages)
+        fresh = [i for i, answer in enumerate(found) if answer is None]
+        if fresh:
+            pending = [messages[i] for i in fresh]
+            await anyio.to_thread.run_sync(self.client.submit_many, pending)
+            answered = await anyio.to_thread.run_sync(
+                self.client.wait_for, pending, timeout_s, limiter=self._waiters
+            )
+            self.metrics.observe_decisions(d for d in answered if isinstance(d, Decision))
+            for i, answer in zip(fresh, answered, strict=True):
+                found[i] = answer
         return found
 
     async def accept(self, messages: list[Message]) -> list[str]:
         return await anyio.to_thread.run_sync(self.client.submit_many, messages)
+
+    async def reused_ids(self, messages: list[Message]) -> list[int]:
+        found = await anyio.to_thread.run_sync(self.client.answers_for, messages)
+        return [i for i, answer in enumerate(found) if isinstance(answer, IdReused)]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        return dict(self.client.dead_letter_counts())
 
     async def lookup(self, message_id: str) -> Decision | PendingResponse | None:
         return (await anyio.to_thread.run_sync(self.client.get_many, [message_id]))[0]

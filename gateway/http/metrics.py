@@ -5,9 +5,10 @@ latency; decisions (by policy, tier and reason), LLM fallbacks (by why), cache l
 hits (the hit ratio is ``hits / lookups``), LLM tokens and dollars (fresh answers only, not
 cached ones), per-step latency from each decision's ``timings_ms``, and micro-batch sizes.
 
-Read on each scrape: the LLM budget left per policy and the depth of each work queue, through
-callables the app passes in. A failing source (Redis down) drops its series from that scrape
-instead of failing it.
+Read on each scrape: the LLM budget left per policy, the depth of each work queue and the dead
+letters written by kind (counted where they are written, in Redis for a distributed deployment,
+so every gateway reports the whole deployment's count), through callables the app passes in. A
+failing source (Redis down) drops its series from that scrape instead of failing it.
 
 Each :class:`GatewayMetrics` owns a :class:`~prometheus_client.CollectorRegistry`, not the
 process-global one, so a process (or a test session) can build many apps.
@@ -26,14 +27,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tiergate.workers.schemas import Decision
 
 log = structlog.get_logger(__name__)
 
 # Steps a decision may report in ``timings_ms``; anything else is not exported (bounded labels).
-DECISION_STEPS = ("cache", "bert", "llm", "total")
+DECISION_STEPS = ("queued", "cache", "bert", "llm", "total")
 _LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -51,6 +52,37 @@ class BudgetReading:
 
 BudgetSource = Callable[[], Iterable[BudgetReading]]
 QueueDepthSource = Callable[[], Mapping[str, int]]
+DeadLetterSource = Callable[[], Mapping[str, int]]
+
+
+class _DeadLetterCounter:
+    """A collector that reads the dead letters written, by kind, on every scrape."""
+
+    def __init__(self, source: DeadLetterSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        try:
+            counts = dict(self._source())
+        except Exception as exc:  # noqa: BLE001 -- a scrape must not fail with its source
+            log.warning("metrics.dead_letters_unavailable", error_type=type(exc).__name__)
+            counts = {}
+        for kind, count in sorted(counts.items()):
+            family.add_metric([kind], float(count))
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "tiergate_dead_letters",
+            "Messages dead-lettered, by kind of reason (counted where they are kept: in Redis, "
+            "the whole deployment's).",
+            labels=["reason"],
+        )
 
 
 class _ScrapeTimeGauges:
@@ -188,9 +220,12 @@ class GatewayMetrics:
         *,
         budget_remaining: BudgetSource | None = None,
         queue_depths: QueueDepthSource | None = None,
+        dead_letters: DeadLetterSource | None = None,
     ) -> None:
-        """Read budgets and queue depths from these sources on every scrape (call once)."""
+        """Read budgets, queue depths and dead-letter counts on every scrape (call once)."""
         self.registry.register(_ScrapeTimeGauges(budget_remaining, queue_depths))
+        if dead_letters is not None:
+            self.registry.register(_DeadLetterCounter(dead_letters))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request; ``route`` is its template (``/v1/messages/{id}``)."""

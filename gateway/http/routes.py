@@ -5,6 +5,8 @@
   are answered later and can be read with ``GET /v1/messages/{id}``).
 - ``POST /v1/messages``: accepts messages and answers 202 with their ids; the decisions are
   delivered to the decision ledger (and, in distributed mode, the decisions stream).
+- Both answer a message whose id was answered before for the same text with that decision, and
+  one whose id was answered for another text with 409 naming the id.
 - ``GET /v1/messages/{id}``: a delivered decision; 202 while it is pending (when the gateway
   can tell), else 404.
 - ``GET /v1/policies``: the loaded policies the caller's key may use.
@@ -53,6 +55,7 @@ from tiergate.gateway.http.types import (
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.cascade import PolicyBook
 from tiergate.workers.errors import UnknownPolicyError
+from tiergate.workers.ledger import IdReused
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 
@@ -111,7 +114,7 @@ router = APIRouter()
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
-    responses=error_responses(401, 403, 413, 422, 503, 504),
+    responses=error_responses(401, 403, 409, 413, 422, 503, 504),
     summary="Classify messages and wait for the decisions",
 )
 async def classify(
@@ -121,15 +124,16 @@ async def classify(
     batched = isinstance(body, MessageBatch)
     messages = body.messages if isinstance(body, MessageBatch) else [body]
     await _admit(gateway, grant, messages, _classify_field(batched))
+    await _refuse_reused_ids(gateway, messages, _classify_field(batched))
     decisions = await gateway.backend.decide(messages, gateway.settings.request_timeout_s)
-    return ClassifyResponse(decisions=_all_answered(messages, decisions))
+    return ClassifyResponse(decisions=_all_answered(messages, decisions, _classify_field(batched)))
 
 
 @router.post(
     "/v1/messages",
     status_code=202,
     response_model=AcceptedResponse,
-    responses=error_responses(401, 403, 413, 422, 503),
+    responses=error_responses(401, 403, 409, 413, 422, 503),
     summary="Accept messages to be answered asynchronously",
 )
 async def accept_messages(
@@ -139,6 +143,7 @@ async def accept_messages(
     batched = isinstance(body, MessageBatch)
     messages = body.messages if isinstance(body, MessageBatch) else [body]
     await _admit(gateway, grant, messages, _classify_field(batched))
+    await _refuse_reused_ids(gateway, messages, _classify_field(batched))
     return AcceptedResponse(ids=await gateway.backend.accept(messages))
 
 
@@ -223,7 +228,9 @@ async def moderate(
             ) from None
     await _admit(gateway, grant, messages, _moderation_field(isinstance(body.input, str)))
     decisions = _all_answered(
-        messages, await gateway.backend.decide(messages, gateway.settings.request_timeout_s)
+        messages,
+        await gateway.backend.decide(messages, gateway.settings.request_timeout_s),
+        _moderation_field(isinstance(body.input, str)),
     )
     return ModerationResponse(
         id=f"modr-{uuid.uuid4().hex}",
@@ -331,11 +338,42 @@ async def _admit(
             )
 
 
+async def _refuse_reused_ids(
+    gateway: Gateway, messages: Sequence[Message], field_of: FieldPath
+) -> None:
+    """Refuse a request holding a message whose id was answered before for another text."""
+    reused = await gateway.backend.reused_ids(list(messages))
+    if reused:
+        raise _id_reused(messages, reused[0], field_of)
+
+
+def _id_reused(messages: Sequence[Message], index: int, field_of: FieldPath) -> GatewayError:
+    """The 409 for message ``index``, whose id was answered for another text."""
+    message_id = messages[index].id
+    return GatewayError(
+        409,
+        f"message {index}: id {message_id!r} was answered before for another text; "
+        "send this text under a new id",
+        field=field_of(index, "id"),
+        index=index,
+        id=message_id,
+    )
+
+
 def _all_answered(
-    messages: Sequence[Message], decisions: Sequence[Decision | None]
+    messages: Sequence[Message],
+    decisions: Sequence[Decision | IdReused | None],
+    field_of: FieldPath,
 ) -> list[Decision]:
-    """The decisions, or a 504 naming the messages still being answered."""
-    answered = [d for d in decisions if d is not None]
+    """The decisions, or the error a request gets when some are missing.
+
+    409 for a message whose id was answered meanwhile for another text; else 504 naming the
+    messages still being answered.
+    """
+    for index, found in enumerate(decisions):
+        if isinstance(found, IdReused):
+            raise _id_reused(messages, index, field_of)
+    answered = [d for d in decisions if isinstance(d, Decision)]
     if len(answered) == len(messages):
         return answered
     pending = [m.id for m, d in zip(messages, decisions, strict=True) if d is None]

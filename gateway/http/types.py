@@ -19,7 +19,8 @@ class MessageBatch(BaseModel):
 
 
 def _classify_shape(value: Any) -> str:
-    if isinstance(value, dict) and "messages" in value:
+    # A body with a text is one message: a "messages" beside it is an extra field of its own.
+    if isinstance(value, dict) and "messages" in value and "text" not in value:
         return "many-messages"
     if isinstance(value, MessageBatch):
         return "many-messages"
@@ -134,8 +135,8 @@ class ErrorResponse(BaseModel):
     ``detail`` says what went wrong; ``request_id`` matches the ``X-Request-ID`` header and the
     logs. Depending on the error: ``errors`` (422, each invalid field), ``field`` (the field
     at fault), ``index`` (the message at fault), ``policy`` (an unknown or forbidden policy),
-    ``id`` (an unknown message id), ``pending`` (504: ids still being answered),
-    ``not_ready`` (503: dependencies that are not ready).
+    ``id`` (an unknown id, or 409: one reused for another text), ``pending`` (504: ids still
+    being answered), ``not_ready`` (503: dependencies that are not ready).
     """
 
     detail: str
@@ -155,6 +156,7 @@ ERROR_TEXT = {
     401: "No valid API key (Authorization: Bearer <key>, or X-API-Key).",
     403: "The API key may not use a policy the request names.",
     404: "No such message id.",
+    409: "A message id was answered before for another text; send a new id.",
     413: "The body, a text, or the number of messages is over its limit.",
     422: "A field is invalid, the JSON is malformed, or a policy is unknown.",
     503: "A dependency (model, Redis, broker) is unavailable; retry later.",

@@ -24,6 +24,7 @@ from tiergate.gateway.cli import app as cli_app
 from tiergate.gateway.http.metrics import DECISION_STEPS, BudgetReading, GatewayMetrics
 from tiergate.gateway.http.routes import router
 from tiergate.policies.routing import Reason
+from tiergate.workers.ledger import DeadLetterKind
 from tiergate.workers.schemas import Decision, LLMSkip, LLMUsage, Tier
 from tiergate.workers.settings import Settings
 
@@ -217,6 +218,7 @@ def exported() -> dict[str, set[str]]:
     metrics.watch(
         budget_remaining=lambda: [BudgetReading("p", calls_left=3, usd_left=1.0)],
         queue_depths=lambda: {BERT_QUEUE: 1},
+        dead_letters=lambda: {DeadLetterKind.GAVE_UP.value: 1},
     )
     decision = Decision(
         id="m-1",
@@ -251,6 +253,10 @@ LABEL_VALUES = {
     "step": set(DECISION_STEPS),
     "queue": {BERT_QUEUE, LLM_QUEUE},
 }
+# Label values that depend on the metric: a dead letter's reason is its kind.
+METRIC_LABEL_VALUES = {
+    ("tiergate_dead_letters_total", "reason"): {kind.value for kind in DeadLetterKind},
+}
 
 
 def _promql_expressions() -> Iterator[tuple[str, str, str]]:
@@ -277,8 +283,9 @@ def _check_expression(where: str, expr: str, text: str, exported: dict[str, set[
     for name, matchers in re.findall(r"\b(tiergate_\w+)\{([^}]*)\}", expr):
         for label, operator, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', matchers):
             assert label in exported[name] | TARGET_LABELS, f"{where}: {name} has no {label!r}"
-            if operator == "=" and label in LABEL_VALUES:
-                assert value in LABEL_VALUES[label], f"{where}: {label}={value!r} never happens"
+            known = METRIC_LABEL_VALUES.get((name, label), LABEL_VALUES.get(label))
+            if operator == "=" and known is not None:
+                assert value in known, f"{where}: {label}={value!r} never happens"
     for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
         for label in (part.strip() for part in group.split(",")):
             assert label in available, f"{where}: aggregates by unknown label {label!r}"
@@ -453,14 +460,27 @@ def test_the_expression_check_catches_a_wrong_metric_or_label(exported):
             _check_expression("test", expr, "", exported)
 
 
-def test_the_alerts_cover_the_four_conditions():
-    """Alert rules exist for the budget, the LLM breaker, a growing queue and the error rate."""
+def test_the_alerts_cover_the_five_conditions():
+    """Alert rules exist for budget, LLM breaker, growing queue, error rate and dead letters."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]
     by_name = {rule["alert"]: rule["expr"] for rule in rules["rules"]}
     assert "tiergate_budget_usd_left" in by_name["TiergateBudgetNearlySpent"]
     assert 'why="llm_unavailable"' in by_name["TiergateLLMBreakerOpen"]
     assert "tiergate_queue_depth" in by_name["TiergateQueueGrowing"]
     assert 'status=~"5.."' in by_name["TiergateHighErrorRate"]
+    assert re.search(
+        r"increase\(tiergate_dead_letters_total\[\w+\]\)", by_name["TiergateDeadLetters"]
+    )
+
+
+def test_the_dead_letter_alert_names_the_reason_and_how_to_look(exported):
+    """The dead-letter alert groups by reason, says it, and points to the CLI that reads them."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]
+    (rule,) = [r for r in rules["rules"] if r["alert"] == "TiergateDeadLetters"]
+    assert "by (reason)" in rule["expr"]
+    assert "$labels.reason" in rule["annotations"]["summary"]
+    assert "tiergate dead-letters list" in rule["annotations"]["description"]
+    assert "reason" in exported["tiergate_dead_letters_total"]
 
 
 def test_kustomizations_name_only_files_that_exist():

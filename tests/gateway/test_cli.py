@@ -121,6 +121,29 @@ def test_file_with_bad_lines_accounts_for_every_line(run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_extra_fields_follow_the_message_rule(run, tmp_path):
+    """Extra scalar fields travel as metadata; an extra list is rejected in place, named.
+
+    A metadata key of the same name wins over an extra field, and a column that --text-field
+    passed over is metadata too.
+    """
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "review": "A fine film.", "lang": "en", "metadata": {"lang": "fr"}}\n'
+        '{"id": "b", "review": "Dull.", "tags": ["x", "y"]}\n'
+        '{"id": "c", "review": "Lovely.", "text": "a column of its own", "stars": 4}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    result = run("classify", "-i", str(path), "-o", str(out), "--text-field", "review")
+    assert result.returncode == 1, result.stderr
+    first, second, third = _lines(out.read_text())
+    assert first["metadata"] == {"lang": "fr"}
+    assert second["line"] == 2
+    assert "'tags'" in second["error"]
+    assert "must be a JSON scalar" in second["error"]
+    assert third["metadata"] == {"text": "a column of its own", "stars": 4}
+
+
 def test_csv_input_and_missing_column(run, tmp_path):
     """CSV rows are classified; a CSV without the text column is a usage error (exit 2)."""
     good = tmp_path / "in.csv"
@@ -444,3 +467,93 @@ def test_policy_examples_lists_the_shipped_policies(run):
     for name in ("rotten-tomatoes", "ticket-routing", "moderation"):
         assert name in result.stdout
     assert run("policy", "show", "nope").returncode == 2
+
+
+def _summary_cost(stderr: str) -> str:
+    """The dollar figure of the closing summary's ``LLM cost $...``."""
+    return stderr.split("LLM cost $", 1)[1].split(maxsplit=1)[0]
+
+
+def test_identical_messages_answered_by_one_llm_call_are_paid_for_once(
+    trained_model, fake_llm, tmp_path
+):
+    """Two copies of a routed text cost one call, in the decisions and in the summary."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.endswith("_API_KEY") and not name.startswith("TIERGATE_")
+    }
+    env |= {
+        "TIERGATE_DATA_DIR": str(tmp_path / "data"),
+        "TIERGATE_MODEL_DIR": str(trained_model.directory),
+        "TIERGATE_OPENAI_API_KEY": "test-key",
+        "TIERGATE_OPENAI_BASE_URL": fake_llm.openai_base_url,
+        # A price high enough that one call shows in the summary's four decimals.
+        "TIERGATE_LLM_PRICES": '{"gpt-4o-mini": {"input_per_mtok": 100, "output_per_mtok": 100}}',
+    }
+    policy = _policy_file(tmp_path, min_probability=1.0)
+    texts = ["A fine film.", "A fine film."]
+    result = subprocess.run(
+        [sys.executable, "-m", "tiergate", "classify", "--policy", str(policy), *texts],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    decisions = _lines(result.stdout)
+    assert [d["tier"] for d in decisions] == ["llm", "llm"]
+    assert fake_llm.calls == 1
+    costs = sorted(d["llm"]["cost_usd"] for d in decisions)
+    assert costs[0] == 0.0
+    assert costs[1] > 0.0001
+    assert _summary_cost(result.stderr) == f"{costs[1]:.4f}"
+
+
+def test_submitting_answered_messages_again_reports_no_llm_cost(make_cluster, fake_llm, tmp_path):
+    """A second `tiergate submit` of answered ids gets their decisions without paying again."""
+    from cluster import default_test_policy
+
+    cluster = make_cluster(policy=default_test_policy(min_probability=1.0))
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"r-{i}", "text": f"Review {i}: a film about a town."}) + "\n"
+            for i in range(24)
+        )
+    )
+
+    def submit(path: Path = data) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            # The bound includes the workers' start (cold) on a loaded machine.
+            [sys.executable, "-m", "tiergate", "submit", str(path), "--timeout", "300"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+
+    first = submit()
+    assert first.returncode == 0, first.stderr
+    assert float(_summary_cost(first.stderr)) > 0
+    calls = fake_llm.calls
+    second = submit()
+    assert second.returncode == 0, second.stderr
+    assert {d["tier"] for d in _lines(second.stdout)} == {"llm"}
+    assert _summary_cost(second.stderr) == "0.0000"
+    assert "24 answered earlier" in second.stderr
+    assert fake_llm.calls == calls
+    # An answered id with another text is refused, not given the earlier text's decision.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "r-0", "text": "Another film entirely."}) + "\n")
+    reused = submit(other)
+    assert reused.returncode == 1, reused.stderr
+    assert "rejected r-0: id 'r-0' was answered before for another text" in reused.stderr
+    assert _lines(reused.stdout) == [
+        {"id": "r-0", "error": "id 'r-0' was answered before for another text"}
+    ]
+    assert fake_llm.calls == calls

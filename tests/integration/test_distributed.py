@@ -9,7 +9,7 @@ import pytest
 
 from cluster import SENTINEL_ID, SENTINEL_TEXT
 from tiergate.gateway.client import TiergateClient
-from tiergate.workers.ledger import RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger, held_message_id
 from tiergate.workers.llm.testing import message_of
 from tiergate.workers.schemas import Message, Tier
 from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
@@ -329,3 +329,139 @@ def test_a_message_the_broker_lost_is_published_again_and_answered(make_cluster)
     assert decision is not None, cluster.log_text()
     assert time.monotonic() - started >= 10  # only once it was overdue (15 s here)
     assert stream_ids(client) == [lost.id]
+
+
+def test_a_plain_producer_s_extra_scalar_fields_travel_as_metadata(make_cluster):
+    """Plain Celery's extra scalar fields reach metadata; a nested one is dead-lettered, named.
+
+    The producer uses no tiergate code, as one in another language would; it stamps no publish
+    time, so the decision has ``total`` but no ``queued``.
+    """
+    from celery import Celery
+
+    cluster = make_cluster("rabbitmq")
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")  # the policy may route the message to the LLM
+    plain = Celery("plain-producer", broker=cluster.settings.broker_url)
+    try:
+        for message in (
+            {"id": "c3-bad-extra", "text": "A fine film.", "lang": "en"},
+            {"id": "c3-nested", "text": "A fine film.", "tags": {"genre": "drama"}},
+        ):
+            plain.send_task(
+                CLASSIFY_TASK, kwargs={"message": message}, queue=cluster.settings.bert_queue
+            )
+    finally:
+        plain.close()
+    client = TiergateClient.from_settings(cluster.settings)
+    decision = client.wait("c3-bad-extra", timeout_s=300)
+    assert decision is not None, cluster.log_text()
+    assert decision.metadata == {"lang": "en"}
+    assert "total" in decision.timings_ms
+    assert "queued" not in decision.timings_ms
+    letters = client.ledger.dead_letters()
+    deadline = time.monotonic() + 60
+    while not letters and time.monotonic() < deadline:
+        time.sleep(0.2)
+        letters = client.ledger.dead_letters()
+    assert len(letters) == 1, cluster.log_text()
+    assert "c3-nested" in json.dumps(letters[0]["payload"])
+    assert "tags" in letters[0]["reason"]
+    assert "must be a JSON scalar" in letters[0]["reason"]
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_distributed_decisions_carry_total_and_queued_timings(make_cluster, fake_llm, broker):
+    """Distributed decisions' ``total`` covers their steps and ``queued`` their wait.
+
+    ``total`` is at least the steps' timings (BERT, then LLM for routed ones); messages
+    published before any BERT worker started were queued at least until then; and queued plus
+    total fit in the time from publish to answer.
+    """
+    cluster = make_cluster(broker)
+    fake_llm.latency_s = 0.05
+    client = TiergateClient.from_settings(cluster.settings)
+    sent = messages(16, prefix="t")
+    before_submit = time.monotonic()
+    client.submit_many(sent)
+    submitted = time.monotonic()
+    cluster.start_worker("llm", concurrency=2)
+    bert_started = time.monotonic()  # no worker can take a message before this
+    cluster.start_worker("bert")
+    decisions = client.wait_many([m.id for m in sent], timeout_s=300)
+    answered = time.monotonic()
+    assert all(d is not None for d in decisions), cluster.log_text()
+    slack_ms = 5.0  # rounding, and the wall clock against the monotonic one
+    for decision in decisions:
+        timings = decision.timings_ms
+        steps = sum(timings.get(step, 0.0) for step in ("cache", "bert", "llm"))
+        assert timings["total"] + slack_ms >= steps, timings
+        assert timings["queued"] + slack_ms >= (bert_started - submitted) * 1000, timings
+        end_to_end_ms = (answered - before_submit) * 1000
+        assert timings["queued"] + timings["total"] <= end_to_end_ms + slack_ms, timings
+    llm_answers = [d for d in decisions if d.tier is Tier.LLM and "llm" in d.timings_ms]
+    assert llm_answers, "the 0.9 threshold sends some to the LLM"
+    for decision in llm_answers:
+        timings = decision.timings_ms
+        assert timings["total"] + slack_ms >= timings["bert"] + timings["llm"], timings
+
+
+def test_a_plain_producer_s_mistakes_are_dead_lettered_whole_counted_and_logged(make_cluster):
+    """Wrong task arguments and reused ids from a plain Celery producer go to the dead letters.
+
+    No tiergate code publishes: a wrong keyword, two positional arguments and an LLM task with a
+    wrong keyword are dead-lettered with their arguments and a reason naming the keyword; a
+    single positional message is answered; an id reused for another text is dead-lettered (the
+    same text: answered once, nothing kept). Each is counted by kind and logged once.
+    """
+    from celery import Celery
+
+    from tiergate.workers.ledger import IdReused
+    from tiergate.workers.tasks import LLM_TASK
+
+    cluster = make_cluster("rabbitmq")
+    cluster.start_worker("bert")
+    cluster.start_worker("llm")
+    bert, llm = cluster.settings.bert_queue, cluster.settings.llm_queue
+    plain = Celery("plain-producer", broker=cluster.settings.broker_url)
+    try:
+        plain.send_task(CLASSIFY_TASK, kwargs={"msg": {"id": "kw-1", "text": TEXTS[0]}}, queue=bert)
+        plain.send_task(CLASSIFY_TASK, args=[{"id": "two-1", "text": TEXTS[1]}, 3], queue=bert)
+        plain.send_task(LLM_TASK, kwargs={"job": {"id": "llm-1"}}, queue=llm)
+        plain.send_task(CLASSIFY_TASK, args=[{"id": "pos-1", "text": TEXTS[2]}], queue=bert)
+    finally:
+        plain.close()
+    client = TiergateClient.from_settings(cluster.settings)
+    assert client.wait("pos-1", timeout_s=300) is not None, cluster.log_text()
+
+    first = Message(id="q-1", text=TEXTS[3])
+    client.submit(first)
+    assert client.wait_for([first], timeout_s=300)[0] is not None, cluster.log_text()
+    client.submit(first)  # the same text again: answered before, nothing to keep
+    other = Message(id="q-1", text=TEXTS[4])
+    client.submit(other)
+    assert client.wait_for([other], timeout_s=10) == [IdReused("q-1")]
+
+    expected = {"wrong_arguments": 3, "id_reused": 1}
+    deadline = time.monotonic() + 300
+    while client.dead_letter_counts() != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.dead_letter_counts() == expected, cluster.log_text()
+    cluster.send_sentinel(client)  # anything still in flight is through the workers by now
+    assert client.dead_letter_counts() == expected
+    by_id = {held_message_id(letter["payload"]): letter for letter in client.ledger.dead_letters()}
+    assert set(by_id) == {"kw-1", "two-1", "llm-1", "q-1"}, by_id
+    assert by_id["kw-1"]["payload"] == {
+        "args": [],
+        "kwargs": {"msg": {"id": "kw-1", "text": TEXTS[0]}},
+    }
+    assert "expected keyword argument 'message'" in by_id["kw-1"]["reason"]
+    assert "'msg'" in by_id["kw-1"]["reason"]
+    assert by_id["two-1"]["payload"]["args"] == [{"id": "two-1", "text": TEXTS[1]}, 3]
+    assert "expected keyword argument 'work'" in by_id["llm-1"]["reason"]
+    assert by_id["q-1"]["kind"] == "id_reused"
+    assert by_id["q-1"]["payload"]["message"]["text"] == TEXTS[4]
+    assert "'q-1'" in by_id["q-1"]["reason"]
+    assert client.get_many(["q-1"])[0].label is not None
+    assert stream_ids(client).count("q-1") == 1
+    assert cluster.log_events("dead_letter.kept") == 4

@@ -146,7 +146,7 @@ def test_poison_messages_go_to_the_dead_letters_and_good_ones_are_answered(
     expected = [
         "not a message: payload: Input should be a valid dictionary",
         "not a message: payload: Input should be a valid dictionary",
-        "not a message: payload: Input should be a valid dictionary",
+        "wrong arguments: expected keyword argument 'message'",
         "not an LLM work item:",
         "undecodable",
         "invalid task message: Refusing to deserialize untrusted content",

@@ -227,8 +227,8 @@ def test_a_batch_that_fails_half_way_retries_only_its_unanswered_messages(
     delivered: list[str] = []
     deliver = ledger.deliver
 
-    def deliver_then_lose_redis(decision):
-        answered = deliver(decision)
+    def deliver_then_lose_redis(decision, text=None):
+        answered = deliver(decision, text)
         delivered.append(decision.id)
         if len(delivered) == 5:
             private_redis.shutdown()

@@ -204,11 +204,11 @@ def test_an_empty_body_is_a_422_saying_it_is_empty(gateway, headers):
         (b'{"text": "ok", "id": "' + b"i" * 257 + b'"}', "id"),
         (b'{"text": 42}', "text"),
         (b'{"text": "ok", "task": "format_disk"}', "task"),
-        (b'{"text": "ok", "admin": true}', "admin"),
+        (b'{"text": "ok", "admin": {"role": "root"}}', "admin"),
     ],
 )
 def test_malformed_or_invalid_bodies_are_a_422_naming_the_problem(gateway, body, needle):
-    """Not an object, broken JSON, an empty batch, a long id, wrong types, unknown fields: 422."""
+    """Not an object, broken JSON, an empty batch, a long id, wrong types, nested extras: 422."""
     response = gateway.post("/v1/classify", content=body, headers=JSON)
     assert_error(response, 422, needle)
 

@@ -163,7 +163,7 @@ def test_an_llm_that_obeys_the_injection_is_overruled_by_the_bert_answer(gateway
         assert decision["labels"] == [decision["label"]]
         assert (decision["tier"], decision["llm_skipped"]) == ("bert", "invalid_answer")
         assert "pwned" not in decision["labels"]
-        assert decision["llm"] is None
+        assert decision["llm"]["attempts"] == 2  # the answer and its repair, both paid for
     # Not cached: asked again, the message goes back to the LLM.
     gateway.llm.answerer = lambda _body: {"label": "bug"}
     again = gateway.post("/v1/classify", json={"text": CORPUS[0]["text"]}).json()

@@ -208,6 +208,60 @@ def test_llm_faults_fall_back_to_the_bert_answer_and_are_not_cached(
     assert (recovered.tier, recovered.label, recovered.cached) == (Tier.LLM, "synopsis", False)
 
 
+@pytest.mark.parametrize(
+    ("fault", "calls", "paid"),
+    [
+        (RespondRaw("this is not json"), 2, True),
+        (Refuse("I cannot help with that."), 1, True),
+        (Fail(500), 1, False),
+    ],
+)
+def test_a_failed_llm_step_reports_and_settles_what_its_calls_cost(
+    server, redis_prefix, fault, calls, paid
+):
+    """The fallback's llm block holds every call made for it; the budget is charged that much."""
+    spec = policy(budget=BudgetSpec(usd_per_day=1.0))
+    server.script(*[fault] * calls)
+    cascade = cascade_for(server, spec, redis_prefix=redis_prefix, scores={"hard": UNSURE})
+    decision = cascade.decide([Message(id="h", text="hard")])[0]
+    assert decision.tier is Tier.BERT
+    usage = decision.llm
+    assert usage is not None
+    assert (usage.provider, usage.model, usage.attempts) == ("openai", "gpt-4o-mini", calls)
+    assert (usage.cost_usd > 0) is paid
+    assert (usage.output_tokens > 0) is paid
+    left = cascade.budget.state(spec.name, spec.budget).usd_left
+    assert left == pytest.approx(1.0 - usage.cost_usd, abs=1e-6)
+
+
+def test_a_decision_from_the_cache_shows_that_nothing_was_paid_for_it(server, redis_prefix):
+    """A cache hit keeps the answering provider and model, with no call, tokens or cost."""
+    cascade = cascade_for(server, redis_prefix=redis_prefix, scores={"hard": UNSURE})
+    first = cascade.decide([Message(id="a", text="hard")])[0]
+    again = cascade.decide([Message(id="b", text="hard")])[0]
+    assert first.llm is not None
+    assert first.llm.cost_usd > 0
+    assert again.cached
+    assert again.llm is not None
+    assert (again.llm.provider, again.llm.model) == (first.llm.provider, first.llm.model)
+    assert (again.llm.attempts, again.llm.input_tokens, again.llm.output_tokens) == (0, 0, 0)
+    assert again.llm.cost_usd == 0.0
+    assert server.calls == 1
+
+
+def test_identical_messages_in_one_batch_are_paid_for_once(server):
+    """One call answers five copies: one decision carries its cost, the others none."""
+    cascade = cascade_for(server, scores={"dup": UNSURE})
+    decisions = cascade.decide([Message(id=str(i), text="dup") for i in range(5)])
+    usages = [d.llm for d in decisions]
+    assert all(usage is not None for usage in usages)
+    assert sorted(usage.attempts for usage in usages) == [0, 0, 0, 0, 1]
+    paid = next(usage for usage in usages if usage.attempts == 1)
+    assert paid.cost_usd > 0
+    assert sum(usage.cost_usd for usage in usages) == paid.cost_usd
+    assert server.calls == 1
+
+
 def test_rate_limited_call_is_retried_after_the_servers_delay(server):
     """A 429 with Retry-After is waited out by the SDK and the LLM still answers."""
     server.script(Fail(429, retry_after=0.5), Respond({"label": "positive"}))
@@ -215,6 +269,20 @@ def test_rate_limited_call_is_retried_after_the_servers_delay(server):
     decision = cascade.decide([Message(text="hard")])[0]
     assert (decision.tier, decision.label) == (Tier.LLM, "positive")
     assert server.calls == 2
+
+
+def test_a_retry_after_over_a_minute_gives_the_bert_answer_at_once(server):
+    """Three 429s asking for two minutes: one request, no wait, the flagged BERT answer."""
+    server.script(*[Fail(429, retry_after=120)] * 3)
+    cascade = cascade_for(server, scores={"hard": UNSURE}, llm_max_retries=2)
+    decision = cascade.decide([Message(id="h", text="hard")])[0]
+    assert (decision.tier, decision.label, decision.llm_skipped) == (
+        Tier.BERT,
+        "negative",
+        LLMSkip.LLM_UNAVAILABLE,
+    )
+    assert "429" in (decision.llm_error or "")
+    assert server.calls == 1
 
 
 def test_reply_task_gets_generated_text_and_personal_data_never_leaves(server):

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from cluster import bert_decision
-from tiergate.workers.ledger import LocalDecisionLedger, RedisDecisionLedger, held_messages
-from tiergate.workers.schemas import Decision
+from tiergate.workers.ledger import (
+    DeadLetterKind,
+    Delivery,
+    IdReused,
+    LocalDecisionLedger,
+    RedisDecisionLedger,
+    held_message_id,
+    held_messages,
+)
+from tiergate.workers.schemas import Decision, Message
 
 
 class FakeClock:
@@ -58,7 +68,7 @@ def test_concurrent_deliveries_of_one_id_put_one_entry_on_the_stream(redis_prefi
     ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
     with ThreadPoolExecutor(max_workers=20) as pool:
         outcomes = list(pool.map(lambda _: ledger.deliver(bert_decision("same")), range(20)))
-    assert outcomes.count(True) == 1
+    assert outcomes.count(Delivery.DELIVERED) == 1
     entries = client.xrange(ledger.stream)
     assert [fields[b"id"] for _, fields in entries] == [b"same"]
     assert Decision.model_validate_json(entries[0][1][b"decision"]).id == "same"
@@ -78,12 +88,13 @@ def test_wait_wakes_when_the_decision_arrives_and_times_out_otherwise(ledger):
 
 
 def test_dead_letters_keep_payload_and_reason_newest_first(ledger):
-    """Dead letters are listed with their payload and reason."""
-    ledger.dead_letter({"text": ""}, "empty text")
-    ledger.dead_letter({"oops": 1}, "not a message")
+    """Dead letters are listed with their payload, reason and kind."""
+    ledger.dead_letter({"text": ""}, "empty text", kind=DeadLetterKind.NOT_A_MESSAGE)
+    ledger.dead_letter({"oops": 1}, "not a message", kind=DeadLetterKind.NOT_A_MESSAGE)
     letters = ledger.dead_letters()
     assert [letter["reason"] for letter in letters] == ["not a message", "empty text"]
     assert letters[1]["payload"] == {"text": ""}
+    assert letters[1]["kind"] == "not_a_message"
 
 
 def test_batch_sizes_are_counted(ledger):
@@ -132,10 +143,10 @@ def test_deliver_many_delivers_each_new_id_once_in_order(ledger):
         bert_decision("b"),
         bert_decision("a", "negative"),
     ]
-    assert ledger.deliver_many(batch) == [True, False, True, False]
+    assert [bool(d) for d in ledger.deliver_many(batch)] == [True, False, True, False]
     found = ledger.get_many(["a", "b", "old"])
     assert [d.label if d else None for d in found] == ["positive", "positive", "negative"]
-    assert ledger.deliver_many([bert_decision("a"), bert_decision("b")]) == [False, False]
+    assert not any(ledger.deliver_many([bert_decision("a"), bert_decision("b")]))
 
 
 def test_deliver_many_streams_one_entry_per_delivered_decision(redis_prefix):
@@ -153,13 +164,133 @@ def test_deliver_many_loads_the_script_again_after_redis_lost_it(private_redis):
     """After SCRIPT FLUSH a batch is still delivered, each decision once."""
     client = private_redis.client()
     ledger = RedisDecisionLedger(client, prefix="flushed", stream="flushed:decisions")
-    assert ledger.deliver_many([bert_decision("a")]) == [True]
+    assert ledger.deliver_many([bert_decision("a")]) == [Delivery.DELIVERED]
     client.script_flush()
     assert ledger.deliver_many([bert_decision("a"), bert_decision("b"), bert_decision("c")]) == [
-        False,
-        True,
-        True,
+        Delivery.ANSWERED_BEFORE,
+        Delivery.DELIVERED,
+        Delivery.DELIVERED,
     ]
     assert [d.id if d else None for d in ledger.get_many(["a", "b", "c"])] == ["a", "b", "c"]
     assert [fields[b"id"] for _, fields in client.xrange(ledger.stream)] == [b"a", b"b", b"c"]
     client.close()
+
+
+def test_an_id_reused_for_another_text_is_refused_and_told_apart(ledger):
+    """Same id and text: answered before; another text: refused as reused, nothing changes."""
+    first = Message(id="http-1", text="A dull, joyless slog.")
+    other = Message(id="http-1", text="A delight from start to finish.")
+    assert ledger.deliver(bert_decision("http-1", "negative"), text=first.text) is (
+        Delivery.DELIVERED
+    )
+    assert ledger.deliver(bert_decision("http-1"), text=other.text) is Delivery.ID_REUSED
+    assert ledger.deliver(bert_decision("http-1"), text=first.text) is Delivery.ANSWERED_BEFORE
+    fresh = Message(id="http-2", text=other.text)
+    found = ledger.answers_for([first, other, fresh])
+    assert isinstance(found[0], Decision)
+    assert found[0].label == "negative"
+    assert found[1:] == [IdReused("http-1"), None]
+    assert ledger.wait_for(other, timeout_s=0.1) == IdReused("http-1")
+    assert ledger.get_many(["http-1"])[0].label == "negative"
+
+
+def test_a_record_without_a_text_hash_answers_any_text_as_before(ledger):
+    """A decision recorded with no text (before text hashes were kept) stays idempotent."""
+    assert ledger.deliver(bert_decision("old"))
+    assert ledger.deliver(bert_decision("old"), text="anything") is Delivery.ANSWERED_BEFORE
+    found = ledger.answers_for([Message(id="old", text="anything at all")])
+    assert isinstance(found[0], Decision)
+
+
+def test_two_texts_racing_for_one_id_deliver_only_the_first(redis_prefix):
+    """Racing deliveries of one id with two texts: one delivered, the other text refused."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    ledger = RedisDecisionLedger(client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions")
+    texts = ["first text", "second text"] * 10
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(
+            pool.map(lambda text: ledger.deliver(bert_decision("race"), text=text), texts)
+        )
+    assert outcomes.count(Delivery.DELIVERED) == 1
+    winner = texts[outcomes.index(Delivery.DELIVERED)]
+    for text, outcome in zip(texts, outcomes, strict=True):
+        if outcome is not Delivery.DELIVERED:
+            same = text == winner
+            assert outcome is (Delivery.ANSWERED_BEFORE if same else Delivery.ID_REUSED)
+    assert len(client.xrange(ledger.stream)) == 1
+
+
+def test_a_record_and_its_text_hash_expire_together(redis_prefix):
+    """The text hash is kept as long as the record it belongs to."""
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    ledger = RedisDecisionLedger(
+        client, prefix=redis_prefix, stream=f"{redis_prefix}:decisions", record_ttl_s=1000
+    )
+    ledger.deliver(bert_decision("ttl"), text="some text")
+    text_key = ledger.text_key("ttl")
+    assert client.get(text_key) is not None
+    assert 990 <= client.ttl(text_key) <= 1000
+    assert 990 <= client.ttl(ledger.record_key("ttl")) <= 1000
+
+
+def test_each_dead_letter_is_counted_by_kind_and_logged_with_its_id(ledger):
+    """A warning per dead letter names the message id, kind and reason; counts are by kind."""
+    with capture_logs() as logs:
+        ledger.dead_letter(
+            {"message": {"id": "m-7", "text": "  "}, "attempt": 0},
+            "not a message: text: empty",
+            kind=DeadLetterKind.NOT_A_MESSAGE,
+        )
+        ledger.dead_letter({"id": "m-8", "text": "x"}, "unknown policy", kind="unknown_policy")
+        ledger.dead_letter({"oops": 1}, "not a message", kind=DeadLetterKind.NOT_A_MESSAGE)
+    kept = [entry for entry in logs if entry["event"] == "dead_letter.kept"]
+    assert [(e["log_level"], e["message_id"], e["kind"]) for e in kept] == [
+        ("warning", "m-7", "not_a_message"),
+        ("warning", "m-8", "unknown_policy"),
+        ("warning", None, "not_a_message"),
+    ]
+    assert kept[0]["reason"] == "not a message: text: empty"
+    assert ledger.dead_letter_counts() == {"not_a_message": 2, "unknown_policy": 1}
+
+
+def test_an_unknown_dead_letter_kind_is_refused(ledger):
+    """Kinds are a fixed set (metric labels stay bounded): a free-text kind is an error."""
+    with pytest.raises(ValueError, match="no_such_kind"):
+        ledger.dead_letter({}, "why", kind="no_such_kind")
+    assert ledger.dead_letters() == []
+
+
+def test_the_dead_letter_list_keeps_only_the_newest(redis_prefix, clock):
+    """Past its maximum length the oldest dead letters go; the counts still count them all."""
+    for ledger in (
+        LocalDecisionLedger(clock=clock, dead_letters_maxlen=3),
+        RedisDecisionLedger(
+            redis.Redis(host="127.0.0.1", port=6379),
+            prefix=redis_prefix,
+            stream=f"{redis_prefix}:decisions",
+            dead_letters_maxlen=3,
+            clock=clock,
+        ),
+    ):
+        for number in range(5):
+            ledger.dead_letter({"id": f"d-{number}"}, "gave up", kind=DeadLetterKind.GAVE_UP)
+        assert [held_message_id(e["payload"]) for e in ledger.dead_letters()] == [
+            "d-4",
+            "d-3",
+            "d-2",
+        ]
+        assert ledger.dead_letter_counts() == {"gave_up": 5}
+
+
+def test_held_message_id_finds_the_id_in_every_dead_letter_shape():
+    """An id is found in a message that failed validation, in task arguments and in raw bodies."""
+    body = json.dumps([[], {"msg": {"id": "raw-1", "text": "hi"}}, {}])
+    assert held_message_id({"message": {"id": "m-1", "text": "  "}, "attempt": 0}) == "m-1"
+    assert held_message_id({"work": {"message": {"id": "m-2"}}}) == "m-2"
+    assert held_message_id({"id": "m-3", "text": ""}) == "m-3"
+    assert held_message_id({"args": [{"id": "m-4", "text": "hi"}], "kwargs": {}}) == "m-4"
+    assert held_message_id({"args": [], "kwargs": {"msg": {"id": "m-5", "text": "hi"}}}) == "m-5"
+    assert held_message_id({"task": "tiergate.classify", "body": body}) == "raw-1"
+    assert held_message_id({"task": "x", "body": "not json"}) is None
+    assert held_message_id({"message": {"id": 7}}) is None
+    assert held_message_id(None) is None

@@ -31,10 +31,50 @@ def test_message_rejects_text_that_is_not_a_string(text):
         Message(text=text)
 
 
-def test_message_rejects_unknown_fields():
-    """A field the schema does not define is refused rather than silently dropped."""
-    with pytest.raises(ValidationError, match="priority"):
-        Message.model_validate({"text": "hello", "priority": "high"})
+def test_message_moves_extra_scalar_fields_into_metadata():
+    """A field the schema does not define, holding a JSON scalar, travels in ``metadata``."""
+    payload = {"id": "c3-bad-extra", "text": "A fine film.", "lang": "en", "stars": 4}
+    payload |= {"score": 0.5, "reviewed": False, "editor": None}
+
+    message = Message.model_validate(payload)
+
+    assert message.metadata == {
+        "lang": "en",
+        "stars": 4,
+        "score": 0.5,
+        "reviewed": False,
+        "editor": None,
+    }
+    assert Message.model_validate_json(message.model_dump_json()) == message
+    assert Message(text="hello", lang="en").metadata == {"lang": "en"}
+
+
+def test_message_metadata_wins_over_an_extra_field_of_the_same_name():
+    """An extra field and a ``metadata`` key of the same name: the explicit metadata is kept."""
+    message = Message.model_validate(
+        {"text": "hello", "lang": "en", "channel": "web", "metadata": {"lang": "fr"}}
+    )
+
+    assert message.metadata == {"lang": "fr", "channel": "web"}
+
+
+@pytest.mark.parametrize("value", [["a", "b"], {"nested": 1}])
+def test_message_rejects_an_extra_field_that_is_not_a_scalar_naming_it(value):
+    """An extra field holding a list or an object is refused, the error naming that field."""
+    with pytest.raises(ValidationError) as caught:
+        Message.model_validate({"text": "hello", "tags": value})
+
+    errors = caught.value.errors()
+    assert [error["loc"] for error in errors] == [("tags",)]
+    assert "must be a JSON scalar" in errors[0]["msg"]
+
+
+def test_message_with_invalid_metadata_reports_metadata_not_its_extra_fields():
+    """With ``metadata`` not an object, that is the error; scalar extra fields are not blamed."""
+    with pytest.raises(ValidationError) as caught:
+        Message.model_validate({"text": "hello", "lang": "en", "metadata": ["x"]})
+
+    assert [error["loc"][0] for error in caught.value.errors()] == ["metadata"]
 
 
 @pytest.mark.parametrize("text", ["a\ud800b", "\udfff", "ok \udc80"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anthropic
 
@@ -13,35 +13,23 @@ from tiergate.workers.llm.provider import (
     ProviderRequest,
     llm_error_from_connection,
     llm_error_from_status,
-    retry_after_seconds,
+    no_retry_after_long_waits,
 )
 
 if TYPE_CHECKING:
     from anthropic.types import Message, MessageParam
 
 
-# The longest Retry-After the SDK may sleep through before retrying. This SDK honours any
-# Retry-After (the OpenAI SDK does not retry past 60 s); a longer wait would park a worker
-# thread, so such a response is not retried: it surfaces as a transient error carrying its
-# retry_after, and the tier moves on to the next provider.
-MAX_RETRY_WAIT_S = 60.0
-
-
-def _no_retry_after_long_waits(response: Any) -> None:
-    """Response hook: mark a response asking for a long wait as not to be retried."""
-    wait = retry_after_seconds(response.headers)
-    if wait is not None and wait > MAX_RETRY_WAIT_S:
-        response.headers["x-should-retry"] = "false"
-
-
 class AnthropicProvider:
     """One Anthropic model behind one thread-safe SDK client.
 
     The client is built once, with the given timeout and retry count (the SDK backs off and
-    honours ``Retry-After`` between retries; see :mod:`tiergate.workers.llm.provider`). ``complete``
-    offers a single tool named ``request.schema_name`` whose ``input_schema`` is the answer
-    schema and forces it with ``tool_choice``; the answer is that ``tool_use`` block's
-    ``input`` (``data`` is ``None`` without one). ``stop_reason == "refusal"`` is a refusal.
+    honours a ``Retry-After`` of at most a minute between retries; see
+    :mod:`tiergate.workers.llm.provider`). ``complete`` offers a single tool named
+    ``request.schema_name`` whose ``input_schema`` is the answer schema and forces it with
+    ``tool_choice``; the answer is that ``tool_use`` block's ``input`` (``data`` is ``None``
+    without one). ``stop_reason == "refusal"`` is a refusal and ``"max_tokens"`` a truncated
+    answer.
     """
 
     name = "anthropic"
@@ -62,7 +50,7 @@ class AnthropicProvider:
         self._client = anthropic.Anthropic(
             api_key=api_key,
             http_client=anthropic.DefaultHttpxClient(
-                event_hooks={"response": [_no_retry_after_long_waits]}
+                event_hooks={"response": [no_retry_after_long_waits]}
             ),
             # None would let the SDK read ANTHROPIC_BASE_URL; tiergate's settings decide instead.
             base_url=base_url or "https://api.anthropic.com",
@@ -130,4 +118,5 @@ def _answer_of(response: Message, tool_name: str) -> ProviderAnswer:
         output_tokens=response.usage.output_tokens,
         model=response.model,
         refusal=refusal,
+        truncated=response.stop_reason == "max_tokens",
     )

@@ -16,6 +16,7 @@ from tiergate.workers.llm.provider import (
     ProviderRequest,
     llm_error_from_connection,
     llm_error_from_status,
+    no_retry_after_long_waits,
 )
 
 if TYPE_CHECKING:
@@ -26,9 +27,11 @@ class OpenAIProvider:
     """One OpenAI (or compatible) model behind one thread-safe SDK client.
 
     The client is built once, with the given timeout and retry count (the SDK backs off and
-    honours ``Retry-After`` between retries; see :mod:`tiergate.workers.llm.provider`). ``complete``
-    asks for ``response_format={"type": "json_schema", ..., "strict": True}`` and parses
-    ``choices[0].message.content`` as JSON; ``message.refusal`` becomes the refusal.
+    honours a ``Retry-After`` of at most a minute between retries; see
+    :mod:`tiergate.workers.llm.provider`). ``complete`` asks for
+    ``response_format={"type": "json_schema", ..., "strict": True}`` and parses
+    ``choices[0].message.content`` as JSON; ``message.refusal`` becomes the refusal and
+    ``finish_reason == "length"`` marks the answer truncated.
     """
 
     name = "openai"
@@ -48,6 +51,9 @@ class OpenAIProvider:
         self.base_url = base_url
         self._client = openai.OpenAI(
             api_key=api_key,
+            http_client=openai.DefaultHttpxClient(
+                event_hooks={"response": [no_retry_after_long_waits]}
+            ),
             # None would let the SDK read OPENAI_BASE_URL; tiergate's settings decide instead.
             base_url=base_url or "https://api.openai.com/v1",
             timeout=timeout_s,
@@ -94,7 +100,8 @@ class OpenAIProvider:
         usage = completion.usage
         input_tokens = usage.prompt_tokens if usage is not None else 0
         output_tokens = usage.completion_tokens if usage is not None else 0
-        message = completion.choices[0].message if completion.choices else None
+        choice = completion.choices[0] if completion.choices else None
+        message = choice.message if choice is not None else None
         raw = (message.content if message is not None else None) or ""
         return ProviderAnswer(
             data=_json_object(raw),
@@ -103,6 +110,7 @@ class OpenAIProvider:
             output_tokens=output_tokens,
             model=completion.model or self.model,
             refusal=message.refusal if message is not None else None,
+            truncated=choice is not None and choice.finish_reason == "length",
         )
 
 

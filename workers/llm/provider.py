@@ -8,9 +8,13 @@ fallback and circuit breaking live in :mod:`tiergate.workers.llm.tier`.
 Timeouts and retries are the SDKs' own: each client is built with
 ``timeout=settings.llm_timeout_s`` and ``max_retries=settings.llm_max_retries``, and retries
 rate limits, server errors, timeouts and failed connections, waiting what the server's
-``Retry-After`` asks or else a short exponential backoff. What still fails reaches us as an SDK
-error, which :func:`llm_error_from_status` and :func:`llm_error_from_connection` turn into
-:mod:`tiergate.workers.errors` classes.
+``Retry-After`` asks or else a short exponential backoff. Left alone, the SDKs would sleep
+through long waits (the OpenAI SDK up to two minutes, the Anthropic SDK any wait), so both
+clients carry the response hook :func:`no_retry_after_long_waits`: a response asking for more
+than :data:`MAX_RETRY_WAIT_S` is not retried. What still fails reaches us as an SDK error, which
+:func:`llm_error_from_status` and :func:`llm_error_from_connection` turn into
+:mod:`tiergate.workers.errors` classes (a long wait surfaces as a transient error carrying its
+``retry_after``, and the tier moves on to the next provider).
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ class ProviderAnswer:
 
     ``data`` is the answer object parsed from the model's output, or ``None`` when the output
     was not a JSON object; ``raw`` is the output as received (text, or the tool arguments as
-    JSON). ``refusal`` holds the provider's refusal text when the model refused. Token counts
-    are the provider's own.
+    JSON). ``refusal`` holds the provider's refusal text when the model refused; ``truncated``
+    is true when the output was cut off at ``max_output_tokens`` (OpenAI ``finish_reason:
+    "length"``, Anthropic ``stop_reason: "max_tokens"``). Token counts are the provider's own.
     """
 
     data: dict[str, Any] | None
@@ -67,6 +72,7 @@ class ProviderAnswer:
     output_tokens: int
     model: str
     refusal: str | None = None
+    truncated: bool = False
 
 
 class Provider(Protocol):
@@ -163,6 +169,22 @@ def build_provider(ref: ProviderRef, settings: Settings) -> Provider:
         timeout_s=settings.llm_timeout_s,
         max_retries=settings.llm_max_retries,
     )
+
+
+# The longest Retry-After an SDK may sleep through before retrying; a longer wait would park a
+# worker thread, so such a response is not retried.
+MAX_RETRY_WAIT_S = 60.0
+
+
+def no_retry_after_long_waits(response: Any) -> None:
+    """SDK response hook: mark a response asking for a wait over the bound as not to be retried.
+
+    Both SDKs obey the ``x-should-retry`` response header; ``response`` is their HTTP
+    client's response, whose headers the hook may change before the SDK reads them.
+    """
+    wait = retry_after_seconds(response.headers)
+    if wait is not None and wait > MAX_RETRY_WAIT_S:
+        response.headers["x-should-retry"] = "false"
 
 
 # The statuses the SDKs themselves retry: request timeout, lock conflict, rate limit, 5xx.

@@ -75,7 +75,19 @@ class Refuse:
     message: str = "I can't help with that request."
 
 
-Step = Respond | RespondRaw | Fail | Stall | Refuse
+@dataclass(frozen=True)
+class Truncate:
+    """Answer cut off at the request's output limit, the way the provider reports it.
+
+    OpenAI: the first half of the answer's JSON with ``finish_reason: "length"``; Anthropic: a
+    ``tool_use`` block with empty input and ``stop_reason: "max_tokens"``. Either way the output
+    tokens reported are the whole limit. The answer is ``data``, else the answerer's.
+    """
+
+    data: dict[str, Any] | None = None
+
+
+Step = Respond | RespondRaw | Fail | Stall | Refuse | Truncate
 
 
 @dataclass(frozen=True)
@@ -184,12 +196,12 @@ class FakeLLMServer:
     """An OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1, scripted per call.
 
     ``script(*steps)`` queues steps (:class:`Respond`, :class:`RespondRaw`, :class:`Fail`,
-    :class:`Stall`, :class:`Refuse`), used one per request in arrival order, whatever the
-    path; then ``answerer`` decides. ``set_outage(step)`` answers every request with one
-    failure until it is lifted. ``latency_s`` delays every answer. ``calls`` counts requests
-    (``calls_by_path`` per path, ``statuses`` per response status) and ``requests`` keeps
-    their bodies and arrival times; all are safe to read while requests are served. Start and
-    stop it as a context manager or with :meth:`start` and :meth:`stop`.
+    :class:`Stall`, :class:`Refuse`, :class:`Truncate`), used one per request in arrival order,
+    whatever the path; then ``answerer`` decides. ``set_outage(step)`` answers every request
+    with one failure until it is lifted. ``latency_s`` delays every answer. ``calls`` counts
+    requests (``calls_by_path`` per path, ``statuses`` per response status) and ``requests``
+    keeps their bodies and arrival times; all are safe to read while requests are served.
+    Start and stop it as a context manager or with :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, answerer: Answerer = first_label_answer, *, latency_s: float = 0.0) -> None:
@@ -347,6 +359,8 @@ class FakeLLMServer:
             return
         if step is None:
             step = Respond(self.answerer(body))
+        elif isinstance(step, Truncate) and step.data is None:
+            step = Truncate(self.answerer(body))
         number = next(self._ids)
         payload = (
             _openai_response(step, body, number)
@@ -404,14 +418,20 @@ def _error_body(status_code: int, *, openai: bool) -> dict[str, Any]:
 def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
     content: str | None
     refusal = None
+    finish_reason = "stop"
     if isinstance(step, Respond):
         content = json.dumps(step.data)
     elif isinstance(step, RespondRaw):
         content = step.text
+    elif isinstance(step, Truncate):
+        whole = json.dumps(step.data)
+        content, finish_reason = whole[: len(whole) // 2], "length"
     else:
         assert isinstance(step, Refuse)
         content, refusal = None, step.message
     output = _tokens(content or refusal or "")
+    if isinstance(step, Truncate):
+        output = int(body.get("max_completion_tokens") or output)
     prompt = _prompt_tokens(body)
     return {
         "id": f"chatcmpl-fake-{number}",
@@ -421,7 +441,7 @@ def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str,
         "choices": [
             {
                 "index": 0,
-                "finish_reason": "stop",
+                "finish_reason": finish_reason,
                 "message": {"role": "assistant", "content": content, "refusal": refusal},
             }
         ],
@@ -434,12 +454,18 @@ def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str,
 
 
 def _anthropic_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
+    tool = (body.get("tools") or [{"name": "answer"}])[0]["name"]
+    output_tokens = None
     if isinstance(step, Respond):
-        tool = (body.get("tools") or [{"name": "answer"}])[0]["name"]
         content = [
             {"type": "tool_use", "id": f"toolu_fake_{number}", "name": tool, "input": step.data}
         ]
         stop_reason, output = "tool_use", json.dumps(step.data)
+    elif isinstance(step, Truncate):
+        # The tool call was cut off before its input was complete.
+        content = [{"type": "tool_use", "id": f"toolu_fake_{number}", "name": tool, "input": {}}]
+        stop_reason, output = "max_tokens", ""
+        output_tokens = int(body.get("max_tokens") or 1)
     elif isinstance(step, RespondRaw):
         content = [{"type": "text", "text": step.text}]
         stop_reason, output = "end_turn", step.text
@@ -455,5 +481,8 @@ def _anthropic_response(step: Step, body: dict[str, Any], number: int) -> dict[s
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {"input_tokens": _prompt_tokens(body), "output_tokens": _tokens(output)},
+        "usage": {
+            "input_tokens": _prompt_tokens(body),
+            "output_tokens": output_tokens if output_tokens is not None else _tokens(output),
+        },
     }

@@ -4,8 +4,10 @@
 provider chain: a provider whose circuit breaker is open is skipped; a transient failure
 (after the SDK's own retries) counts against its breaker and moves on to the next provider;
 an answer is validated, and an invalid one gets exactly one repair attempt on the same
-provider. Invalid answers and refusals do not move on to the next provider: the message itself
-may be what the models stumble on, and the caller has the BERT answer to fall back to.
+provider (an answer cut off at the output limit is asked again with twice the room, up to
+4,096 tokens). Invalid answers and refusals do not move on to the next provider: the message
+itself may be what the models stumble on, and the caller has the BERT answer to fall back to.
+Every call is paid for: a result, or the error raised, carries the usage of all calls made.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ log = structlog.get_logger(__name__)
 # estimate errs on the expensive side.
 _CHARS_PER_TOKEN = 3
 
+# The most output tokens the repair of a truncated answer asks for (it asks for twice the
+# policy's limit, but never less than that limit).
+MAX_REPAIR_OUTPUT_TOKENS = 4096
+
 
 @dataclass(frozen=True)
 class LLMRequest:
@@ -88,6 +94,17 @@ class _Spend:
         self.output_tokens = 0
         self.cost_usd = 0.0
         self.attempts = 0
+
+    def usage(self, provider: Provider) -> LLMUsage:
+        """The spend so far, named after ``provider`` (the one that answered or failed last)."""
+        return LLMUsage(
+            provider=provider.name,
+            model=provider.model,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_usd=self.cost_usd,
+            attempts=self.attempts,
+        )
 
 
 class LLMTier:
@@ -174,6 +191,10 @@ class LLMTier:
     def answer(self, request: LLMRequest) -> LLMResult:
         """Ask the policy's providers, in order, for a validated answer to ``request``.
 
+        The errors raised after a call was made carry ``usage``: every call made for this
+        request (attempts, tokens and dollars, over the whole chain), named after the provider
+        that failed last.
+
         Raises:
             ProviderNotConfiguredError: the policy has no usable provider.
             BreakerOpenError: every provider's breaker is open; no call was made.
@@ -210,6 +231,7 @@ class LLMTier:
             try:
                 answer = self._ask(provider, key, wire, request, spend)
             except TransientLLMError as exc:
+                exc.usage = spend.usage(provider)
                 last_error = exc
                 log.warning(
                     "llm.fallback",
@@ -219,19 +241,17 @@ class LLMTier:
                     retry_after=exc.retry_after,
                 )
                 continue
+            except PermanentLLMError as exc:
+                exc.usage = spend.usage(provider)
+                raise
             generated = (
                 self._redactor.restore(answer.text, mapping) if answer.text is not None else None
             )
-            usage = LLMUsage(
-                provider=provider.name,
-                model=provider.model,
-                input_tokens=spend.input_tokens,
-                output_tokens=spend.output_tokens,
-                cost_usd=spend.cost_usd,
-                attempts=spend.attempts,
-            )
             return LLMResult(
-                label=answer.label, labels=list(answer.labels), text=generated, usage=usage
+                label=answer.label,
+                labels=list(answer.labels),
+                text=generated,
+                usage=spend.usage(provider),
             )
         if last_error is not None:
             raise last_error
@@ -262,16 +282,30 @@ class LLMTier:
         request: LLMRequest,
         spend: _Spend,
     ) -> Answer:
-        """One provider's validated answer, with at most one repair attempt."""
+        """One provider's validated answer, with at most one repair attempt.
+
+        An invalid answer is sent back with the problem named; a truncated one is asked again
+        unchanged with a larger output limit (:func:`_repair_output_limit`).
+        """
         reply = self._call(provider, key, wire, spend)
         try:
-            return self._validate(provider, reply, request)
+            return self._validate(provider, reply, request, wire)
         except ValueError as exc:
             problem = str(exc)
-        log.info("llm.repair", provider=provider.name, model=provider.model, problem=problem)
-        reply = self._call(provider, key, replace(wire, repair_of=(reply.raw, problem)), spend)
+        log.info(
+            "llm.repair",
+            provider=provider.name,
+            model=provider.model,
+            problem=problem,
+            truncated=reply.truncated,
+        )
+        if reply.truncated:
+            repair = replace(wire, max_output_tokens=_repair_output_limit(wire.max_output_tokens))
+        else:
+            repair = replace(wire, repair_of=(reply.raw, problem))
+        reply = self._call(provider, key, repair, spend)
         try:
-            return self._validate(provider, reply, request)
+            return self._validate(provider, reply, request, repair)
         except ValueError as exc:
             log.warning(
                 "llm.invalid_answer", provider=provider.name, model=provider.model, problem=str(exc)
@@ -280,11 +314,21 @@ class LLMTier:
                 provider.name, f"invalid answer after one repair attempt: {exc}"
             ) from None
 
-    def _validate(self, provider: Provider, reply: ProviderAnswer, request: LLMRequest) -> Answer:
-        """The validated answer in ``reply``; ValueError when invalid, RefusalError on refusal."""
+    def _validate(
+        self, provider: Provider, reply: ProviderAnswer, request: LLMRequest, wire: ProviderRequest
+    ) -> Answer:
+        """The validated answer in ``reply`` to ``wire``.
+
+        Raises RefusalError on a refusal, and ValueError for an invalid answer or one cut off
+        at the output limit (whatever part of it arrived is not trusted).
+        """
         if reply.refusal is not None:
             log.warning("llm.refusal", provider=provider.name, model=provider.model)
             raise RefusalError(provider.name, f"the model refused: {reply.refusal[:200]}")
+        if reply.truncated:
+            raise ValueError(
+                f"the answer was cut off at the output limit of {wire.max_output_tokens} tokens"
+            )
         return parse_answer(reply.data, request.spec, request.task, request.labels)
 
     def _call(
@@ -366,6 +410,11 @@ class LLMTier:
                     )
                     self._built[ref] = None
             return self._built[ref]
+
+
+def _repair_output_limit(limit: int) -> int:
+    """The output limit for re-asking a truncated answer: twice ``limit``, bounded."""
+    return max(limit, min(2 * limit, MAX_REPAIR_OUTPUT_TOKENS))
 
 
 def _all_breakers_open(chain: list[Provider]) -> BreakerOpenError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,33 +12,35 @@ from celery.worker.consumer import Consumer
 from celery_batches import SimpleRequest
 
 from tiergate.workers.errors import TransientError
-from tiergate.workers.ledger import RedisDecisionLedger
+from tiergate.workers.ledger import DeadLetterKind, RedisDecisionLedger
 from tiergate.workers.settings import Settings
 from tiergate.workers.tasks.bert_step import PoolAwareBatches, check_batches_hooks, run_bert_step
 from tiergate.workers.tasks.llm_step import run_llm_step
-from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK, WEBHOOK_TASK
+from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK, SENT_AT_HEADER, WEBHOOK_TASK
+from tiergate.workers.tasks.retries import DEAD_BODY_CHARS, task_payload
 from tiergate.workers.tasks.runtime import WorkerRuntime
 from tiergate.workers.tasks.sweep import OverdueSweep
 from tiergate.workers.tasks.webhooks import run_webhook
 
 log = structlog.get_logger(__name__)
 
-# Characters of an undecodable message body kept in its dead letter.
-_DEAD_BODY_CHARS = 10_000
-
 
 class TiergateCelery(Celery):  # type: ignore[misc]
-    """Celery whose ``send_task`` ignores results unless told otherwise.
+    """Celery whose ``send_task`` ignores results unless told otherwise, and stamps the time.
 
     ``task_ignore_result`` covers tasks called through their objects, not ``send_task``, which
     tiergate publishes with everywhere. No tiergate task's result is ever read, and a publish
     that keeps its result subscribes to a result channel on the result backend: two Redis round
     trips per message, and a publish that depends on Redis as well as the broker.
+
+    Every publish carries its time in header :data:`SENT_AT_HEADER` (unless the caller set it),
+    from which workers measure how long a message was queued.
     """
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
         """Publish task ``name`` (see ``Celery.send_task``), ignoring its result by default."""
         options.setdefault("ignore_result", True)
+        options["headers"] = {SENT_AT_HEADER: time.time(), **(options.get("headers") or {})}
         return super().send_task(name, *args, **options)
 
 
@@ -54,27 +57,32 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """Dead-letter a message whose body is not valid in its content type, then drop it."""
-        _dead_letter_message(self.app, message, f"undecodable message body: {exc}")
+        reason = f"undecodable message body: {exc}"
+        _dead_letter_message(self.app, message, reason, DeadLetterKind.UNDECODABLE)
         super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         """Dead-letter a message that is not a Celery task message, then drop it."""
-        _dead_letter_message(self.app, message, "not a task message")
+        _dead_letter_message(self.app, message, "not a task message", DeadLetterKind.NOT_A_TASK)
         super().on_unknown_message(body, message)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         """Dead-letter a task no worker here serves (a misrouted or newer task), then drop it."""
         name = (message.headers or {}).get("task")
-        _dead_letter_message(self.app, message, f"unknown task {name!r}")
+        _dead_letter_message(
+            self.app, message, f"unknown task {name!r}", DeadLetterKind.UNKNOWN_TASK
+        )
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         """Dead-letter an invalid task message (a refused content type), then drop it."""
-        _dead_letter_message(self.app, message, f"invalid task message: {exc}")
+        reason = f"invalid task message: {exc}"
+        _dead_letter_message(self.app, message, reason, DeadLetterKind.INVALID_TASK)
         super().on_invalid_task(body, message, exc)
 
 
-def _dead_letter_message(app: Celery, message: Any, reason: str) -> None:
+def _dead_letter_message(app: Celery, message: Any, reason: str, kind: DeadLetterKind) -> None:
+    """Keep a message no task can take: the headers naming its task, and its body (bounded)."""
     runtime = getattr(app, "tiergate_runtime", None)
     if not isinstance(runtime, WorkerRuntime) or not runtime.settings.redis_url:
         return
@@ -85,11 +93,11 @@ def _dead_letter_message(app: Celery, message: Any, reason: str) -> None:
         "task": headers.get("task"),
         "task_id": headers.get("id"),
         "content_type": message.content_type,
-        "body": text[:_DEAD_BODY_CHARS],
+        "body": text[:DEAD_BODY_CHARS],
     }
     ledger = RedisDecisionLedger.from_settings(runtime.settings)
     try:
-        ledger.dead_letter(payload, reason)
+        ledger.dead_letter(payload, reason, kind=kind)
     except TransientError as exc:
         log.warning("dead_letter.unavailable", reason=reason, error=str(exc))
     finally:
@@ -150,14 +158,23 @@ def create_celery_app(settings: Settings) -> Celery:
         typing=False,
     )
     def classify(requests: Sequence[SimpleRequest]) -> None:
-        """Thin: the payloads of a batch of requests go to :func:`run_bert_step`."""
-        payloads = [_payload(request, "message") for request in requests]
-        run_bert_step(app, runtime, payloads)
+        """Thin: the payloads of a batch of requests go to :func:`run_bert_step`.
 
-    @app.task(name=LLM_TASK, acks_late=True, typing=False)  # type: ignore[untyped-decorator]
-    def answer_with_llm(work: Any = None, attempt: int = 0) -> None:
-        """Thin: one LLM step, see :func:`run_llm_step`."""
-        run_llm_step(app, runtime, work, attempt)
+        The message is keyword ``message``, or the only positional argument; other arguments
+        reach the step as :class:`~tiergate.workers.tasks.retries.WrongArguments`.
+        """
+        payloads = [_payload(request, "message") for request in requests]
+        published = [(request.request_dict or {}).get(SENT_AT_HEADER) for request in requests]
+        run_bert_step(app, runtime, payloads, published)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=LLM_TASK, bind=True, acks_late=True, typing=False
+    )
+    def answer_with_llm(task: Any, *args: Any, **kwargs: Any) -> None:
+        """Thin: one LLM step (keyword ``work``), see :func:`run_llm_step`."""
+        work = task_payload(args, kwargs, "work")
+        published = task.request.get(SENT_AT_HEADER)
+        run_llm_step(app, runtime, work, _attempt(kwargs), published=published)
 
     @app.task(name=WEBHOOK_TASK, acks_late=True, typing=False)  # type: ignore[untyped-decorator]
     def post_webhook(url: str = "", decision: str = "", attempt: int = 0) -> None:
@@ -169,9 +186,17 @@ def create_celery_app(settings: Settings) -> Celery:
 
 
 def _payload(request: SimpleRequest, name: str) -> tuple[Any, int]:
+    """A batched request's payload argument ``name`` (see ``task_payload``) and its attempt."""
     kwargs = request.kwargs or {}
-    value = kwargs.get(name, request.args[0] if request.args else None)
-    return value, int(kwargs.get("attempt", 0) or 0)
+    return task_payload(request.args or (), kwargs, name), _attempt(kwargs)
+
+
+def _attempt(kwargs: dict[str, Any]) -> int:
+    """The attempt a task's keyword arguments name (0 when absent or not a number)."""
+    try:
+        return int(kwargs.get("attempt", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]

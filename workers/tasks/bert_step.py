@@ -23,16 +23,20 @@ from pydantic import ValidationError
 
 from tiergate.workers.cascade import LLMWork
 from tiergate.workers.errors import TransientError, UnknownPolicyError
+from tiergate.workers.ledger import DeadLetterKind, IdReused
 from tiergate.workers.schemas import Message
 from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK
 from tiergate.workers.tasks.outcomes import deliver_or_defer
 from tiergate.workers.tasks.retries import (
+    WrongArguments,
     dead_letter_or_republish,
+    dead_letter_reused_id,
     first_error,
     forget,
     retry_or_dead_letter,
 )
 from tiergate.workers.tasks.runtime import WorkerRuntime
+from tiergate.workers.tasks.timings import StepClock, worker_timings
 
 log = structlog.get_logger(__name__)
 
@@ -172,45 +176,81 @@ def _names_used(function: Any) -> tuple[str, ...]:
     return tuple(code.co_names) if code is not None else ()
 
 
-def run_bert_step(app: Celery, runtime: WorkerRuntime, payloads: Sequence[tuple[Any, int]]) -> None:
-    """The BERT step for a batch of ``(message payload, attempt)`` pairs.
+def _message_or_dead_letter(
+    app: Celery, runtime: WorkerRuntime, payload: Any, attempt: int
+) -> Message | None:
+    """The message of a task's payload, or ``None`` once the payload is dead-lettered.
 
-    Invalid payloads and unknown policies go to the dead letters; ids already answered are
-    skipped; the rest run through one ``first_pass``. A transient failure republishes the
-    batch's messages with backoff (or dead-letters those out of retries).
+    Wrong task arguments, a payload that is not a message and a policy not served here are
+    dead-lettered (or republished while Redis cannot keep them).
     """
     cascade, ledger = runtime.parts()
-    bert_queue = runtime.settings.bert_queue
+
+    def keep(kept: Any, reason: str, kind: DeadLetterKind) -> bool:
+        queue = runtime.settings.bert_queue
+        return dead_letter_or_republish(
+            app, ledger, kept, reason, CLASSIFY_TASK, "message", attempt, queue=queue, kind=kind
+        )
+
+    if isinstance(payload, WrongArguments):
+        keep(payload, payload.reason, DeadLetterKind.WRONG_ARGUMENTS)
+        return None
+    try:
+        message = Message.model_validate(payload)
+        cascade.policies.get(message.policy)
+    except ValidationError as exc:
+        keep(payload, f"not a message: {first_error(exc)}", DeadLetterKind.NOT_A_MESSAGE)
+        return None
+    except UnknownPolicyError as exc:
+        if keep(payload, str(exc), DeadLetterKind.UNKNOWN_POLICY):
+            forget(ledger, message.id)
+        return None
+    return message
+
+
+def run_bert_step(
+    app: Celery,
+    runtime: WorkerRuntime,
+    payloads: Sequence[tuple[Any, int]],
+    published: Sequence[object] = (),
+) -> None:
+    """The BERT step for a batch of ``(message payload, attempt)`` pairs.
+
+    Invalid payloads (wrong task arguments included) and unknown policies go to the dead
+    letters; ids already answered for the same text are skipped, and for another text
+    dead-lettered; the rest run through one ``first_pass``. A transient failure republishes the
+    batch's messages with backoff (or dead-letters those out of retries).
+
+    ``published`` holds each payload's publish time as its message header gave it (absent:
+    unknown); decisions and LLM hand-offs get ``total`` and ``queued`` timings from it and
+    the step's start (see :mod:`~tiergate.workers.tasks.timings`).
+    """
+    clock = StepClock()
+    cascade, ledger = runtime.parts()
     messages: list[tuple[Message, int]] = []
-    for payload, attempt in payloads:
-        try:
-            message = Message.model_validate(payload)
-            cascade.policies.get(message.policy)
-        except ValidationError as exc:
-            reason = f"not a message: {first_error(exc)}"
-            dead_letter_or_republish(
-                app, ledger, payload, reason, CLASSIFY_TASK, "message", attempt, queue=bert_queue
-            )
-            continue
-        except UnknownPolicyError as exc:
-            if dead_letter_or_republish(
-                app, ledger, payload, str(exc), CLASSIFY_TASK, "message", attempt, queue=bert_queue
-            ):
-                forget(ledger, message.id)
-            continue
-        messages.append((message, attempt))
+    sent_at: dict[str, object] = {}
+    for index, (payload, attempt) in enumerate(payloads):
+        message = _message_or_dead_letter(app, runtime, payload, attempt)
+        if message is not None:
+            messages.append((message, attempt))
+            sent_at[message.id] = published[index] if index < len(published) else None
     if not messages:
         return
     # Ids answered (now or before) or handed to the LLM step are never republished by a later
     # failure in the batch: a republished id whose record Redis lost would be answered twice.
     settled: set[str] = set()
     try:
-        answered = ledger.get_many([m.id for m, _ in messages])
+        answered = ledger.answers_for([m for m, _ in messages])
+        for (message, attempt), done in zip(messages, answered, strict=True):
+            if isinstance(done, IdReused):
+                dead_letter_reused_id(app, runtime, ledger, message, attempt)
         settled.update(m.id for (m, _), done in zip(messages, answered, strict=True) if done)
         fresh = [pair for pair, done in zip(messages, answered, strict=True) if done is None]
         ledger.count_batch(len(fresh))
         results = cascade.first_pass([m for m, _ in fresh])
-        for (message, attempt), result in zip(fresh, results, strict=True):
+        for (message, attempt), first in zip(fresh, results, strict=True):
+            timings = worker_timings(first.timings_ms, clock, sent_at.get(message.id))
+            result = first.model_copy(update={"timings_ms": timings})
             if isinstance(result, LLMWork):
                 app.send_task(
                     LLM_TASK,

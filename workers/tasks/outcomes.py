@@ -6,9 +6,10 @@ import structlog
 from celery import Celery
 
 from tiergate.workers.cascade import LLMWork
-from tiergate.workers.ledger import DecisionLedger
+from tiergate.workers.ledger import DecisionLedger, Delivery
 from tiergate.workers.schemas import Decision, Message, Status
 from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK, WEBHOOK_TASK
+from tiergate.workers.tasks.retries import dead_letter_reused_id
 from tiergate.workers.tasks.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)
@@ -28,7 +29,10 @@ def deliver_or_defer(
 ) -> None:
     """Deliver a final decision; a deferred one is tried again later, not delivered."""
     if decision.status is not Status.DEFERRED:
-        if ledger.deliver(decision):
+        delivery = ledger.deliver(decision, text=message.text)
+        if delivery is Delivery.ID_REUSED:
+            dead_letter_reused_id(app, runtime, ledger, message, attempt, work)
+        elif delivery:
             announce(app, runtime, decision)
         return
     log.info("decision.deferred", message_id=message.id, policy=decision.policy)

@@ -10,6 +10,7 @@ import urllib.request
 import structlog
 from celery import Celery
 
+from tiergate.workers.ledger import DeadLetterKind
 from tiergate.workers.schemas import Decision
 from tiergate.workers.tasks.names import WEBHOOK_TASK
 from tiergate.workers.tasks.retries import republish
@@ -47,8 +48,9 @@ def run_webhook(app: Celery, runtime: WorkerRuntime, url: str, decision: str, at
     log.warning("webhook.failed", message_id=parsed.id, attempt=attempt, problem=problem)
     if attempt + 1 >= attempts:
         ledger.dead_letter(
-            {"webhook": url, "decision": parsed.id},
+            {"webhook": url, "decision": parsed.id, "id": parsed.id},
             f"webhook gave up after {attempt + 1} attempts: {problem}",
+            kind=DeadLetterKind.WEBHOOK_GAVE_UP,
         )
         return
     republish(

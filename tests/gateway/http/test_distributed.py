@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +20,7 @@ from tiergate.gateway.http import backends, create_app
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.errors import TransientError
-from tiergate.workers.ledger import LocalDecisionLedger
+from tiergate.workers.ledger import Delivery, IdReused, LocalDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 from tiergate.workers.testing import FixedScoreClassifier
@@ -51,8 +52,11 @@ class ThreadDispatcher:
                 self.holding.set()
                 while self.paused.is_set():
                     time.sleep(0.01)
-            for decision in self.cascade.decide(batch):
-                self.ledger.deliver(decision)
+            for message, decision in zip(batch, self.cascade.decide(batch), strict=True):
+                if self.ledger.deliver(decision, text=message.text) is Delivery.ID_REUSED:
+                    self.ledger.dead_letter(
+                        message.model_dump(mode="json"), "id reused", kind="id_reused"
+                    )
 
     def close(self) -> None:
         """Stop the worker thread."""
@@ -66,14 +70,24 @@ class ThreadDispatcher:
         self._inbox.put(list(messages))
         return [m.id for m in messages]
 
-    def wait_many(self, ids: Sequence[str], timeout_s: float) -> list[Decision | None]:
-        """Block on the ledger for each id, all within one deadline."""
+    def wait_for(
+        self, messages: Sequence[Message], timeout_s: float
+    ) -> list[Decision | IdReused | None]:
+        """Block on the ledger for each message, all within one deadline."""
         deadline = time.monotonic() + timeout_s
-        return [self.ledger.wait(i, max(0.0, deadline - time.monotonic())) for i in ids]
+        return [self.ledger.wait_for(m, max(0.0, deadline - time.monotonic())) for m in messages]
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
         """Read the ledger."""
         return self.ledger.get_many(ids)
+
+    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
+        """Read the ledger, telling a reused id."""
+        return self.ledger.answers_for(messages)
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """The ledger's dead letters by kind."""
+        return self.ledger.dead_letter_counts()
 
     def policies(self) -> list[PolicySpec]:
         """The cascade's policies."""
@@ -221,3 +235,53 @@ def test_the_gateway_hears_of_new_policies_and_keeps_the_last_known_ones(
         changing.close()
     assert response.status_code == 200
     assert [p["name"] for p in response.json()["policies"]] == ["films-v2"]
+
+
+def test_an_id_reused_for_another_text_is_409_and_never_submitted(tmp_path, dispatcher):
+    """Answered ids: the same text is answered again, another text is a 409 naming the id."""
+    with gateway(tmp_path, dispatcher) as client:
+        first = client.post("/v1/classify", json={"id": "http-1", "text": "a dull film"})
+        assert first.status_code == 200
+        again = client.post("/v1/classify", json={"id": "http-1", "text": "a dull film"})
+        assert again.json() == first.json()
+        for route in ("/v1/classify", "/v1/messages"):
+            reused = client.post(route, json={"id": "http-1", "text": "a good film"})
+            assert reused.status_code == 409, route
+            assert reused.json()["id"] == "http-1"
+    assert dispatcher.submitted == ["http-1"]
+
+
+def test_a_second_text_answered_meanwhile_under_its_id_is_a_409(tmp_path, dispatcher):
+    """Submitted while another text under the same id is in flight: the first stands, a 409."""
+    dispatcher.paused.set()
+    with gateway(tmp_path, dispatcher, request_timeout_s=120) as client:
+        assert client.post("/v1/messages", json={"id": "race", "text": "good"}).status_code == 202
+        assert dispatcher.holding.wait(60)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            second = pool.submit(client.post, "/v1/classify", json={"id": "race", "text": "dull"})
+            deadline = time.monotonic() + 60
+            while dispatcher.submitted.count("race") < 2:  # submitted: past the id check
+                assert time.monotonic() < deadline, "the second text was never submitted"
+                time.sleep(0.01)
+            dispatcher.paused.clear()
+            response = second.result()
+        assert response.status_code == 409, response.text
+        assert client.get("/v1/messages/race").json()["label"] == "positive"
+        while not dispatcher.ledger.dead_letters():  # the worker dead-letters the second text
+            assert time.monotonic() < deadline + 60, "the second text was not dead-lettered"
+            time.sleep(0.01)
+        metrics = client.get("/metrics").text
+    assert 'tiergate_dead_letters_total{reason="id_reused"} 1.0' in metrics
+
+
+def test_an_id_answered_before_is_answered_from_the_ledger_and_counted_once(tmp_path, dispatcher):
+    """The same id and text again gets the recorded decision, not republished nor recounted."""
+    body = {"id": "again", "text": "good"}
+    with gateway(tmp_path, dispatcher) as client:
+        first = client.post("/v1/classify", json=body)
+        second = client.post("/v1/classify", json=body)
+        metrics = client.get("/metrics").text
+    assert first.status_code == second.status_code == 200
+    assert second.json()["decisions"] == first.json()["decisions"]
+    assert dispatcher.submitted == ["again"]
+    assert 'tiergate_decisions_total{policy="films",reason="confident",tier="bert"} 1.0' in metrics

@@ -207,7 +207,7 @@ def test_unknown_policy_is_422_naming_it(client):
     ("payload", "field"),
     [
         ({"messages": [{"text": "ok"}, {"id": "x"}]}, "messages[1].text"),
-        ({"messages": [{"text": "ok", "colour": "red"}]}, "messages[0].colour"),
+        ({"messages": [{"text": "ok", "colour": ["red"]}]}, "messages[0].colour"),
         ({"text": "   "}, "text"),
         ({"text": "ok", "task": "sing"}, "task"),
         ({"messages": []}, "messages"),
@@ -222,6 +222,51 @@ def test_validation_errors_are_422_naming_the_field(client, payload, field):
     assert body["field"] == field
     assert field in [e["field"] for e in body["errors"]]
     assert field in body["detail"]
+    assert_no_internals(response)
+
+
+def test_extra_scalar_fields_travel_as_metadata(client):
+    """Fields the message schema does not define, holding scalars, reach the decision's metadata.
+
+    One message, a batch, and the asynchronous route alike; a ``metadata`` key of the same name
+    wins over an extra field.
+    """
+    single = client.post(
+        "/v1/classify", json={"id": "c3-bad-extra", "text": "A fine film.", "lang": "en"}
+    )
+    assert single.status_code == 200, single.text
+    assert single.json()["decisions"][0]["metadata"] == {"lang": "en"}
+    batch = client.post(
+        "/v1/classify",
+        json={
+            "messages": [
+                {"id": "b-1", "text": "a good film", "stars": 4, "metadata": {"stars": 5}},
+                {"id": "b-2", "text": "dull", "reviewed": True, "editor": None},
+            ]
+        },
+    )
+    assert batch.status_code == 200, batch.text
+    assert [d["metadata"] for d in batch.json()["decisions"]] == [
+        {"stars": 5},
+        {"reviewed": True, "editor": None},
+    ]
+    named_like_a_batch = client.post("/v1/classify", json={"text": "a good film", "messages": 3})
+    assert named_like_a_batch.status_code == 200, named_like_a_batch.text
+    assert named_like_a_batch.json()["decisions"][0]["metadata"] == {"messages": 3}
+    accepted = client.post("/v1/messages", json={"id": "a-1", "text": "the plot", "shop": "s-9"})
+    assert accepted.status_code == 202, accepted.text
+    assert wait_for_decision(client, "a-1")["metadata"] == {"shop": "s-9"}
+
+
+def test_an_extra_field_that_is_not_a_scalar_is_a_422_saying_so(client):
+    """An extra field holding an object is refused, the error naming it and the rule."""
+    response = client.post(
+        "/v1/classify", json={"messages": [{"text": "ok"}, {"text": "ok", "tags": {"a": 1}}]}
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["field"] == "messages[1].tags"
+    assert "must be a JSON scalar" in body["detail"]
     assert_no_internals(response)
 
 
@@ -740,3 +785,82 @@ def test_accepted_messages_that_cannot_be_answered_go_to_the_dead_letters(tmp_pa
     (letter,) = ledger.dead_letters()
     assert letter["payload"]["id"] == "doomed"
     assert letter["reason"] == "RuntimeError"
+    assert letter["kind"] == "unanswered"
+
+
+# ---------------------------------------------------------------------------------- reused ids
+
+
+def test_an_id_reused_for_another_text_is_409_naming_it(client):
+    """The same id and text is answered again; another text under it is a 409 on both routes."""
+    first = client.post("/v1/classify", json={"id": "http-1", "text": "a dull film"})
+    assert first.status_code == 200
+    again = client.post("/v1/classify", json={"id": "http-1", "text": "a dull film"})
+    assert again.status_code == 200
+    assert again.json()["decisions"][0]["label"] == "negative"
+    reused = client.post(
+        "/v1/classify", json={"id": "http-1", "text": "A delight from start to finish, good."}
+    )
+    assert reused.status_code == 409
+    body = reused.json()
+    assert (body["id"], body["field"], body["index"]) == ("http-1", "id", 0)
+    assert "http-1" in body["detail"]
+    assert_no_internals(reused)
+    batch = client.post(
+        "/v1/messages",
+        json={"messages": [{"id": "fresh", "text": "good"}, {"id": "http-1", "text": "good"}]},
+    )
+    assert batch.status_code == 409
+    assert (batch.json()["field"], batch.json()["index"]) == ("messages[1].id", 1)
+    assert client.get("/v1/messages/http-1").json()["label"] == "negative"
+    assert client.get("/v1/messages/fresh").status_code == 404  # nothing of the batch was taken
+
+
+def test_a_second_text_in_flight_under_the_same_id_is_409_and_the_first_stands(tmp_path):
+    """Two texts under one id, both accepted before either is answered: the first wins."""
+    classifier = GatedClassifier()
+    app = create_app(
+        settings(tmp_path, gateway_batches_in_flight=1, request_timeout_s=120),
+        cascade=two_policy_cascade(classifier),
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_until_ready(client)
+        first = client.post("/v1/messages", json={"id": "race", "text": "slow but good"})
+        assert first.status_code == 202
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            second = pool.submit(
+                client.post, "/v1/classify", json={"id": "race", "text": "slow and dull"}
+            )
+            wait_for_queued_messages(client, at_least=1)  # past the id check, behind the first
+            classifier.gate.set()
+            response = second.result()
+        assert response.status_code == 409, response.text
+        assert response.json()["id"] == "race"
+        assert wait_for_decision(client, "race")["label"] == "positive"
+
+
+def test_an_accepted_second_text_under_an_id_goes_to_the_dead_letters(tmp_path):
+    """Accepted for later, a text that loses its id to another is dead-lettered as id_reused."""
+    classifier = GatedClassifier()
+    ledger = LocalDecisionLedger()
+    app = create_app(
+        settings(tmp_path, gateway_batches_in_flight=1),
+        cascade=two_policy_cascade(classifier),
+        ledger=ledger,
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_until_ready(client)
+        for text in ("slow but good", "slow and dull"):
+            accepted = client.post("/v1/messages", json={"id": "twice", "text": text})
+            assert accepted.status_code == 202
+        classifier.gate.set()
+        assert wait_for_decision(client, "twice")["label"] == "positive"
+        deadline = time.monotonic() + 60
+        while not ledger.dead_letters() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        metrics = client.get("/metrics").text
+    (letter,) = ledger.dead_letters()
+    assert letter["kind"] == "id_reused"
+    assert (letter["payload"]["id"], letter["payload"]["text"]) == ("twice", "slow and dull")
+    assert "'twice'" in letter["reason"]
+    assert sample(metrics, "tiergate_dead_letters_total", reason="id_reused") == 1

@@ -111,8 +111,8 @@ def test_every_route_is_in_the_schema_with_its_error_responses(client):
     """Each route is documented with its method and the error statuses it can answer."""
     openapi = client.get("/openapi.json").json()
     expected = {
-        ("/v1/classify", "post"): {"200", "401", "403", "413", "422", "504"},
-        ("/v1/messages", "post"): {"202", "401", "403", "413", "422"},
+        ("/v1/classify", "post"): {"200", "401", "403", "409", "413", "422", "504"},
+        ("/v1/messages", "post"): {"202", "401", "403", "409", "413", "422"},
         ("/v1/messages/{message_id}", "get"): {"200", "202", "401", "404"},
         ("/v1/policies", "get"): {"200", "401"},
         ("/v1/moderations", "post"): {"200", "400", "401", "403", "413", "422", "504"},
@@ -165,10 +165,30 @@ def test_real_responses_validate_against_the_declared_schemas(client):
             "/v1/moderations",
             client.post("/v1/moderations", json={"input": "x", "model": "films"}),
         ),
+        ("post", "/v1/classify", client.post("/v1/classify", json={"id": "one", "text": "bye"})),
+        ("post", "/v1/messages", client.post("/v1/messages", json={"id": "one", "text": "bye"})),
     ]
-    assert [r.status_code for _, _, r in errors] == [422, 413, 401, 404, 400]
+    assert [r.status_code for _, _, r in errors] == [422, 413, 401, 404, 400, 409, 409]
     for method, path, response in errors:
         assert_documented(openapi, method, path, response)
+
+
+def test_the_classify_request_schema_allows_extra_scalar_fields(client):
+    """The declared request body admits extra scalar fields, and the gateway answers one.
+
+    Extra values that are not scalars are outside the schema.
+    """
+    openapi = client.get("/openapi.json").json()
+    request = openapi["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    schema = request["application/json"]["schema"]
+    body = {"id": "extra", "text": "hello", "lang": "en", "stars": 4, "editor": None}
+    check(schema, body, openapi)
+    check(schema, {"messages": [body]}, openapi)
+    with pytest.raises(AssertionError):
+        check(schema, {"text": "hello", "tags": ["a"]}, openapi)
+    response = client.post("/v1/classify", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["decisions"][0]["metadata"] == {"lang": "en", "stars": 4, "editor": None}
 
 
 def test_the_validator_catches_a_wrong_body(client):

@@ -1,14 +1,17 @@
 import time
 
+import httpx2
 import pytest
 
 from tiergate.policies.spec import ProviderRef, Task
 from tiergate.workers.errors import PermanentLLMError, ProviderNotConfiguredError, TransientLLMError
 from tiergate.workers.llm.prompt import SCHEMA_NAME, answer_schema, build_prompt
 from tiergate.workers.llm.provider import (
+    MAX_RETRY_WAIT_S,
     PROVIDERS,
     ProviderRequest,
     build_provider,
+    no_retry_after_long_waits,
     retry_after_seconds,
 )
 from tiergate.workers.llm.testing import (
@@ -19,6 +22,7 @@ from tiergate.workers.llm.testing import (
     Respond,
     RespondRaw,
     Stall,
+    Truncate,
 )
 
 PATHS = {"openai": OPENAI_PATH, "anthropic": ANTHROPIC_PATH}
@@ -92,9 +96,7 @@ def test_a_429_with_retry_after_is_retried_after_the_wait(name, server, make_set
 def test_a_very_long_retry_after_is_not_slept_through(name, server, make_settings, request_for):
     """A 429 asking for ten minutes fails fast as transient, carrying the wait.
 
-    The OpenAI SDK does not retry such a response; Anthropic's would sleep through any
-    Retry-After, so tiergate marks the response as not to be retried. The tier then moves on to
-    the next provider instead of parking a worker.
+    The tier then moves on to the next provider instead of parking a worker.
     """
     server.script(Fail(429, retry_after=600))
     provider = provider_for(name, make_settings(llm_max_retries=2))
@@ -104,6 +106,29 @@ def test_a_very_long_retry_after_is_not_slept_through(name, server, make_setting
     assert caught.value.retry_after == pytest.approx(600, abs=1)
     assert server.calls == 1
     assert time.monotonic() - started < 30  # the ten minutes were not slept through
+
+
+def test_a_retry_after_over_a_minute_is_not_retried_by_either_sdk(
+    name, server, make_settings, request_for
+):
+    """Two minutes asked for: one request, no retry, a transient error carrying the wait.
+
+    The OpenAI SDK would sleep through waits up to two minutes; neither provider may.
+    """
+    server.script(Fail(429, retry_after=120), Fail(429, retry_after=120))
+    provider = provider_for(name, make_settings(llm_max_retries=1))
+    with pytest.raises(TransientLLMError) as caught:
+        provider.complete(request_for())
+    assert (caught.value.status_code, caught.value.retry_after) == (429, 120.0)
+    assert server.calls_by_path == {PATHS[name]: 1}
+
+
+@pytest.mark.parametrize(("retry_after", "retried"), [(MAX_RETRY_WAIT_S, True), (61.0, False)])
+def test_the_retry_hook_marks_only_waits_over_the_bound(retry_after, retried):
+    """A response asking for at most MAX_RETRY_WAIT_S is left for the SDK to retry."""
+    response = httpx2.Response(429, headers={"retry-after": f"{retry_after:g}"})
+    no_retry_after_long_waits(response)
+    assert ("x-should-retry" not in response.headers) is retried
 
 
 def test_a_500_is_retried_by_the_sdk(name, server, make_settings, request_for):
@@ -163,6 +188,19 @@ def test_malformed_output_gives_no_data(name, server, make_settings, request_for
     answer = provider_for(name, make_settings()).complete(request_for())
     assert answer.data is None
     assert answer.raw == "The answer is positive."
+
+
+def test_an_answer_cut_off_at_the_output_limit_is_reported_as_truncated(
+    name, server, make_settings, request_for
+):
+    """finish_reason length (OpenAI) or stop_reason max_tokens (Anthropic) sets truncated."""
+    server.script(Truncate(), Respond({"label": "mixed"}))
+    provider = provider_for(name, make_settings())
+    cut = provider.complete(request_for())
+    assert cut.truncated is True
+    assert cut.output_tokens == 64  # the whole output limit was spent
+    whole = provider.complete(request_for())
+    assert (whole.truncated, whole.data) == (False, {"label": "mixed"})
 
 
 def test_a_refusal_is_reported(name, server, make_settings, request_for):

@@ -11,6 +11,7 @@ from tiergate.workers.llm.testing import (
     FakeLLMServer,
     Respond,
     Stall,
+    Truncate,
     first_label_answer,
     message_of,
     schema_of,
@@ -105,3 +106,27 @@ def test_stopping_does_not_wait_for_a_stalled_answer(path):
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 30  # the stall was not waited out
+
+
+def test_a_truncated_answer_stops_at_the_output_limit_in_either_format():
+    """Truncate cuts the answer off and says so: finish_reason length, stop_reason max_tokens."""
+    with FakeLLMServer() as server:
+        server.script(Truncate(), Truncate())
+        body = {**openai_body(MULTI), "max_completion_tokens": 40}
+        _, answer = post(f"{server.anthropic_base_url}{OPENAI_PATH}", body)
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert json.dumps(first_label_answer(body)).startswith(choice["message"]["content"])
+        assert answer["usage"]["completion_tokens"] == 40
+        anthropic_body = {
+            "model": "m",
+            "max_tokens": 30,
+            "messages": [{"role": "user", "content": "<message>\nhi\n</message>"}],
+            "tools": [{"name": "answer", "input_schema": MULTI}],
+        }
+        _, answer = post(f"{server.anthropic_base_url}{ANTHROPIC_PATH}", anthropic_body)
+        assert answer["stop_reason"] == "max_tokens"
+        assert answer["content"] == [
+            {"type": "tool_use", "id": answer["content"][0]["id"], "name": "answer", "input": {}}
+        ]
+        assert answer["usage"]["output_tokens"] == 30

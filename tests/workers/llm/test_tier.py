@@ -30,12 +30,14 @@ from tiergate.workers.llm.testing import (
     Respond,
     RespondRaw,
     Stall,
+    Truncate,
     first_label_answer,
     message_of,
 )
 from tiergate.workers.llm.tier import LLMRequest, LLMTier
 
 PATHS = {"openai": OPENAI_PATH, "anthropic": ANTHROPIC_PATH}
+MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 
 
 class Clock:
@@ -114,6 +116,21 @@ def test_when_every_provider_fails_the_last_transient_error_is_raised(
     assert caught.value.retry_after == 11.0
 
 
+def test_a_retry_after_over_a_minute_moves_on_to_the_next_provider(
+    name, server, make_settings, make_policy
+):
+    """A two-minute Retry-After is not waited out: one request, then the next provider answers."""
+    server.script(Fail(429, retry_after=120), Respond({"label": "negative"}))
+    other = "anthropic" if name == "openai" else "openai"
+    tier = LLMTier(make_settings(llm_max_retries=2))
+    with capture_logs() as logs:
+        result = tier.answer(LLMRequest("Awful.", make_policy(name, other)))
+    assert (result.label, result.usage.provider) == ("negative", other)
+    assert server.calls_by_path == {PATHS[name]: 1, PATHS[other]: 1}
+    fallback = next(entry for entry in logs if entry["event"] == "llm.fallback")
+    assert (fallback["provider"], fallback["retry_after"]) == (name, 120.0)
+
+
 def test_a_permanent_error_does_not_fall_back(server, make_settings, make_policy):
     """A rejected request (401) is raised at once; the next provider is not asked."""
     server.script(Fail(401))
@@ -160,6 +177,98 @@ def test_a_label_outside_the_set_twice_is_an_invalid_answer(
 def user_turn_after_repair(body):
     """The last user turn of a repair request."""
     return [turn for turn in body["messages"] if turn["role"] == "user"][-1]["content"]
+
+
+def test_an_invalid_answer_error_carries_the_cost_of_both_calls(
+    name, server, make_settings, make_policy
+):
+    """The answer and its repair were paid for: the raised error says how much."""
+    server.script(Respond({"label": "superb"}), Respond({"label": "superb"}))
+    settings = make_settings()
+    with capture_logs() as logs, pytest.raises(InvalidAnswerError) as caught:
+        LLMTier(settings).answer(LLMRequest("Superb!", make_policy(name)))
+    usage = caught.value.usage
+    assert usage is not None
+    calls = [entry for entry in logs if entry["event"] == "llm.call"]
+    assert (usage.provider, usage.model, usage.attempts) == (name, MODELS[name], 2)
+    assert usage.input_tokens == sum(call["input_tokens"] for call in calls) > 0
+    assert usage.output_tokens == sum(call["output_tokens"] for call in calls) > 0
+    price = settings.llm_prices[MODELS[name]]
+    assert usage.cost_usd == pytest.approx(price.cost(usage.input_tokens, usage.output_tokens))
+
+
+def test_failures_across_the_chain_carry_every_attempt_and_no_tokens(
+    server, make_settings, make_policy
+):
+    """Two providers failing transiently: two attempts counted, nothing received, nothing paid."""
+    server.script(Fail(500), Fail(503))
+    with pytest.raises(TransientLLMError) as caught:
+        LLMTier(make_settings(llm_max_retries=0)).answer(
+            LLMRequest("Meh.", make_policy("openai", "anthropic"))
+        )
+    usage = caught.value.usage
+    assert usage is not None
+    assert (usage.provider, usage.attempts, usage.input_tokens, usage.cost_usd) == (
+        "anthropic",
+        2,
+        0,
+        0.0,
+    )
+
+
+def test_a_refusal_error_carries_the_cost_of_the_refusing_call(server, make_settings, make_policy):
+    """A refusal is an answer the provider bills: its tokens travel on the error."""
+    server.script(Refuse("No."))
+    with pytest.raises(RefusalError) as caught:
+        LLMTier(make_settings()).answer(LLMRequest("...", make_policy("openai")))
+    usage = caught.value.usage
+    assert usage is not None
+    assert usage.attempts == 1
+    assert usage.output_tokens > 0
+    assert usage.cost_usd > 0
+
+
+def output_limit(body):
+    """The output-token limit a request asked for, whichever the wire format."""
+    return body.get("max_completion_tokens", body.get("max_tokens"))
+
+
+def test_a_truncated_answer_is_asked_again_with_twice_the_output_limit(
+    name, server, make_settings, make_policy
+):
+    """An answer cut off at the limit is reported as truncated and re-asked with more room."""
+    server.script(Truncate())
+    with capture_logs() as logs:
+        result = LLMTier(make_settings()).answer(LLMRequest("Fun.", make_policy(name)))
+    assert result.label == "positive"
+    assert result.usage.attempts == 2
+    first, second = (request.body for request in server.requests)
+    assert (output_limit(first), output_limit(second)) == (512, 1024)
+    assert second["messages"] == first["messages"]  # the same question, with room to answer
+    repair = next(entry for entry in logs if entry["event"] == "llm.repair")
+    assert "cut off at the output limit of 512 tokens" in repair["problem"]
+
+
+@pytest.mark.parametrize(("limit", "repair_limit"), [(3000, 4096), (8000, 8000)])
+def test_the_larger_output_limit_of_a_repair_is_bounded(
+    limit, repair_limit, server, make_settings, make_policy
+):
+    """Doubling stops at 4096 tokens; a policy asking for more than that keeps its own limit."""
+    server.script(Truncate())
+    spec = make_policy("openai")
+    spec = spec.model_copy(update={"llm": spec.llm.model_copy(update={"max_output_tokens": limit})})
+    LLMTier(make_settings()).answer(LLMRequest("Fun.", spec))
+    assert [output_limit(r.body) for r in server.requests] == [limit, repair_limit]
+
+
+def test_an_answer_truncated_twice_is_an_invalid_answer_that_says_so(
+    name, server, make_settings, make_policy
+):
+    """Truncated again after the repair: InvalidAnswerError naming the truncation."""
+    server.script(Truncate(), Truncate())
+    with pytest.raises(InvalidAnswerError, match="cut off at the output limit of 1024 tokens"):
+        LLMTier(make_settings()).answer(LLMRequest("Fun.", make_policy(name)))
+    assert server.calls == 2
 
 
 def test_extra_fields_are_invalid(server, make_settings, make_policy):
