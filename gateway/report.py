@@ -9,12 +9,18 @@ it), and draws on an Agg canvas of its own, so no global pyplot state or display
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from tiergate.policies.calibrate import CalibrationGoal, CalibrationResult
+from tiergate.policies.calibrate import (
+    CalibrationGoal,
+    CalibrationResult,
+    ThresholdTest,
+    accepted_needed,
+)
 from tiergate.policies.evaluate import CurvePoint, Evaluation
 
 
@@ -153,6 +159,11 @@ def calibration_table(result: CalibrationResult) -> Table:
         else f"LLM share {_percent(result.target)}"
     )
     threshold_name = "band half-width" if result.multi_label else "min_probability"
+    if result.goal is CalibrationGoal.ACCURACY and not result.feasible:
+        rows = [("goal", goal), ("messages", str(result.n)), *_unreached_rows(result)]
+        for field, value in rows:
+            table.add_row(field, value)
+        return table
     rows = [
         ("goal", goal),
         ("messages", str(result.n)),
@@ -170,6 +181,97 @@ def calibration_table(result: CalibrationResult) -> Table:
     for field, value in rows:
         table.add_row(field, value)
     return table
+
+
+_TESTS_SHOWN = 6
+
+
+def _unreached_rows(result: CalibrationResult) -> list[tuple[str, str]]:
+    """Why an accuracy target was not reached: only the thresholds tested, and what would do.
+
+    The strictest candidate the result holds was not tested unless it is among ``tested``, so
+    it is not shown. Of a long sequence, the last few tests are shown (all before the last
+    passed, or the scan would have stopped there).
+    """
+    threshold_name = "band half-width" if result.multi_label else "min_probability"
+    rows: list[tuple[str, str]] = []
+    if not result.tested:
+        entry = accepted_needed(0.0, result.target, result.confidence or 0.95)
+        rows.append(
+            (
+                "thresholds tested",
+                "none: no finite sample certifies 100%"
+                if entry is None
+                else f"none: each keeps under {entry:,} answers",
+            )
+        )
+    skipped = max(0, len(result.tested) - _TESTS_SHOWN)
+    if skipped:
+        rows.append(("thresholds tested", f"{skipped} stricter ones passed"))
+    rows.extend(
+        (f"{threshold_name} {test.threshold:.4f}", _tested(test))
+        for test in result.tested[skipped:]
+    )
+    highest = result.highest_certifiable
+    rows.append(
+        ("highest certifiable target", "none" if highest is None else percent_down(highest))
+    )
+    need = result.data_needed
+    rows.append(
+        (
+            "validation messages needed",
+            "no amount at this accuracy"
+            if need is None or need.messages is None
+            else f"about {need.messages:,}",
+        )
+    )
+    rows.append(("feasible", "NO: target not reached"))
+    return rows
+
+
+def unreached_accuracy(result: CalibrationResult) -> str:
+    """One line on an unreached accuracy target: the data size, what it certifies, what would do.
+
+    The estimate of the messages needed states its assumption: the share accepted at one
+    threshold and their accuracy stay as on this data.
+    """
+    target, confidence = _percent(result.target), _percent(result.confidence or 0.0)
+    highest = result.highest_certifiable
+    line = (
+        f"target {target} at {confidence} confidence is not certified by these {result.n} "
+        "messages; nothing written. Highest target they certify: "
+        f"{'none' if highest is None else percent_down(highest)}."
+    )
+    need = result.data_needed
+    threshold_name = "band half-width" if result.multi_label else "min_probability"
+    if result.target >= 1.0:
+        return f"{line} No finite sample certifies 100% accuracy."
+    if need is None:
+        return line
+    at = f"{threshold_name} {need.threshold:.4f}"
+    accuracy = percent_down(1.0 - need.error_rate)
+    if need.messages is None:
+        return (
+            f"{line} No amount of validation data certifies {target} at this model's accuracy "
+            f"(its most accurate threshold here, {at}, is {accuracy} accurate): improve the "
+            "model or lower the target."
+        )
+    return (
+        f"{line} About {need.messages:,} validation messages would certify {target} if the "
+        f"{_percent(need.accepted_share)} of messages accepted at {at} stay {accuracy} "
+        f"accurate, as here ({need.accepted:,} accepted answers)."
+    )
+
+
+def _tested(test: ThresholdTest) -> str:
+    outcome = "passed" if test.passed else "failed"
+    bound = _percent(test.error_upper_bound)
+    return f"{test.accepted} accepted, {test.errors} wrong, bound {bound}: {outcome}"
+
+
+def percent_down(share: float) -> str:
+    """``share`` as a percentage with one decimal, rounded down (a target it names is reached)."""
+    return f"{math.floor(1000 * share + 1e-9) / 10:.1f}%"
 
 
 def _percent(share: float) -> str:

@@ -34,7 +34,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -144,6 +144,41 @@ class CalibrationGoal(StrEnum):
 
 
 @dataclass(frozen=True)
+class ThresholdTest:
+    """One threshold the accuracy goal's fixed sequence tested, with what it accepted.
+
+    ``accepted`` answers stood under ``threshold``, ``errors`` of them wrong;
+    ``error_upper_bound`` is their Clopper-Pearson bound, and ``passed`` says whether it was
+    within ``1 - target``.
+    """
+
+    threshold: float
+    accepted: int
+    errors: int
+    error_upper_bound: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class DataNeeded:
+    """How many validation messages a target would need, estimated from one threshold's rates.
+
+    ``messages`` validation messages would certify the target if the share of messages accepted
+    at ``threshold`` (``accepted_share``) and the error rate of those answers (``error_rate``)
+    stayed as on this data; ``accepted`` of them would then be accepted. The threshold is the
+    one that needs the fewest messages. ``messages`` and ``accepted`` are None when no
+    threshold's error rate here is below ``1 - target`` (then no amount of data at this
+    accuracy certifies it, and ``threshold`` is the one with the lowest error rate).
+    """
+
+    messages: int | None
+    accepted: int | None
+    threshold: float
+    accepted_share: float
+    error_rate: float
+
+
+@dataclass(frozen=True)
 class CalibrationResult:
     """A calibrated escalation rule and what it achieves on the data it was chosen on.
 
@@ -155,6 +190,13 @@ class CalibrationResult:
     ``confidence`` on the accepted error rate (``None`` for the share goal). ``feasible`` is
     False when no threshold reaches the target: then the strictest candidate is returned (the
     accuracy goal) or the loosest (the share goal, when even it sends more than the target).
+
+    When the accuracy goal is not reached, the result also says why: ``tested`` lists the
+    thresholds the fixed sequence actually tested, strictest first (empty when none keeps
+    enough answers to join it; the returned strictest candidate then was not tested),
+    ``highest_certifiable`` is the highest target accuracy this data certifies at
+    ``confidence`` (None if none), and ``data_needed`` estimates the validation messages the
+    target needs. All three are empty for a reached or a share goal.
     """
 
     escalation: Escalation
@@ -169,6 +211,9 @@ class CalibrationResult:
     error_upper_bound: float | None
     confidence: float | None
     feasible: bool
+    tested: tuple[ThresholdTest, ...] = ()
+    highest_certifiable: float | None = None
+    data_needed: DataNeeded | None = None
 
     def policy(self, spec: PolicySpec) -> PolicySpec:
         """``spec`` with this escalation, under the version ``<version>+cal.<hash>``.
@@ -206,6 +251,9 @@ class CalibrationResult:
             "confidence": self.confidence,
             "feasible": self.feasible,
             "escalation": self.escalation.model_dump(mode="json"),
+            "tested": [asdict(test) for test in self.tested],
+            "highest_certifiable": self.highest_certifiable,
+            "data_needed": (None if self.data_needed is None else asdict(self.data_needed)),
         }
 
 
@@ -221,6 +269,16 @@ class _Sweep:
     accepted: list[int]
     errors: list[int]
     n: int
+    _bounds: dict[float, list[float]] = field(default_factory=dict, compare=False, repr=False)
+
+    def upper_bounds(self, confidence: float, count: int) -> list[float]:
+        """The Clopper-Pearson bounds of the first ``count`` candidates, each computed once."""
+        bounds = self._bounds.setdefault(confidence, [])
+        bounds.extend(
+            clopper_pearson_upper(self.errors[i], self.accepted[i], confidence)
+            for i in range(len(bounds), count)
+        )
+        return bounds[:count]
 
     def result(
         self,
@@ -388,17 +446,141 @@ def _lower_targets_reach(
     if start == 0:
         return True
     eligible_at = eligible_at[:start]
-    passes_at = np.array(
-        [
-            clopper_pearson_upper(errors, accepted, confidence)
-            for accepted, errors in zip(sweep.accepted[:start], sweep.errors, strict=False)
-        ]
-    )
+    passes_at = np.array(sweep.upper_bounds(confidence, start))
     for allowed_error in sorted({*eligible_at.tolist(), *passes_at.tolist()} - {math.inf}):
         eligible = np.flatnonzero(eligible_at <= allowed_error)
         if eligible.size and (passes_at[eligible[0] :] > allowed_error).any():
             return False
     return True
+
+
+def _scan(
+    sweep: _Sweep, eligible_at: npt.NDArray[np.float64], allowed_error: float, confidence: float
+) -> tuple[range, int | None]:
+    """The candidates the fixed sequence tests at ``allowed_error``, and the loosest certified.
+
+    The sequence starts at the first candidate eligible at ``allowed_error`` and stops after
+    the first whose binomial tail at that rate exceeds ``1 - confidence``. A pass counts only
+    if every lower target's scan also gets past the candidates this one skips.
+    """
+    start = next(
+        (i for i, level in enumerate(eligible_at) if level <= allowed_error), len(eligible_at)
+    )
+    passed: int | None = None
+    stop = start
+    for index in range(start, len(sweep.accepted)):
+        stop = index + 1
+        tail = binomial_cdf(sweep.errors[index], sweep.accepted[index], allowed_error)
+        if tail > 1.0 - confidence:
+            break
+        passed = index
+    if passed is not None and not _lower_targets_reach(sweep, eligible_at, start, confidence):
+        passed = None
+    return range(start, stop), passed
+
+
+def _highest_certifiable(
+    sweep: _Sweep, eligible_at: npt.NDArray[np.float64], confidence: float
+) -> float | None:
+    """The highest target accuracy that :func:`calibrate_for_accuracy` certifies on the sweep.
+
+    Whether a target is certified changes only where the allowed error crosses a candidate's
+    entry level or its Clopper-Pearson bound, and a certified target certifies every lower one,
+    so the answer is one minus the smallest such level that certifies (found by bisection).
+    """
+    bounds = sweep.upper_bounds(confidence, len(sweep.accepted))
+    levels = sorted(level for level in {*bounds, *eligible_at.tolist()} if level < 1.0)
+    low, high = 0, len(levels)
+    while low < high:
+        middle = (low + high) // 2
+        if _scan(sweep, eligible_at, levels[middle], confidence)[1] is not None:
+            high = middle
+        else:
+            low = middle + 1
+    return 1.0 - levels[low] if low < len(levels) else None
+
+
+_MOST_ANSWERS = 10**8
+"""The largest count :func:`accepted_needed` searches (the incomplete beta of counts much larger
+than this converges too slowly to be worth it, and no validation set is that large)."""
+
+
+def accepted_needed(
+    error_rate: float, target_accuracy: float, confidence: float = 0.95
+) -> int | None:
+    """How many accepted answers one threshold needs to certify ``target_accuracy``.
+
+    The larger of two counts, with a share ``error_rate`` of the answers wrong: enough for the
+    Clopper-Pearson bound at ``confidence`` to be at most ``1 - target_accuracy`` (with no
+    errors, 299 for 99% at 95% confidence), and enough for the threshold to join the test
+    sequence at all, three times the zero-error count (895 there). None when ``error_rate`` is
+    not below ``1 - target_accuracy``, where no number of answers at that error rate certifies
+    it, or so close below that more than ``10**8`` answers would be needed.
+    """
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError(f"error rate must lie in [0, 1], not {error_rate}")
+    if not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"target accuracy must lie in (0, 1], not {target_accuracy}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    allowed_error = 1.0 - target_accuracy
+    if error_rate >= allowed_error:
+        return None
+    alpha = 1.0 - confidence
+    entry = math.ceil(_SAMPLE_FACTOR * math.log(alpha) / math.log1p(-allowed_error))
+    while entry > 1 and _eligible_from([entry - 1], confidence)[0] <= allowed_error:
+        entry -= 1  # the same inequality _eligible_from applies, free of rounding in the log
+    while _eligible_from([entry], confidence)[0] > allowed_error:
+        entry += 1
+
+    def certifies(accepted: int) -> bool:
+        # the binomial tail P(X <= error_rate * accepted) at the allowed error, errors real-valued
+        errors = error_rate * accepted
+        tail = regularized_incomplete_beta(accepted - errors, errors + 1.0, target_accuracy)
+        return tail <= alpha
+
+    high = 1
+    while not certifies(high):
+        high *= 2
+        if high > _MOST_ANSWERS:
+            return None
+    low = high // 2 + 1 if high > 1 else 1
+    while low < high:
+        middle = (low + high) // 2
+        if certifies(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return max(entry, high)
+
+
+def _data_needed(sweep: _Sweep, target_accuracy: float, confidence: float) -> DataNeeded:
+    """The fewest validation messages that would certify the target, over the candidates.
+
+    For each candidate, if its accepted share and their error rate stayed as observed, the
+    messages needed are the accepted answers needed (:func:`accepted_needed`) over that share.
+    """
+    best: DataNeeded | None = None
+    lowest_rate: DataNeeded | None = None
+    for threshold, accepted, errors in zip(
+        sweep.thresholds, sweep.accepted, sweep.errors, strict=True
+    ):
+        if accepted == 0:
+            continue
+        share, rate = accepted / sweep.n, errors / accepted
+        if lowest_rate is None or rate < lowest_rate.error_rate:
+            lowest_rate = DataNeeded(None, None, threshold, share, rate)
+        needed = accepted_needed(rate, target_accuracy, confidence)
+        if needed is None:
+            continue
+        messages = math.ceil(needed * sweep.n / accepted)
+        if best is None or messages < (best.messages or math.inf):
+            best = DataNeeded(messages, needed, threshold, share, rate)
+    if best is not None:
+        return best
+    if lowest_rate is not None:
+        return lowest_rate
+    return DataNeeded(None, None, sweep.thresholds[0], 0.0, 1.0)
 
 
 # --- The two goals -----------------------------------------------------------------------------
@@ -419,9 +601,11 @@ def calibrate_for_accuracy(
     rate being at most ``1 - confidence``), and the scan stops at the first failure. The
     sequence starts at the first candidate that accepts enough answers for a third of them to
     certify the target with no errors (stricter ones accept too few to be worth a test). The
-    loosest passing candidate is returned. If none passes, the result says ``feasible=False``
-    and holds the strictest candidate, which sends almost every message to the LLM. A target
-    of 1 is never feasible (no finite sample certifies zero error).
+    loosest passing candidate is returned. If none passes, the result says ``feasible=False``,
+    holds the strictest candidate, which sends almost every message to the LLM, and explains
+    itself: the thresholds tested, the highest target this data certifies, and the validation
+    messages the target would need. A target of 1 is never feasible (no finite sample
+    certifies zero error).
 
     Raising the target never loosens the threshold: a higher target's sequence starts later,
     so a lower target's scan may fail among candidates the higher one skips; the higher
@@ -432,26 +616,36 @@ def calibrate_for_accuracy(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
     sweep = _sweep(predictions, gold, spec)
-    allowed_error = 1.0 - target_accuracy
     eligible_at = _eligible_from(sweep.accepted, confidence)
-    start = next(
-        (i for i, level in enumerate(eligible_at) if level <= allowed_error), len(eligible_at)
-    )
-    passed: int | None = None
-    for index in range(start, len(sweep.accepted)):
-        tail = binomial_cdf(sweep.errors[index], sweep.accepted[index], allowed_error)
-        if tail > 1.0 - confidence:
-            break
-        passed = index
-    if passed is not None and not _lower_targets_reach(sweep, eligible_at, start, confidence):
-        passed = None
-    return sweep.result(
+    tested, passed = _scan(sweep, eligible_at, 1.0 - target_accuracy, confidence)
+    result = sweep.result(
         0 if passed is None else passed,
         goal=CalibrationGoal.ACCURACY,
         target=target_accuracy,
         multi_label=spec.multi_label,
         feasible=passed is not None,
         confidence=confidence,
+    )
+    if passed is not None:
+        return result
+    tests = []
+    for index in tested:
+        bound = sweep.upper_bounds(confidence, index + 1)[index]
+        tail = binomial_cdf(sweep.errors[index], sweep.accepted[index], 1.0 - target_accuracy)
+        tests.append(
+            ThresholdTest(
+                threshold=sweep.thresholds[index],
+                accepted=sweep.accepted[index],
+                errors=sweep.errors[index],
+                error_upper_bound=bound,
+                passed=tail <= 1.0 - confidence,
+            )
+        )
+    return replace(
+        result,
+        tested=tuple(tests),
+        highest_certifiable=_highest_certifiable(sweep, eligible_at, confidence),
+        data_needed=_data_needed(sweep, target_accuracy, confidence),
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tiergate.gateway.cli.errors import err, fail, guarded
@@ -43,6 +44,15 @@ def train(
     checkpoint: Annotated[
         bool, typer.Option(help="Also keep the fine-tuned PyTorch checkpoint.")
     ] = True,
+    min_onnx_agreement: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of validation examples on which the served ONNX model must pick the "
+            "trained model's answer; lower it to accept more differences.",
+        ),
+    ] = 0.97,
 ) -> None:
     """Fine-tune a checkpoint on labelled data and write an ONNX model directory."""
     from tiergate.workers.bert.dataset import Columns, label_set, load_labelled  # noqa: PLC0415
@@ -84,6 +94,7 @@ def train(
         max_length=max_length,
         seed=seed,
         save_checkpoint=checkpoint,
+        min_agreement=min_onnx_agreement,
         data=(train_examples, validation_examples, test_examples),
     )
     print_card(card, output)
@@ -92,12 +103,22 @@ def train(
 def run_training(*, data: tuple[Any, Any, Any], **options: Any) -> Any:
     """Train on ``data`` (train, validation, test examples) with ``TrainOptions(**options)``.
 
-    Returns the model card; a training error exits 2.
+    Returns the model card; a training error exits 2. A label with too few training examples
+    is a warning naming it (the card records it as ``rare_labels``).
     """
+    from tiergate.workers.bert.dataset import MIN_TRAINING_EXAMPLES, rare_labels  # noqa: PLC0415
     from tiergate.workers.bert.train import TrainOptions, train_model  # noqa: PLC0415
 
     base = options.pop("base")
     train_examples, validation_examples, test_examples = data
+    for label, count in rare_labels(train_examples, options["labels"]).items():
+        err.print(
+            f"[bold yellow]warning:[/] label {escape(repr(label))} has {count} training example"
+            f"{'' if count == 1 else 's'} (under {MIN_TRAINING_EXAMPLES}): its predictions "
+            "will be unreliable; add examples of it",
+            highlight=False,
+            soft_wrap=True,
+        )
     train_options = TrainOptions(base_model=base, **options)
     return guarded(
         lambda: train_model(train_options, train_examples, validation_examples, test_examples)

@@ -108,10 +108,15 @@ def calibrate(
     target with a one-sided upper confidence bound on their error rate (Clopper-Pearson, tested
     in sequence from the strictest threshold). Goal (b), --llm-share: the thresholds that send
     at most that share of messages to the LLM. Exits 1 without writing when no threshold
-    reaches goal (a) on this data.
+    reaches goal (a) on this data, naming the highest target the data certifies and about how
+    many validation messages the asked target would need.
     """
-    from tiergate.gateway.report import calibration_table  # noqa: PLC0415
-    from tiergate.policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share  # noqa: PLC0415
+    from tiergate.gateway.report import calibration_table, unreached_accuracy  # noqa: PLC0415
+    from tiergate.policies.calibrate import (  # noqa: PLC0415
+        CalibrationGoal,
+        calibrate_for_accuracy,
+        calibrate_for_llm_share,
+    )
 
     if (target_accuracy is None) == (llm_share is None):
         raise fail("give exactly one goal: --target-accuracy or --llm-share")
@@ -124,6 +129,13 @@ def calibrate(
         assert llm_share is not None
         result = calibrate_for_llm_share(scored.predictions, scored.gold, scored.spec, llm_share)
     err.print(calibration_table(result))
+    if not result.feasible and result.goal is CalibrationGoal.ACCURACY:
+        err.print(
+            f"[bold red]no threshold reaches the goal[/]: {unreached_accuracy(result)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(REJECTED)
     if not result.feasible:
         err.print(
             f"[bold red]no threshold reaches the goal[/] on these {result.n} messages; "

@@ -557,3 +557,23 @@ def test_submitting_answered_messages_again_reports_no_llm_cost(make_cluster, fa
         {"id": "r-0", "error": "id 'r-0' was answered before for another text"}
     ]
     assert fake_llm.calls == calls
+
+
+def test_calibrate_explains_a_target_the_data_cannot_certify(run, trained_model, tmp_path):
+    """Under 176 messages cannot certify 95%: exit 1 naming what they certify and what would."""
+    data = _labelled_file(tmp_path, trained_model.validation)
+    size = len(trained_model.validation)
+    assert size < 176
+    out = tmp_path / "calibrated.yaml"
+    result = run("calibrate", str(data), "--target-accuracy", "0.95", "-o", str(out))
+    assert result.returncode == 1
+    assert not out.exists()
+    stated = f"target 95.0% at 95.0% confidence is not certified by these {size} messages"
+    assert stated in result.stderr
+    assert "Highest target they certify: " in result.stderr
+    assert "validation messages would certify 95.0%" in result.stderr or (
+        "No amount of validation data certifies 95.0%" in result.stderr
+    )
+    # entering the test takes 176 accepted answers, so no threshold was tested or shown as one
+    assert "none: each keeps under 176 answers" in result.stderr
+    assert "error upper bound" not in result.stderr

@@ -123,17 +123,50 @@ def test_calibration_table_shows_the_figures(labelled, goal):
     """The rendered calibration table holds the goal, threshold, shares and feasibility."""
     predictions, gold, spec = labelled
     if goal == "accuracy":
-        result = calibrate_for_accuracy(predictions, gold, spec, 0.9)
+        result = calibrate_for_accuracy(predictions, gold, spec, 0.85)
     else:
         result = calibrate_for_llm_share(predictions, gold, spec, 0.4)
+    assert result.feasible
     text = render(calibration_table(result))
     assert f"{result.threshold:.4f}" in text
     assert f"{100 * result.llm_share:.1f}%" in text
     assert "min_probability" in text
     if goal == "accuracy":
-        assert "accuracy 90.0% at 95.0% confidence" in text
+        assert "accuracy 85.0% at 95.0% confidence" in text
         assert result.error_upper_bound is not None
         assert f"{100 * result.error_upper_bound:.1f}%" in text
     else:
         assert "LLM share 40.0%" in text
-    assert ("yes" if result.feasible else "NO") in text
+    assert "yes" in text
+
+
+def test_unreached_accuracy_table_shows_only_what_was_tested(labelled):
+    """No untested threshold looks tested; the highest certifiable target and the need show."""
+    predictions, gold, spec = labelled
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.99)
+    assert not result.feasible
+    assert result.highest_certifiable is not None
+    assert result.data_needed is not None
+    assert result.data_needed.messages is not None
+    text = render(calibration_table(result))
+    assert "none: each keeps under 895 answers" in text
+    assert f"{result.threshold:.4f}" not in text  # the strictest, untested, candidate
+    assert "error upper bound" not in text
+    assert "highest certifiable target" in text
+    assert f"about {result.data_needed.messages:,}" in text
+
+
+def test_unreached_accuracy_table_lists_the_thresholds_tested(labelled):
+    """A threshold the sequence tested shows with its real accepted and wrong counts."""
+    _, _, spec = labelled
+    predictions = [
+        Prediction(
+            labels=LABELS, probabilities=(0.9, 0.1), multi_label=False, chunks=1, model_version="t"
+        )
+    ] * 1000
+    gold = ["neg"] * 900 + ["pos"] * 100
+    text = render(calibration_table(calibrate_for_accuracy(predictions, gold, spec, 0.99)))
+    assert "min_probability 0.9000" in text
+    assert "1000 accepted, 100 wrong" in text
+    assert "failed" in text
+    assert "no amount at this accuracy" in text

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tiergate.policies.calibrate import (
     CalibrationGoal,
+    accepted_needed,
     binomial_cdf,
     calibrate_for_accuracy,
     calibrate_for_llm_share,
@@ -405,3 +406,82 @@ def test_inputs_that_do_not_fit_are_rejected():
         calibrate_for_accuracy(predictions, gold, _spec(), 0.0)
     with pytest.raises(ValueError, match="no predictions"):
         calibrate_for_accuracy([], [], _spec(), 0.9)
+
+
+# --- what an unreached accuracy target needs ----------------------------------------------------
+
+
+def test_accepted_needed_matches_hand_computed_counts():
+    """0 errors: 299 answers bound the error by 1%, but joining the sequence takes 3x (895)."""
+    assert clopper_pearson_upper(0, 298) > 0.01 >= clopper_pearson_upper(0, 299)
+    assert accepted_needed(0.0, 0.99, 0.95) == 895  # ceil(3 * ln 0.05 / ln 0.99)
+    assert accepted_needed(0.0, 0.98, 0.95) == 445  # so 444 messages never certify 98%
+    # at 0.5% wrong the bound is what matters: 5 of 1000 misses 1%, 6 of 1200 reaches it
+    assert clopper_pearson_upper(5, 1000) > 0.01 >= clopper_pearson_upper(6, 1200)
+    assert 1000 < accepted_needed(0.005, 0.99, 0.95) <= 1200
+    assert accepted_needed(0.01, 0.99) is None  # the error rate is the allowed one
+    assert accepted_needed(0.0, 1.0) is None  # no finite sample certifies zero error
+
+
+def test_unreached_target_tests_no_threshold_that_keeps_too_few_answers():
+    """200 messages cannot certify 99.9%: nothing tested; the highest target and the need are."""
+    predictions, gold = synthetic_single(np.random.default_rng(3), 200)
+    spec = _spec()
+    result = calibrate_for_accuracy(predictions, gold, spec, target_accuracy=0.999)
+    assert not result.feasible
+    assert result.tested == ()  # entering the sequence takes 8,986 accepted answers
+    highest = result.highest_certifiable
+    assert highest is not None
+    assert calibrate_for_accuracy(predictions, gold, spec, highest - 1e-9).feasible
+    assert not calibrate_for_accuracy(predictions, gold, spec, highest + 1e-9).feasible
+    need = result.data_needed
+    assert need is not None
+    assert need.messages is not None
+    assert need.accepted is not None
+    assert need.accepted >= accepted_needed(0.0, 0.999)
+    assert need.accepted == accepted_needed(need.error_rate, 0.999)
+    assert need.messages == math.ceil(need.accepted / need.accepted_share - 1e-9)
+    share, accuracy = accepted_by_decide(
+        predictions, gold, _spec(escalation=Escalation(min_probability=need.threshold))
+    )
+    assert share == pytest.approx(need.accepted_share)
+    assert 1 - accuracy == pytest.approx(need.error_rate)
+    document = result.to_dict()
+    assert document["tested"] == []
+    assert document["data_needed"]["messages"] == need.messages
+
+
+def test_unreached_target_lists_the_thresholds_tested_with_their_real_counts():
+    """1000 answers at 90% accuracy: the one threshold is tested and fails; no data would do."""
+    predictions = [_single("a", 0.9)] * 1000
+    gold = ["a"] * 900 + ["b"] * 100
+    result = calibrate_for_accuracy(predictions, gold, _spec(), target_accuracy=0.99)
+    assert not result.feasible
+    assert len(result.tested) == 1
+    test = result.tested[0]
+    assert (test.threshold, test.accepted, test.errors, test.passed) == (0.9, 1000, 100, False)
+    assert test.error_upper_bound == clopper_pearson_upper(100, 1000)
+    assert result.highest_certifiable == pytest.approx(1 - clopper_pearson_upper(100, 1000))
+    need = result.data_needed
+    assert need is not None
+    assert need.messages is None  # 10% wrong can never certify a 1% error
+    assert need.error_rate == pytest.approx(0.1)
+    assert calibrate_for_accuracy(predictions, gold, _spec(), 0.85).feasible
+
+
+@settings(max_examples=60)
+@given(labelled_single(), st.floats(0.3, 0.999))
+def test_highest_certifiable_target_is_exactly_the_one_calibration_reaches(data, target):
+    """Just below the reported highest target is certified, just above it is not."""
+    predictions, gold = data
+    result = calibrate_for_accuracy(predictions, gold, _spec(), target, confidence=0.8)
+    if result.feasible:
+        assert result.highest_certifiable is None
+        return
+    highest = result.highest_certifiable
+    if highest is None:
+        assert not calibrate_for_accuracy(predictions, gold, _spec(), 1e-6, 0.8).feasible
+        return
+    assert highest < target
+    assert calibrate_for_accuracy(predictions, gold, _spec(), highest - 1e-9, 0.8).feasible
+    assert not calibrate_for_accuracy(predictions, gold, _spec(), highest + 1e-9, 0.8).feasible

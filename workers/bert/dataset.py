@@ -8,6 +8,7 @@ file and the line, rather than training on part of it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +123,18 @@ def _example(
 def label_set(examples: Sequence[LabelledExample]) -> list[str]:
     """Every label that occurs, sorted."""
     return sorted({label for example in examples for label in example.labels})
+
+
+# Below this many training examples a label's head is barely trained: training warns and the
+# model card lists the label under ``rare_labels``.
+MIN_TRAINING_EXAMPLES = 5
+
+
+def rare_labels(
+    examples: Sequence[LabelledExample],
+    labels: Sequence[str],
+    minimum: int = MIN_TRAINING_EXAMPLES,
+) -> dict[str, int]:
+    """Each of ``labels`` with fewer than ``minimum`` examples, mapped to its count (maybe 0)."""
+    counts = Counter(label for example in examples for label in example.labels)
+    return {label: counts[label] for label in labels if counts[label] < minimum}

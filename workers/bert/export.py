@@ -9,6 +9,7 @@ BiasGelu node per layer), then dynamic int8 quantization of the weights.
 from __future__ import annotations
 
 import inspect
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,7 +72,8 @@ def export_onnx(model: Any, destination: Path, *, quantize: bool = True) -> tupl
         )
         optimized.save_model_to_file(str(fused))
         if quantize:
-            quantize_dynamic(
+            _quantize_quietly(
+                quantize_dynamic,
                 str(fused),
                 str(destination),
                 weight_type=QuantType.QInt8,
@@ -84,3 +86,19 @@ def export_onnx(model: Any, destination: Path, *, quantize: bool = True) -> tupl
         else:
             fused.replace(destination)
     return inputs
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    # ONNX Runtime logs this on the root logger for every model lacking its shape pre-processing
+    # pass, which the fused transformer graph does not need.
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+def _quantize_quietly(quantize_dynamic: Any, *args: Any, **kwargs: Any) -> None:
+    """Run ONNX Runtime's ``quantize_dynamic`` without its pre-processing advice on stderr."""
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        quantize_dynamic(*args, **kwargs)
+    finally:
+        root.removeFilter(_no_preprocessing_advice)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
-from tiergate.workers.bert.dataset import Columns, label_set, load_labelled
+from tiergate.workers.bert.dataset import (
+    MIN_TRAINING_EXAMPLES,
+    Columns,
+    LabelledExample,
+    label_set,
+    load_labelled,
+    rare_labels,
+)
 from tiergate.workers.bert.default_model import LABELS, load_default_splits, training_subset
 from tiergate.workers.bert.train import split_validation
 from tiergate.workers.errors import DataFileError, InputError
@@ -96,6 +104,55 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
     assert train == again
     with pytest.raises(InputError):
         split_validation(examples, 1.5, seed=7)
+
+
+def _examples(counts):
+    """Single-label examples: ``counts`` maps each label to how many it has."""
+    labels = [label for label, count in counts.items() for _ in range(count)]
+    return [
+        LabelledExample(text=f"t{i}", labels=(lab,), line=i + 1) for i, lab in enumerate(labels)
+    ]
+
+
+def test_validation_split_is_stratified_by_label():
+    """Each label is held out in proportion; a label seen twice keeps one in training.
+
+    A label seen once stays in training (its head would otherwise learn from nothing).
+    """
+    examples = _examples({"a": 20, "b": 10, "c": 2, "d": 1})
+    for seed in range(20):
+        train, validation = split_validation(examples, 0.2, seed=seed)
+        held = Counter(e.labels[0] for e in validation)
+        kept = Counter(e.labels[0] for e in train)
+        assert held["a"] == 4
+        assert held["b"] == 2
+        assert held["a"] + held["b"] + held["c"] == 7
+        assert kept["c"] >= 1
+        assert kept["d"] == 1
+        assert split_validation(examples, 0.2, seed=seed) == (train, validation)
+
+
+def test_multi_label_split_is_stratified_by_rarest_label():
+    """A multi-label example is placed by its rarest label, so a rare label keeps a training row."""
+    examples = [
+        LabelledExample(text=f"t{i}", labels=("common",) if i % 4 else ("common", "rare"), line=i)
+        for i in range(20)
+    ]
+    for seed in range(20):
+        train, validation = split_validation(examples, 0.25, seed=seed)
+        assert sum("rare" in e.labels for e in train) >= 1
+        assert sum("rare" in e.labels for e in validation) == 1
+        assert len(validation) == 5
+
+
+def test_rare_labels_counts_labels_below_the_minimum():
+    """Labels with fewer than the minimum training examples are named with their counts."""
+    examples = _examples({"a": MIN_TRAINING_EXAMPLES, "b": MIN_TRAINING_EXAMPLES - 1, "c": 1})
+    assert rare_labels(examples, ["a", "b", "c", "unseen"]) == {
+        "b": MIN_TRAINING_EXAMPLES - 1,
+        "c": 1,
+        "unseen": 0,
+    }
 
 
 def test_default_dataset_is_split_by_movie_without_overlap():

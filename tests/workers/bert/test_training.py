@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.default_model import base_model_dir
 from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
-from tiergate.workers.bert.train import CHECKPOINT_DIR
+from tiergate.workers.bert.train import CHECKPOINT_DIR, base_model_name
 
 
 def test_training_beats_chance_on_held_out_data(trained_model):
@@ -40,6 +47,8 @@ def test_card_records_metrics_and_versions(trained_model):
     assert card["validation"]["examples"] == len(trained_model.validation)
     assert card["training"]["examples"] > 0
     assert card["training"]["seed"] == 13
+    assert card["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card["rare_labels"] == {}
     assert {"torch", "transformers", "onnxruntime", "tiergate"} <= card["versions"].keys()
     manifest = read_manifest(trained_model.directory)
     assert manifest.model_version == card["model_version"]
@@ -95,3 +104,119 @@ def test_tier_tokenizes_like_the_checkpoint(trained_model):
     for index, ids in enumerate(expected):
         if len(ids) <= classifier.manifest.max_length:
             assert windows.ids[windows.owner.index(index)] == ids
+
+
+def test_card_names_the_base_model():
+    """The packaged default is named by its hub name; another checkpoint by its config or folder."""
+    assert base_model_name(base_model_dir()) == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_card_names_a_users_checkpoint(tmp_path):
+    """A user's checkpoint is named by its config's hub name, else by its folder."""
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "distilbert-base-uncased"}))
+    assert base_model_name(named) == "distilbert-base-uncased"
+    local = tmp_path / "my-bert"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(named)}))
+    assert base_model_name(local) == "my-bert"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random two-layer DistilBERT checkpoint with the default tokenizer, as a user's base.
+
+    Its weights are drawn wide (initializer range 1.0), so its int8 export picks another label
+    than torch on a share of messages well above the default gate's 3%.
+    """
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(5)
+    checkpoint = tmp_path_factory.mktemp("base") / "tiny-distilbert"
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
+    config = DistilBertConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=64,
+        initializer_range=1.0,
+    )
+    DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
+    tokenizer.save_pretrained(str(checkpoint))
+    return checkpoint
+
+
+# Framework output a `tiergate train` user cannot act on.
+FRAMEWORK_NOISE = (
+    "Some weights of",
+    "You should probably TRAIN",
+    "FutureWarning",
+    "DeprecationWarning",
+    "UserWarning",
+    "huggingface/tokenizers",
+    "TOKENIZERS_PARALLELISM",
+    "Please consider to run pre-processing",
+    "WARNING",
+)
+
+
+def test_train_cli_gate_warnings_and_card(tiny_checkpoint, tmp_path):
+    """`tiergate train` on a small file: the ONNX gate's refusal names its option, which passes.
+
+    The run warns of a label with too few training examples, records it in the card, names the
+    base checkpoint, and prints none of the frameworks' warnings.
+    """
+    data = tmp_path / "train.jsonl"
+    rng = random.Random(1)
+    words = [
+        "refund",
+        "password",
+        "crash",
+        "invoice",
+        "login",
+        "screen",
+        "charge",
+        "email",
+        "error",
+        "payment",
+        "reset",
+    ]
+    labels = ["billing", "account"] * 40 + ["bug"] * 3
+    rows = [{"text": " ".join(rng.choices(words, k=8)), "label": label} for label in labels]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    env.pop("PYTHONWARNINGS", None)
+    output = tmp_path / "model"
+
+    def train(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tiergate", "train", str(data), "-o", str(output)]
+        command += ["--base", str(tiny_checkpoint), "--max-length", "32", "--epochs", "1"]
+        # learning rate 0 keeps the random weights, whose export disagrees on a few messages
+        command += ["--validation-split", "0.5", "--learning-rate", "0", "--overwrite", *options]
+        return subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=600, check=False
+        )
+
+    refused = train()
+    assert refused.returncode == 2, refused.stderr
+    assert "--min-onnx-agreement" in refused.stderr
+    assert "served ONNX model" in refused.stderr
+    suggested = re.search(r"--min-onnx-agreement (0\.\d+)", refused.stderr)
+    assert suggested is not None, refused.stderr
+    assert not output.exists()
+
+    result = train("--min-onnx-agreement", suggested.group(1))
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr
+    assert "bug" in result.stderr
+    assert "tiny-distilbert" in result.stderr or "written to" in result.stderr
+    for noise in FRAMEWORK_NOISE:
+        assert noise not in refused.stderr + result.stderr, noise
+    card = json.loads((output / CARD_FILE).read_text())
+    assert set(card["rare_labels"]) == {"bug"}
+    assert card["base_model"] == "tiny-distilbert"
