@@ -75,6 +75,7 @@ class BenchmarkOptions:
         quick: Mapping[str, object],
         *,
         test_split_default: str = "the default model's test split",
+        model_dir_help: str = "model directory (default: Settings().resolved_model_dir)",
     ) -> None:
         self.name = name
         self.quick = dict(quick)
@@ -88,11 +89,7 @@ class BenchmarkOptions:
             help=f"a quick check that the benchmark works, not a measurement: {changes}; "
             f"results under {QUICK_RESULTS_DIR}",
         )
-        self.parser.add_argument(
-            "--model-dir",
-            type=Path,
-            help="model directory (default: Settings().resolved_model_dir)",
-        )
+        self.parser.add_argument("--model-dir", type=Path, help=model_dir_help)
         self.parser.add_argument(
             "--test-split",
             type=Path,

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from tiergate.policies.calibrate import (
     CalibrationGoal,
     CalibrationResult,
+    LabelGroup,
     ThresholdTest,
     accepted_needed,
 )
+from tiergate.policies.class_metrics import ClassMetrics
 from tiergate.policies.evaluate import CurvePoint, Evaluation
 
 
@@ -28,11 +32,12 @@ def simulated_title(evaluation: Evaluation) -> str:
     """``simulated LLM (accuracy x%, $y per call)``, from the LLM-only point of ``evaluation``.
 
     The accuracy is what the simulated LLM scored on this set; the price is the mean cost of
-    one call.
+    one call, or ``unpriced`` when no price was known.
     """
     accuracy = _percent(evaluation.llm_only.accuracy)
     per_call = evaluation.llm_only.cost_per_1000 / 1000.0
-    return f"simulated LLM (accuracy {accuracy}, {_dollars(per_call)} per call)"
+    price = f"{_dollars(per_call)} per call" if evaluation.priced else "unpriced"
+    return f"simulated LLM (accuracy {accuracy}, {price})"
 
 
 def _dollars(amount: float) -> str:
@@ -94,21 +99,21 @@ def _plot(evaluation: Evaluation, png_path: Path, title: str) -> None:
     accuracy_axis.set_ylabel("accuracy (%)")
     accuracy_axis.set_xlim(0, 100)
     accuracy_axis.grid(visible=True, alpha=0.3)
-    cost_axis = accuracy_axis.twinx()
-    cost_axis.plot(
-        shares,
-        [p.cost_per_1000 for p in evaluation.curve],
-        color="tab:orange",
-        linestyle="--",
-        label="LLM cost per 1,000",
-    )
-    cost_axis.set_ylabel("LLM cost per 1,000 messages (USD)")
-    cost_axis.set_ylim(bottom=0)
     handles, labels = accuracy_axis.get_legend_handles_labels()
-    cost_handles, cost_labels = cost_axis.get_legend_handles_labels()
-    accuracy_axis.legend(
-        handles + cost_handles, labels + cost_labels, loc="lower right", fontsize="small"
-    )
+    if evaluation.priced:  # an unpriced evaluation has no cost to draw
+        cost_axis = accuracy_axis.twinx()
+        cost_axis.plot(
+            shares,
+            [p.cost_per_1000 for p in evaluation.curve],
+            color="tab:orange",
+            linestyle="--",
+            label="LLM cost per 1,000",
+        )
+        cost_axis.set_ylabel("LLM cost per 1,000 messages (USD)")
+        cost_axis.set_ylim(bottom=0)
+        cost_handles, cost_labels = cost_axis.get_legend_handles_labels()
+        handles, labels = handles + cost_handles, labels + cost_labels
+    accuracy_axis.legend(handles, labels, loc="lower right", fontsize="small")
     accuracy_axis.set_title(title)
     figure.savefig(png_path, format="png")
 
@@ -134,9 +139,9 @@ def evaluation_table(evaluation: Evaluation) -> Table:
             name,
             _percent(point.llm_share),
             _percent(point.accuracy),
-            _dollars(point.cost_per_1000),
+            _dollars(point.cost_per_1000) if evaluation.priced else "unpriced",
         )
-    notes = []
+    notes = [] if evaluation.priced else ["LLM calls unpriced: no price per call was known"]
     if evaluation.cost_saving_vs_llm_only is not None:
         notes.append(
             f"saves {_percent(evaluation.cost_saving_vs_llm_only)} of LLM-only cost "
@@ -146,6 +151,50 @@ def evaluation_table(evaluation: Evaluation) -> Table:
         notes.append(f"missing LLM answers: {evaluation.missing_llm_answers} (counted wrong)")
     table.caption = "\n".join(notes) or None
     return table
+
+
+def evaluation_per_class_table(evaluation: Evaluation) -> Table:
+    """Each label's precision, recall and F1 for BERT only and at the policy's operating point."""
+    return per_class_table(
+        f"per label: {evaluation.n} messages",
+        {
+            "BERT only": evaluation.per_class_bert_only,
+            "policy": evaluation.per_class_operating_point,
+        },
+    )
+
+
+def per_class_table(title: str, groups: Mapping[str, Mapping[str, ClassMetrics]]) -> Table:
+    """One row per label; for each group (a split, a cascade point) precision, recall, F1, support.
+
+    A precision or recall with no denominator (a label never predicted, or absent) shows as
+    ``-``; a label that is present but never predicted shows recall 0.
+    """
+    table = Table(title=title, header_style="bold")
+    table.add_column("label")
+    for group in groups:
+        for column in ("precision", "recall", "F1", "support"):
+            table.add_column(f"{group}\n{column}", justify="right")
+    labels = list(dict.fromkeys(label for per_class in groups.values() for label in per_class))
+    for label in labels:
+        cells = [escape(label)]
+        for per_class in groups.values():
+            metrics = per_class.get(label)
+            if metrics is None:
+                cells += ["", "", "", ""]
+                continue
+            cells += [
+                _share(metrics.precision),
+                _share(metrics.recall),
+                f"{metrics.f1:.3f}",
+                str(metrics.support),
+            ]
+        table.add_row(*cells)
+    return table
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def calibration_table(result: CalibrationResult) -> Table:
@@ -159,15 +208,18 @@ def calibration_table(result: CalibrationResult) -> Table:
         else f"LLM share {_percent(result.target)}"
     )
     threshold_name = "band half-width" if result.multi_label else "min_probability"
+    split = result.per_label is not None and bool(result.per_label.own)
     if result.goal is CalibrationGoal.ACCURACY and not result.feasible:
-        rows = [("goal", goal), ("messages", str(result.n)), *_unreached_rows(result)]
+        unreached = [("feasible", "NO: target not reached")] if split else _unreached_rows(result)
+        rows = [("goal", goal), ("messages", str(result.n)), *_per_label_rows(result), *unreached]
         for field, value in rows:
             table.add_row(field, value)
         return table
     rows = [
         ("goal", goal),
         ("messages", str(result.n)),
-        (threshold_name, f"{result.threshold:.4f}"),
+        *_per_label_rows(result),
+        _threshold_row(result, threshold_name),
         ("accepted (BERT answer stands)", _percent(result.accepted_share)),
         ("sent to LLM", _percent(result.llm_share)),
         (
@@ -181,6 +233,65 @@ def calibration_table(result: CalibrationResult) -> Table:
     for field, value in rows:
         table.add_row(field, value)
     return table
+
+
+def _threshold_row(result: CalibrationResult, threshold_name: str) -> tuple[str, str]:
+    """The tuned threshold; with label groups, the global one (unused if every label has one)."""
+    if result.per_label is None or not result.per_label.own:
+        return threshold_name, f"{result.threshold:.4f}"
+    if result.per_label.pooled is None:
+        return f"global {threshold_name}", "unused: every label has its own"
+    return f"global {threshold_name}", f"{result.threshold:.4f}"
+
+
+def _per_label_rows(result: CalibrationResult) -> list[tuple[str, str]]:
+    """Which labels got a threshold of their own, what each group certified, who kept the global."""
+    split = result.per_label
+    if split is None:
+        return []
+    needed = "any number of" if split.messages_needed is None else f"{split.messages_needed:,}"
+    if not split.own:
+        return [("per-label thresholds", f"none: a label and the rest each need {needed} messages")]
+    tested = sum(1 for group in split.groups if sum(group.messages))
+    rows = [("label groups", f"{tested}, each tested at {100 * split.group_confidence:.2f}%")]
+    for group in split.groups:
+        name = (
+            f"{escape(group.labels[0])} (own threshold)"
+            if group.own_threshold
+            else f"global ({', '.join(escape(label) for label in group.labels)})"
+        )
+        rows.append((name, _group_outcome(group)))
+    pooled = split.pooled
+    if pooled is not None:
+        reasons = [
+            f"{escape(label)}: {count} messages"
+            + (
+                f" (under {needed})"
+                if count < (split.messages_needed or math.inf)
+                else " (a split would leave a group too small)"
+            )
+            for label, count in zip(pooled.labels, pooled.messages, strict=True)
+        ]
+        rows.append(("kept the global threshold", "; ".join(reasons)))
+    return rows
+
+
+def _group_outcome(group: LabelGroup) -> str:
+    messages = sum(group.messages)
+    if group.certified:
+        return (
+            f"min_probability {group.threshold:.4f}: {group.accepted} of {messages} accepted, "
+            f"{group.errors} wrong, bound {_percent(group.error_upper_bound)}"
+        )
+    if not messages:
+        return "no messages: all sent to the LLM"
+    test = group.last_test
+    if test is None:
+        return f"nothing tested: all {messages} sent to the LLM"
+    return (
+        f"not certified (min_probability {test.threshold:.4f}: {_tested(test)}): "
+        f"all {messages} sent to the LLM"
+    )
 
 
 _TESTS_SHOWN = 6
@@ -236,6 +347,13 @@ def unreached_accuracy(result: CalibrationResult) -> str:
     threshold and their accuracy stay as on this data.
     """
     target, confidence = _percent(result.target), _percent(result.confidence or 0.0)
+    if result.per_label is not None and result.per_label.own:
+        each = f"{100 * result.per_label.group_confidence:.2f}%"
+        return (
+            f"target {target} at {confidence} confidence is not certified for any label group "
+            f"of these {result.n} messages (each group tested at {each}); nothing written. "
+            f"Without --per-label the messages are tested together at {confidence}."
+        )
     highest = result.highest_certifiable
     line = (
         f"target {target} at {confidence} confidence is not certified by these {result.n} "

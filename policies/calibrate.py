@@ -23,6 +23,22 @@ borderline, its answer being right when the flagged label set equals the gold se
 Messages the LLM gets for other reasons (labels that need a generated answer) count as sent and
 never as accepted.
 
+Per-label thresholds (``calibrate_for_accuracy(..., per_label=True)``, single-label only): the
+messages are split by the BERT top label into disjoint groups, and each group gets a fixed
+sequence of its own. A label gets a group (and a ``per_label`` override) when it has enough
+messages for its loosest threshold to join the scan; the other labels are pooled into one group
+whose threshold is the global ``min_probability``. The groups are chosen from the counts of top
+labels alone, never from which answers are right, so every test stays fixed in advance. To keep
+the same guarantee, the error probability ``1 - confidence`` is split evenly over the ``G``
+groups (Bonferroni): each scan runs at ``1 - (1 - confidence) / G``, so with probability at least
+``confidence`` every group's accepted error is within ``1 - target``, and so is that of all
+accepted answers together, their weighted mean. A group whose scan certifies nothing sends all
+of its messages to the LLM (thresholds of 1 on both probability and margin, which only a
+one-hot prediction clears): testing its label again inside the pooled group after it failed
+would reuse the same data and void the guarantee. Multi-label policies have no per-label mode
+(a message there is accepted only when no label is borderline, so labels do not split the
+messages into groups).
+
 Pure: numpy and the standard library only (Clopper-Pearson is computed here, without scipy).
 """
 
@@ -43,7 +59,7 @@ import numpy.typing as npt
 
 from tiergate.policies.evaluate import Answer, bert_answer, check_answers
 from tiergate.policies.prediction import Prediction
-from tiergate.policies.spec import Band, Escalation, PolicyError, PolicySpec
+from tiergate.policies.spec import Band, Escalation, LabelThresholds, PolicyError, PolicySpec
 
 _VERSION_LIMIT = 64  # PolicySpec.version's max_length
 _CALIBRATED_SUFFIX = re.compile(r"\+cal\.[0-9a-f]{8}$")
@@ -179,6 +195,60 @@ class DataNeeded:
 
 
 @dataclass(frozen=True)
+class LabelGroup:
+    """One group of a per-label calibration: the messages whose BERT top label is in ``labels``.
+
+    An ``own_threshold`` group holds one label and is written as its ``per_label`` override;
+    the pooled group holds the labels without one and is written as the global
+    ``min_probability``. ``messages`` counts each label's messages, in the order of ``labels``.
+    ``certified`` says whether the group's fixed sequence passed a threshold; if not,
+    ``threshold`` is 1 and the group's messages all go to the LLM. ``accepted`` and ``errors``
+    are at ``threshold``; ``error_upper_bound`` is their Clopper-Pearson bound at the per-group
+    confidence (1 with nothing accepted); ``tested`` counts the thresholds the scan tested, and
+    ``last_test`` is the last of them (where an uncertified group's scan failed; None if none).
+    """
+
+    labels: tuple[str, ...]
+    messages: tuple[int, ...]
+    own_threshold: bool
+    threshold: float
+    accepted: int
+    errors: int
+    error_upper_bound: float
+    certified: bool
+    tested: int
+    last_test: ThresholdTest | None
+
+
+@dataclass(frozen=True)
+class PerLabelCalibration:
+    """How a per-label calibration split the messages, and what each group certified.
+
+    ``groups`` lists the labels with their own threshold (most messages first), then the pooled
+    group. Each group's scan ran at ``group_confidence``, ``1 - (1 - confidence) / G`` for ``G``
+    groups. ``messages_needed`` is how many messages with a given top label a group needs at
+    that confidence (so that its loosest threshold joins the scan): a pooled label with fewer has
+    too few for a threshold of its own (None when no number would do, as for a target of 1).
+    When no label has its own (one group, tested at the full confidence), it is what each of
+    two groups would need.
+    """
+
+    groups: tuple[LabelGroup, ...]
+    group_confidence: float
+    messages_needed: int | None
+
+    @property
+    def own(self) -> tuple[LabelGroup, ...]:
+        """The groups of labels with a threshold of their own."""
+        return tuple(group for group in self.groups if group.own_threshold)
+
+    @property
+    def pooled(self) -> LabelGroup | None:
+        """The group of labels that keep the global threshold (None when every label has one)."""
+        return next((group for group in self.groups if not group.own_threshold), None)
+
+
+@dataclass(frozen=True)
 class CalibrationResult:
     """A calibrated escalation rule and what it achieves on the data it was chosen on.
 
@@ -197,6 +267,13 @@ class CalibrationResult:
     ``highest_certifiable`` is the highest target accuracy this data certifies at
     ``confidence`` (None if none), and ``data_needed`` estimates the validation messages the
     target needs. All three are empty for a reached or a share goal.
+
+    A per-label calibration sets ``per_label`` (None otherwise): the groups and what each
+    certified. ``threshold`` is then the global ``min_probability`` (that of the pooled group)
+    and ``error_upper_bound`` the largest bound of a certified group, which with probability at
+    least ``confidence`` bounds the error of all accepted answers. When two or more groups were
+    tested and none certified, ``tested``, ``highest_certifiable`` and ``data_needed`` stay
+    empty: the groups say what was tested.
     """
 
     escalation: Escalation
@@ -214,6 +291,7 @@ class CalibrationResult:
     tested: tuple[ThresholdTest, ...] = ()
     highest_certifiable: float | None = None
     data_needed: DataNeeded | None = None
+    per_label: PerLabelCalibration | None = None
 
     def policy(self, spec: PolicySpec) -> PolicySpec:
         """``spec`` with this escalation, under the version ``<version>+cal.<hash>``.
@@ -254,6 +332,7 @@ class CalibrationResult:
             "tested": [asdict(test) for test in self.tested],
             "highest_certifiable": self.highest_certifiable,
             "data_needed": (None if self.data_needed is None else asdict(self.data_needed)),
+            "per_label": None if self.per_label is None else asdict(self.per_label),
         }
 
 
@@ -592,6 +671,8 @@ def calibrate_for_accuracy(
     spec: PolicySpec,
     target_accuracy: float,
     confidence: float = 0.95,
+    *,
+    per_label: bool = False,
 ) -> CalibrationResult:
     """The loosest thresholds whose accepted answers certifiably reach ``target_accuracy``.
 
@@ -610,11 +691,18 @@ def calibrate_for_accuracy(
     Raising the target never loosens the threshold: a higher target's sequence starts later,
     so a lower target's scan may fail among candidates the higher one skips; the higher
     target is then reported infeasible too.
+
+    With ``per_label`` (single-label policies only; a multi-label one is a ``ValueError``),
+    each label with enough messages as the BERT top label gets a threshold of its own under the
+    same guarantee, the rest sharing the global one (see the module docstring); the result's
+    ``per_label`` says which labels got one and what each group certified.
     """
     if not 0.0 < target_accuracy <= 1.0:
         raise ValueError(f"target accuracy must lie in (0, 1], not {target_accuracy}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    if per_label:
+        return _calibrate_per_label(predictions, gold, spec, target_accuracy, confidence)
     sweep = _sweep(predictions, gold, spec)
     eligible_at = _eligible_from(sweep.accepted, confidence)
     tested, passed = _scan(sweep, eligible_at, 1.0 - target_accuracy, confidence)
@@ -646,6 +734,194 @@ def calibrate_for_accuracy(
         tested=tuple(tests),
         highest_certifiable=_highest_certifiable(sweep, eligible_at, confidence),
         data_needed=_data_needed(sweep, target_accuracy, confidence),
+    )
+
+
+# --- Per-label thresholds ----------------------------------------------------------------------
+
+
+def _group_confidence(confidence: float, groups: int) -> float:
+    """The confidence of each of ``groups`` scans whose failures share ``1 - confidence``."""
+    return 1.0 - (1.0 - confidence) / groups
+
+
+def _split_labels(
+    counts: dict[str, int], target_accuracy: float, confidence: float
+) -> tuple[list[str], float, int | None]:
+    """The labels that get a threshold of their own, each group's confidence, and its size.
+
+    Labels are taken largest first: the most labels ``k`` such that the ``k`` largest, and the
+    pooled rest when it has messages, each hold enough messages for their loosest threshold to
+    join a scan at the per-group confidence (so no label leaves the pool if that would leave it
+    too small to test). Only counts of top labels decide this, never whether answers are right.
+    With no label split off, the size returned is what a split into two groups would need.
+    """
+    by_size = sorted(counts, key=lambda label: -counts[label])  # stable: ties in file order
+    for k in range(len(by_size), 0, -1):
+        rest = sum(counts[label] for label in by_size[k:])
+        sizes = [counts[label] for label in by_size[:k]] + ([rest] if rest else [])
+        if len(sizes) < 2:
+            continue
+        group_confidence = _group_confidence(confidence, len(sizes))
+        needed = accepted_needed(0.0, target_accuracy, group_confidence)
+        if needed is not None and min(sizes) >= needed:
+            return by_size[:k], group_confidence, needed
+    return [], confidence, accepted_needed(0.0, target_accuracy, _group_confidence(confidence, 2))
+
+
+def _calibrate_group(
+    labels: tuple[str, ...],
+    messages: tuple[int, ...],
+    predictions: Sequence[Prediction],
+    wrong: npt.NDArray[np.int64],
+    spec: PolicySpec,
+    *,
+    own_threshold: bool,
+    allowed_error: float,
+    confidence: float,
+) -> LabelGroup:
+    """One group's fixed sequence; a group that certifies nothing sends everything to the LLM.
+
+    Its thresholds are then 1 on probability and margin, which only a one-hot prediction
+    clears; such answers, if any, are counted as accepted.
+    """
+    threshold, accepted, errors, tested, certified = 1.0, 0, 0, 0, False
+    last_test = None
+    if predictions:
+        sweep = _probability_sweep(predictions, wrong, spec)
+        eligible_at = _eligible_from(sweep.accepted, confidence)
+        scanned, passed = _scan(sweep, eligible_at, allowed_error, confidence)
+        tested = len(scanned)
+        if scanned:
+            last = scanned[-1]
+            last_test = ThresholdTest(
+                threshold=sweep.thresholds[last],
+                accepted=sweep.accepted[last],
+                errors=sweep.errors[last],
+                error_upper_bound=clopper_pearson_upper(
+                    sweep.errors[last], sweep.accepted[last], confidence
+                ),
+                passed=binomial_cdf(sweep.errors[last], sweep.accepted[last], allowed_error)
+                <= 1.0 - confidence,
+            )
+        if passed is not None:
+            certified = True
+            threshold = sweep.thresholds[passed]
+            accepted, errors = sweep.accepted[passed], sweep.errors[passed]
+        else:
+            one_hot = np.array([p.top_probability >= 1.0 and p.margin >= 1.0 for p in predictions])
+            accepted, errors = int(one_hot.sum()), int(wrong[one_hot].sum())
+    return LabelGroup(
+        labels=labels,
+        messages=messages,
+        own_threshold=own_threshold,
+        threshold=threshold,
+        accepted=accepted,
+        errors=errors,
+        error_upper_bound=clopper_pearson_upper(errors, accepted, confidence),
+        certified=certified,
+        tested=tested,
+        last_test=last_test,
+    )
+
+
+def _per_label_escalation(spec: PolicySpec, groups: Sequence[LabelGroup]) -> Escalation:
+    """The escalation rules of the groups: the pooled group's are the global ones."""
+
+    def margin(group: LabelGroup) -> float:
+        return 0.0 if group.certified else 1.0
+
+    pooled = next((group for group in groups if not group.own_threshold), None)
+    return spec.escalation.model_copy(
+        update={
+            "min_probability": 1.0 if pooled is None else pooled.threshold,
+            "min_margin": 1.0 if pooled is None else margin(pooled),
+            "per_label": {
+                group.labels[0]: LabelThresholds(
+                    min_probability=group.threshold, min_margin=margin(group)
+                )
+                for group in groups
+                if group.own_threshold
+            },
+        }
+    )
+
+
+def _calibrate_per_label(
+    predictions: Sequence[Prediction],
+    gold: Sequence[Answer],
+    spec: PolicySpec,
+    target_accuracy: float,
+    confidence: float,
+) -> CalibrationResult:
+    """:func:`calibrate_for_accuracy` with a threshold per label (see the module docstring)."""
+    if spec.multi_label:
+        raise ValueError(
+            "per-label thresholds apply to single-label policies; a multi-label policy is "
+            "calibrated with one band for every label"
+        )
+    check_answers(predictions, gold, spec)
+    generated = set(spec.generation.labels)
+    counts = {label: 0 for label in spec.label_names if label not in generated}
+    tops = [prediction.top_label for prediction in predictions]
+    for top in tops:
+        if top in counts:
+            counts[top] += 1
+    own, group_confidence, needed = _split_labels(counts, target_accuracy, confidence)
+    pooled = tuple(label for label in counts if label not in own)
+    wrong = np.array(
+        [bert_answer(p, spec) != g for p, g in zip(predictions, gold, strict=True)],
+        dtype=np.int64,
+    )
+    plan: list[tuple[tuple[str, ...], bool]] = [((label,), True) for label in own]
+    if pooled:
+        plan.append((pooled, False))
+    groups = []
+    for labels, is_own in plan:
+        members = [i for i, top in enumerate(tops) if top in labels]
+        groups.append(
+            _calibrate_group(
+                labels,
+                tuple(counts[label] for label in labels),
+                [predictions[i] for i in members],
+                wrong[members],
+                spec,
+                own_threshold=is_own,
+                allowed_error=1.0 - target_accuracy,
+                confidence=group_confidence,
+            )
+        )
+    n = len(predictions)
+    accepted = sum(group.accepted for group in groups)
+    errors = sum(group.errors for group in groups)
+    certified = [group for group in groups if group.certified]
+    result = CalibrationResult(
+        escalation=_per_label_escalation(spec, groups),
+        goal=CalibrationGoal.ACCURACY,
+        target=target_accuracy,
+        n=n,
+        multi_label=False,
+        threshold=next((g.threshold for g in groups if not g.own_threshold), 1.0),
+        accepted_share=accepted / n,
+        llm_share=(n - accepted) / n,
+        accepted_accuracy=(accepted - errors) / accepted if accepted else None,
+        error_upper_bound=max(
+            (group.error_upper_bound for group in certified),
+            default=clopper_pearson_upper(errors, accepted, confidence),
+        ),
+        confidence=confidence,
+        feasible=bool(certified),
+        per_label=PerLabelCalibration(tuple(groups), group_confidence, needed),
+    )
+    if certified or own:
+        return result
+    # one group, tested as the global calibration tests it: that explains the failure
+    explained = calibrate_for_accuracy(predictions, gold, spec, target_accuracy, confidence)
+    return replace(
+        result,
+        tested=explained.tested,
+        highest_certifiable=explained.highest_certifiable,
+        data_needed=explained.data_needed,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tiergate.policies.class_metrics import ClassMetrics, per_class_metrics
 from tiergate.policies.prediction import Prediction
 from tiergate.policies.routing import Target, decide
 from tiergate.policies.spec import PolicySpec
@@ -119,7 +120,11 @@ class Evaluation:
     every ``k``, not only the sampled ones) whose accuracy is within one point of LLM only, and
     ``cost_saving_vs_llm_only`` is ``1 - cost there / cost of LLM only`` (``None`` when LLM only
     costs nothing). ``missing_llm_answers`` counts messages the replay had no LLM answer for; each
-    counts as wrong wherever the LLM answers it.
+    counts as wrong wherever the LLM answers it. ``per_class_bert_only`` and
+    ``per_class_operating_point`` give each label's precision, recall, F1 and support for BERT's
+    answers and for the answers at the operating point (a missing LLM answer predicts no label).
+    ``priced`` is false when no price per LLM call was known: the costs are then zeros that mean
+    "unknown", and :meth:`to_dict` reports them as ``None``.
     """
 
     policy: str
@@ -134,6 +139,9 @@ class Evaluation:
     operating_routes: dict[str, int]
     matched_point: CurvePoint
     cost_saving_vs_llm_only: float | None
+    per_class_bert_only: dict[str, ClassMetrics]
+    per_class_operating_point: dict[str, ClassMetrics]
+    priced: bool = True
 
     @property
     def matched_accuracy_llm_share(self) -> float:
@@ -141,8 +149,8 @@ class Evaluation:
         return self.matched_point.llm_share
 
     def to_dict(self) -> dict[str, Any]:
-        """The evaluation as a JSON-serialisable mapping."""
-        return {
+        """The evaluation as a JSON-serialisable mapping; unpriced, every cost is ``None``."""
+        document: dict[str, Any] = {
             "policy": self.policy,
             "policy_version": self.policy_version,
             "multi_label": self.multi_label,
@@ -155,15 +163,25 @@ class Evaluation:
             "matched_accuracy_llm_share": self.matched_accuracy_llm_share,
             "matched_point": self.matched_point.to_dict(),
             "cost_saving_vs_llm_only": self.cost_saving_vs_llm_only,
+            "per_class": {
+                "bert_only": _dump(self.per_class_bert_only),
+                "operating_point": _dump(self.per_class_operating_point),
+            },
             "curve": [point.to_dict() for point in self.curve],
+            "priced": self.priced,
         }
+        if not self.priced:
+            points = [document[key] for key in ("bert_only", "llm_only", "operating_point")]
+            for point in [*points, document["matched_point"], *document["curve"]]:
+                point["cost_per_1000"] = None
+        return document
 
 
 def evaluate_cascade(
     predictions: Sequence[Prediction],
     gold: Sequence[Answer],
     llm_answers: Sequence[Answer | None],
-    llm_costs: Sequence[float] | float,
+    llm_costs: Sequence[float] | float | None,
     spec: PolicySpec,
     points: int = 101,
 ) -> Evaluation:
@@ -174,7 +192,8 @@ def evaluate_cascade(
         gold: the right answer per message (a label, or a frozenset for multi-label).
         llm_answers: the LLM's answer per message; ``None`` where the replay has none (it
             counts as wrong and is reported in ``missing_llm_answers``).
-        llm_costs: USD per LLM call, per message or one figure for all.
+        llm_costs: USD per LLM call, per message or one figure for all; ``None`` when no
+            price is known (the evaluation is then unpriced: ``priced`` is false).
         spec: the policy; its escalation rules give the operating point, its flag threshold
             the multi-label BERT answer and confidence.
         points: how many shares from 0 to 1 (inclusive) the curve samples; at least 2.
@@ -189,7 +208,7 @@ def evaluate_cascade(
     n = len(predictions)
     if len(llm_answers) != n:
         raise ValueError(f"{n} predictions but {len(llm_answers)} LLM answers")
-    costs = _costs(llm_costs, n)
+    costs = _costs(0.0 if llm_costs is None else llm_costs, n)
     if points < 2:
         raise ValueError("the curve needs at least 2 points (share 0 and share 1)")
 
@@ -216,7 +235,9 @@ def evaluate_cascade(
     matched_k = matched_accuracy_count(correct_at)
     llm_cost = float(cost_at[n])
     matched_cost = float(cost_at[matched_k])
-    operating, routes = _operating_point(predictions, gold, llm_answers, costs, spec)
+    operating, routes, final = _operating_point(predictions, gold, llm_answers, costs, spec)
+    labels = spec.label_names
+    truth = answer_matrix(gold, labels)
     return Evaluation(
         policy=spec.name,
         policy_version=spec.version,
@@ -230,7 +251,31 @@ def evaluate_cascade(
         operating_routes=routes,
         matched_point=point(matched_k),
         cost_saving_vs_llm_only=1.0 - matched_cost / llm_cost if llm_cost > 0 else None,
+        per_class_bert_only=per_class_metrics(answer_matrix(bert, labels), truth, labels),
+        per_class_operating_point=per_class_metrics(answer_matrix(final, labels), truth, labels),
+        priced=llm_costs is not None,
     )
+
+
+def answer_matrix(answers: Sequence[Answer | None], labels: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """Answers as an ``(n, len(labels))`` 0/1 matrix; ``None`` (no answer) is a row of zeros.
+
+    Raises:
+        ValueError: an answer names a label outside ``labels``.
+    """
+    column = {label: j for j, label in enumerate(labels)}
+    matrix = np.zeros((len(answers), len(labels)), dtype=bool)
+    for row, answer in enumerate(answers):
+        named = () if answer is None else (answer,) if isinstance(answer, str) else answer
+        for label in named:
+            if label not in column:
+                raise ValueError(f"answer {row} names {label!r}, not a label of the policy")
+            matrix[row, column[label]] = True
+    return matrix
+
+
+def _dump(per_class: dict[str, ClassMetrics]) -> dict[str, dict[str, Any]]:
+    return {label: metrics.model_dump() for label, metrics in per_class.items()}
 
 
 def matched_accuracy_count(correct_at: npt.NDArray[np.int64]) -> int:
@@ -276,12 +321,16 @@ def _operating_point(
     llm_answers: Sequence[Answer | None],
     costs: npt.NDArray[np.float64],
     spec: PolicySpec,
-) -> tuple[CurvePoint, dict[str, int]]:
-    """The policy's own point: every message routed by ``decide`` with an unlimited budget."""
+) -> tuple[CurvePoint, dict[str, int], list[Answer | None]]:
+    """The policy's own point: every message routed by ``decide`` with an unlimited budget.
+
+    Returns the point, the routes counted by reason, and the final answer of each message.
+    """
     correct = 0
     sent = 0
     spent = 0.0
     reasons: Counter[str] = Counter()
+    final: list[Answer | None] = []
     for prediction, right, llm, cost in zip(predictions, gold, llm_answers, costs, strict=True):
         route = decide(prediction, spec)
         reasons[route.reason.value] += 1
@@ -291,9 +340,10 @@ def _operating_point(
             spent += float(cost)
             answer = _merge_borderline(prediction, spec, route.labels, llm)
         correct += answer is not None and answer == right
+        final.append(answer)
     n = len(predictions)
     point = CurvePoint(llm_share=sent / n, accuracy=correct / n, cost_per_1000=1000 * spent / n)
-    return point, dict(sorted(reasons.items()))
+    return point, dict(sorted(reasons.items())), final
 
 
 def _merge_borderline(

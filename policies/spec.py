@@ -19,6 +19,7 @@ Everything here is pure: loading reads one file, and nothing else touches the ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -154,6 +155,15 @@ class ProviderRef(_Strict):
     base_url: StrictStr | None = None
 
 
+DEFAULT_PROVIDERS: tuple[ProviderRef, ...] = (
+    ProviderRef(provider="openai", model="gpt-4o-mini"),
+    ProviderRef(provider="anthropic", model="claude-haiku-4-5"),
+)
+"""The provider chain of the shipped policies, and of a policy that ``tiergate policy init`` or
+``tiergate calibrate`` writes when no chain is given: each provider whose key is set is tried in
+this order."""
+
+
 class LLMSpec(_Strict):
     """The LLM tier of this policy: providers tried in order, and what the prompt says."""
 
@@ -253,6 +263,11 @@ class PolicySpec(_Strict):
     def with_escalation(self, escalation: Escalation, version: str) -> PolicySpec:
         """A copy with new escalation rules under a new version (calibration writes these)."""
         return self.model_copy(update={"escalation": escalation, "version": version})
+
+    def with_providers(self, providers: Sequence[ProviderRef]) -> PolicySpec:
+        """A copy whose LLM tier tries ``providers``, in order (same name and version)."""
+        llm = self.llm.model_copy(update={"providers": list(providers)})
+        return self.model_copy(update={"llm": llm})
 
     def to_yaml(self) -> str:
         """The policy as YAML that :func:`load_policy` reads back to an equal spec."""

@@ -23,7 +23,7 @@ reuses an answer (a cache hit, a duplicate in the batch) carries an unpaid one.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -529,14 +529,40 @@ def _from_cache(hit: Decision, message: Message, lookup_ms: float) -> Decision:
 # ---------------------------------------------------------------------------------- assembly
 
 
+def no_provider_warning(spec: PolicySpec) -> str:
+    """What a policy with an empty provider chain means for its messages, and how to add one."""
+    return (
+        f"policy {spec.name!r} (version {spec.version}) has no LLM provider: every message it "
+        "routes to the LLM gets the BERT answer marked llm_skipped: no_provider. List providers "
+        "under llm.providers (for example {provider: openai, model: gpt-4o-mini}), or write a "
+        "policy with `tiergate policy init --model DIR`"
+    )
+
+
+def log_no_provider(spec: PolicySpec) -> None:
+    """Log the warning ``policy.no_provider`` for ``spec`` (see :func:`no_provider_warning`)."""
+    log.warning(
+        "policy.no_provider",
+        policy=spec.name,
+        policy_version=spec.version,
+        advice=no_provider_warning(spec),
+    )
+
+
 def load_policy_book(
-    settings: Settings, labels: tuple[str, ...], *, multi_label: bool
+    settings: Settings,
+    labels: tuple[str, ...],
+    *,
+    multi_label: bool,
+    on_no_provider: Callable[[PolicySpec], None] = log_no_provider,
 ) -> PolicyBook:
     """The policies a process serves, each checked against the model's label set.
 
     ``settings.policy_files`` when given (the first is the default); otherwise the shipped
     policy whose labels are the model's (the default model's ``rotten-tomatoes``), or else a
-    policy built from the model's labels that lets every BERT answer stand. Raises
+    policy built from the model's labels that lets every BERT answer stand. Each policy with an
+    empty provider chain is passed to ``on_no_provider`` (by default the structured warning
+    ``policy.no_provider``; the CLI prints a warning line instead). Raises
     :class:`~tiergate.policies.spec.PolicyError` for a policy whose labels or head differ from the
     model.
     """
@@ -550,6 +576,9 @@ def load_policy_book(
         specs = matching[:1] or [PolicySpec.for_labels(labels, multi_label=multi_label)]
     for spec in specs:
         check_policy_fits_model(spec, labels, multi_label=multi_label)
+    for spec in specs:
+        if not spec.llm.providers:
+            on_no_provider(spec)
     return PolicyBook(specs)
 
 

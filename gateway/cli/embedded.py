@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import typer
 
-from tiergate.gateway.cli.errors import guarded
+from tiergate.gateway.cli.errors import guarded, warn
+from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.classifier import BertClassifier
-from tiergate.workers.cascade import Cascade, open_cascade
+from tiergate.workers.cascade import (
+    Cascade,
+    PolicyBook,
+    build_cascade,
+    load_policy_book,
+    no_provider_warning,
+)
 from tiergate.workers.settings import Settings
 
 MODEL_OPTION = typer.Option(help="Model directory (default: the default).")
@@ -28,8 +35,37 @@ def load_classifier(settings: Settings, model: Path | None) -> BertClassifier:
     return guarded(lambda: BertClassifier.from_settings(settings, model))
 
 
+def warn_no_provider(spec: PolicySpec) -> None:
+    """The CLI's warning line for a policy whose LLM tier has no provider."""
+    warn(no_provider_warning(spec))
+
+
+def policy_book_or_exit(
+    settings: Settings,
+    classifier: BertClassifier,
+    *,
+    on_no_provider: Callable[[PolicySpec], None] = warn_no_provider,
+) -> PolicyBook:
+    """The policies ``settings`` configure for ``classifier``; a bad policy exits 2.
+
+    A policy with no LLM provider is passed to ``on_no_provider`` (a warning line by default).
+    """
+    return guarded(
+        lambda: load_policy_book(
+            settings,
+            classifier.labels,
+            multi_label=classifier.manifest.multi_label,
+            on_no_provider=on_no_provider,
+        )
+    )
+
+
 def open_cascade_or_exit(
     settings: Settings, classifier: BertClassifier, *, use_cache: bool = True
 ) -> Cascade:
-    """:func:`~tiergate.workers.cascade.open_cascade` over ``classifier``; a bad policy exits 2."""
-    return guarded(lambda: open_cascade(settings, classifier, use_cache=use_cache))
+    """The cascade of :func:`~tiergate.workers.cascade.open_cascade` over ``classifier``.
+
+    A policy that does not fit the model exits 2; one with no LLM provider is a warning line.
+    """
+    policies = policy_book_or_exit(settings, classifier)
+    return guarded(lambda: build_cascade(settings, classifier, policies, use_cache=use_cache))

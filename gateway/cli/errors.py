@@ -30,6 +30,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(USAGE_ERROR)
 
 
+def warn(message: str) -> None:
+    """Print ``warning: message`` in yellow on standard error; the command goes on."""
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def guarded(action: Callable[[], T]) -> T:
     """Run ``action``; a tiergate or policy error becomes a one-line message and exit code 2."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +39,14 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 5e-5,
     max_length: Annotated[int, typer.Option(min=16, help="The model window in tokens.")] = 128,
+    first_window_only: Annotated[
+        bool,
+        typer.Option(
+            "--first-window-only",
+            help="Train on each text's first window only; by default every window of a text "
+            "longer than --max-length is a training example, as the tier reads it when serving.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and initialisation.")] = 13,
     name: Annotated[str | None, typer.Option(help="Model name (default: output dir name).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -53,6 +62,16 @@ def train(
             "trained model's answer; lower it to accept more differences.",
         ),
     ] = 0.97,
+    class_weight: Annotated[
+        str | None,
+        typer.Option(
+            help="Loss weight per label for imbalanced data: 'balanced' (n_examples / (n_labels "
+            "* count) on the training split; multi-label: negatives / positives per label) or "
+            "'label=3,other=0.5' (labels not named weigh 1). Single-label heads weight the "
+            "cross-entropy; multi-label heads use it as BCE pos_weight. The temperature is "
+            "fitted afterwards on validation, unweighted.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a checkpoint on labelled data and write an ONNX model directory."""
     from tiergate.workers.bert.dataset import Columns, label_set, load_labelled  # noqa: PLC0415
@@ -81,6 +100,11 @@ def train(
             lambda: split_validation(train_examples, validation_split, seed)
         )
     test_examples = load(test, label_names) if test is not None else None
+    weights = (
+        None
+        if class_weight is None
+        else class_weights(class_weight, train_examples, label_names, multi_label=multi_label)
+    )
     base_dir = base if base is not None else guarded(base_model_dir)
     card = run_training(
         base=base_dir,
@@ -92,9 +116,11 @@ def train(
         batch_size=batch_size,
         learning_rate=learning_rate,
         max_length=max_length,
+        all_windows=not first_window_only,
         seed=seed,
         save_checkpoint=checkpoint,
         min_agreement=min_onnx_agreement,
+        class_weights=weights,
         data=(train_examples, validation_examples, test_examples),
     )
     print_card(card, output)
@@ -104,7 +130,8 @@ def run_training(*, data: tuple[Any, Any, Any], **options: Any) -> Any:
     """Train on ``data`` (train, validation, test examples) with ``TrainOptions(**options)``.
 
     Returns the model card; a training error exits 2. A label with too few training examples
-    is a warning naming it (the card records it as ``rare_labels``).
+    is a warning naming it (the card records it as ``rare_labels``), and so, once trained, is a
+    label present in validation that the model never predicted there (``never_predicted``).
     """
     from tiergate.workers.bert.dataset import MIN_TRAINING_EXAMPLES, rare_labels  # noqa: PLC0415
     from tiergate.workers.bert.train import TrainOptions, train_model  # noqa: PLC0415
@@ -120,13 +147,57 @@ def run_training(*, data: tuple[Any, Any, Any], **options: Any) -> Any:
             soft_wrap=True,
         )
     train_options = TrainOptions(base_model=base, **options)
-    return guarded(
+    card = guarded(
         lambda: train_model(train_options, train_examples, validation_examples, test_examples)
     )
+    for label in card.never_predicted:
+        support = card.validation.per_class[label].support
+        err.print(
+            f"[bold yellow]warning:[/] the model never predicted label {escape(repr(label))} on "
+            f"validation ({support} example{'' if support == 1 else 's'} of it there): it "
+            "misses that label; add examples of it or train with --class-weight balanced",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return card
+
+
+def class_weights(
+    text: str, examples: Sequence[Any], labels: Sequence[str], *, multi_label: bool
+) -> dict[str, float]:
+    """Every label's loss weight from ``--class-weight``: ``balanced`` or ``label=w,...``.
+
+    ``balanced`` is computed on ``examples`` (the training split); named weights leave the
+    other labels at 1. A malformed item, an unknown label or a weight not above 0 exits 2.
+    """
+    from tiergate.workers.bert.train import (  # noqa: PLC0415
+        balanced_class_weights,
+        check_class_weights,
+    )
+
+    if text.strip() == "balanced":
+        return balanced_class_weights(examples, labels, multi_label=multi_label)
+    named: dict[str, float] = {}
+    for item in text.split(","):
+        label, equals, number = item.strip().rpartition("=")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        if not equals or not label.strip() or math.isnan(weight):
+            raise fail(
+                f"--class-weight: {item.strip()!r} is not label=weight (a number); give "
+                "'balanced' or e.g. 'spam=3,ham=1'"
+            )
+        named[label.strip()] = weight
+    guarded(lambda: check_class_weights(named, labels))
+    return {label: named.get(label, 1.0) for label in labels}
 
 
 def print_card(card: Any, directory: Path) -> None:
-    """A trained model's card on standard error: metrics per split and where it was written."""
+    """A trained model's card on standard error: metrics per split and per label, and where."""
+    from tiergate.gateway.report import per_class_table  # noqa: PLC0415
+
     table = Table(title=f"{card.name} ({card.model_version})", header_style="bold")
     table.add_column("split")
     table.add_column("examples", justify="right")
@@ -146,6 +217,14 @@ def print_card(card: Any, directory: Path) -> None:
             f"{metrics.log_loss_before_temperature:.3f} → {metrics.log_loss_after_temperature:.3f}",
         )
     err.print(table)
+    splits = {"validation": card.validation, "test": card.test}
+    err.print(
+        per_class_table(
+            "per label",
+            {split: metrics.per_class for split, metrics in splits.items() if metrics is not None},
+        )
+    )
+    err.print(windows_line(card.training), highlight=False, soft_wrap=True)
     agreement = card.onnx_agreement["argmax_agreement"]
     err.print(
         f"temperature {card.temperature:.3f} · ONNX agrees with torch on {agreement:.1%} "
@@ -154,3 +233,13 @@ def print_card(card: Any, directory: Path) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def windows_line(training: dict[str, Any]) -> str:
+    """One line on the long training texts and the windows trained, from the card's record."""
+    texts, long_texts = training["examples"], training["texts_with_several_windows"]
+    windows = training["windows_trained"]
+    head = f"{long_texts:,} of {texts:,} texts longer than one window"
+    if training["window_strategy"] == "first":
+        return f"{head}: trained on each text's first window only ({windows:,} windows)"
+    return f"{head}: trained on all {windows:,} windows"

@@ -7,7 +7,7 @@ the policy's thresholds or evaluate the cascade's accuracy against its LLM share
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -16,12 +16,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from tiergate.gateway.cli.embedded import MODEL_OPTION, load_classifier, settings_with_policies
-from tiergate.gateway.cli.errors import REJECTED, err, fail, guarded
+from tiergate.gateway.cli.embedded import (
+    MODEL_OPTION,
+    load_classifier,
+    policy_book_or_exit,
+    settings_with_policies,
+    warn_no_provider,
+)
+from tiergate.gateway.cli.errors import REJECTED, err, fail, guarded, warn
 from tiergate.gateway.cli.inputs import CHUNK
+from tiergate.gateway.cli.policy import PROVIDER_OPTION, chain_text, provider_chain
 from tiergate.policies.prediction import Prediction
-from tiergate.policies.spec import PolicySpec, Task
-from tiergate.workers.cascade import policy_book_for
+from tiergate.policies.spec import DEFAULT_PROVIDERS, PolicySpec, Task
 from tiergate.workers.errors import DataFileError, RecordError
 from tiergate.workers.records import InputFormat, read_bytes, read_records
 from tiergate.workers.settings import Settings
@@ -43,14 +49,19 @@ def score_labelled(
     policy: Path | None,
     model: Path | None,
     columns: tuple[str, str, str],
+    *,
+    on_no_provider: Callable[[PolicySpec], None] = warn_no_provider,
 ) -> Scored:
-    """Score every example of ``data`` with the model, under ``policy`` (or the model's)."""
+    """Score every example of ``data`` with the model, under ``policy`` (or the model's).
+
+    A policy with no LLM provider is passed to ``on_no_provider`` (a warning line by default).
+    """
     from tiergate.workers.bert.dataset import Columns, load_labelled  # noqa: PLC0415
 
     settings = settings_with_policies([policy] if policy is not None else None)
     classifier = load_classifier(settings, model)
     multi_label = classifier.manifest.multi_label
-    book = guarded(lambda: policy_book_for(settings, classifier))
+    book = policy_book_or_exit(settings, classifier, on_no_provider=on_no_provider)
     text, label, labels = columns
     examples = guarded(
         lambda: load_labelled(
@@ -94,9 +105,22 @@ def calibrate(
     confidence: Annotated[
         float, typer.Option(min=0.5, max=0.999, help="Confidence of the bound for goal (a).")
     ] = 0.95,
+    per_label: Annotated[
+        bool,
+        typer.Option(
+            "--per-label",
+            help="Goal (a), single-label policies: a threshold per label with enough messages.",
+        ),
+    ] = False,
     policy: Annotated[
-        Path | None, typer.Option(help="Policy to calibrate (default: the model's).")
+        Path | None,
+        typer.Option(
+            "--base-policy",
+            "--policy",
+            help="Policy to calibrate and write with new thresholds (default: the model's).",
+        ),
     ] = None,
+    provider: Annotated[list[str] | None, PROVIDER_OPTION] = None,
     model: Annotated[Path | None, MODEL_OPTION] = None,
     text_column: Annotated[str, _TEXT_COLUMN] = "text",
     label_column: Annotated[str, _LABEL_COLUMN] = "label",
@@ -104,12 +128,19 @@ def calibrate(
 ) -> None:
     """Choose escalation thresholds from labelled data and write them as a new policy version.
 
+    The written policy keeps the base policy's LLM provider chain; --provider (repeatable)
+    replaces it, and a base policy with no provider gets the default chain.
+
     Goal (a), --target-accuracy: the loosest thresholds whose accepted BERT answers reach the
     target with a one-sided upper confidence bound on their error rate (Clopper-Pearson, tested
     in sequence from the strictest threshold). Goal (b), --llm-share: the thresholds that send
     at most that share of messages to the LLM. Exits 1 without writing when no threshold
     reaches goal (a) on this data, naming the highest target the data certifies and about how
     many validation messages the asked target would need.
+
+    --per-label (goal (a), single-label policies): each label with enough validation messages
+    as the BERT top label gets a threshold of its own, the others share the global one, under
+    the same guarantee (the error probability is split evenly over the label groups).
     """
     from tiergate.gateway.report import calibration_table, unreached_accuracy  # noqa: PLC0415
     from tiergate.policies.calibrate import (  # noqa: PLC0415
@@ -120,10 +151,25 @@ def calibrate(
 
     if (target_accuracy is None) == (llm_share is None):
         raise fail("give exactly one goal: --target-accuracy or --llm-share")
-    scored = score_labelled(data, policy, model, (text_column, label_column, labels_column))
+    if per_label and llm_share is not None:
+        raise fail("--per-label applies to goal (a), --target-accuracy, not to --llm-share")
+    chain = provider_chain(provider or [])
+    columns = (text_column, label_column, labels_column)
+    # The written policy gets a chain below, so a base policy without one needs no warning.
+    scored = score_labelled(data, policy, model, columns, on_no_provider=lambda _: None)
+    if per_label and scored.spec.multi_label:
+        raise fail(
+            "--per-label applies to single-label policies; a multi-label policy is calibrated "
+            "with one uncertainty band for every label"
+        )
     if target_accuracy is not None:
         result = calibrate_for_accuracy(
-            scored.predictions, scored.gold, scored.spec, target_accuracy, confidence
+            scored.predictions,
+            scored.gold,
+            scored.spec,
+            target_accuracy,
+            confidence,
+            per_label=per_label,
         )
     else:
         assert llm_share is not None
@@ -145,6 +191,16 @@ def calibrate(
         )
         raise typer.Exit(REJECTED)
     new_policy = guarded(lambda: result.policy(scored.spec))
+    if chain:
+        new_policy = new_policy.with_providers(chain)
+    elif not new_policy.llm.providers:
+        new_policy = new_policy.with_providers(DEFAULT_PROVIDERS)
+        err.print(
+            f"policy {new_policy.name!r} had no LLM provider: written with the default chain "
+            f"{chain_text(DEFAULT_PROVIDERS)} (--provider NAME:MODEL sets another)",
+            highlight=False,
+            soft_wrap=True,
+        )
     try:
         output.write_text(new_policy.to_yaml(), encoding="utf-8")
     except OSError as exc:
@@ -169,9 +225,11 @@ def evaluate(
     cost_per_call: Annotated[
         float | None,
         typer.Option(
+            "--price-per-call",
+            "--cost-per-call",
             min=0.0,
-            help="USD per LLM call (default: the replay's cost_usd, else the policy's first "
-            "model priced on these prompts).",
+            help="USD per LLM call (default: the replay's cost_usd, else the list price of the "
+            "policy's first provider's model on these prompts).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulated LLM.")] = 13,
@@ -195,10 +253,15 @@ def evaluate(
     The LLM's answers come from a replay file of recorded answers keyed by message id, or
     from a simulated LLM of the given accuracy (the output says it is a simulation). Reports
     BERT only, LLM only, the policy's operating point and the smallest LLM share within one
-    point of LLM-only accuracy, with cost per 1,000 messages; writes JSON and, with --plot, a
-    PNG plot (which needs matplotlib: pip install 'tiergate[plot]').
+    point of LLM-only accuracy, with cost per 1,000 messages, and each label's precision,
+    recall, F1 and support for BERT only and at the operating point; writes JSON and, with
+    --plot, a PNG plot (which needs matplotlib: pip install 'tiergate[plot]').
     """
-    from tiergate.gateway.report import evaluation_table, write_evaluation  # noqa: PLC0415
+    from tiergate.gateway.report import (  # noqa: PLC0415
+        evaluation_per_class_table,
+        evaluation_table,
+        write_evaluation,
+    )
     from tiergate.policies.evaluate import evaluate_cascade, simulate_llm  # noqa: PLC0415
 
     if (replay is None) == (simulate_accuracy is None):
@@ -207,38 +270,31 @@ def evaluate(
         raise fail("--plot needs matplotlib: pip install 'tiergate[plot]'")
     scored = score_labelled(data, policy, model, (text_column, label_column, labels_column))
     spec = scored.spec
-    costs: list[float] | float
+    replay_costs: list[float | None] = []
     if replay is not None:
         recorded = guarded(lambda: _read_replay(replay, spec))
         answers = [recorded[i][0] if i in recorded else None for i in scored.ids]
         replay_costs = [recorded[i][1] if i in recorded else None for i in scored.ids]
-        known_costs = [c for c in replay_costs if c is not None]
-        if cost_per_call is not None:
-            costs = cost_per_call
-        elif known_costs:  # a message without a recorded cost costs the recorded mean
-            mean = sum(known_costs) / len(known_costs)
-            costs = [mean if c is None else c for c in replay_costs]
-        else:
-            costs = _typical_call_cost(spec, scored.texts)
         simulated = False
     else:
         assert simulate_accuracy is not None
         answers = list(simulate_llm(scored.gold, spec.label_names, simulate_accuracy, seed))
-        costs = (
-            cost_per_call if cost_per_call is not None else _typical_call_cost(spec, scored.texts)
-        )
         simulated = True
+    costs, pricing = _call_costs(spec, scored.texts, cost_per_call, replay_costs)
     evaluation = guarded(
         lambda: evaluate_cascade(scored.predictions, scored.gold, answers, costs, spec)
     )
     title = f"tiergate eval: policy {spec.name} v{spec.version} on {data.name}"
     write_evaluation(evaluation, json_out, plot, title=title, simulated=simulated)
-    Console().print(evaluation_table(evaluation))
+    out = Console()
+    out.print(evaluation_table(evaluation))
+    out.print(evaluation_per_class_table(evaluation))
     source = "simulated LLM" if simulated else f"LLM answers replayed from {replay}"
     missing = f" · {evaluation.missing_llm_answers} missing (counted wrong)" if replay else ""
     drawn = f" · plot {plot}" if plot is not None else ""
     err.print(
-        f"{evaluation.n} messages · {source}{missing} · report {json_out}{drawn}",
+        f"{evaluation.n} messages · {source}{missing} · LLM calls {pricing} · report "
+        f"{json_out}{drawn}",
         highlight=False,
         soft_wrap=True,
     )
@@ -288,20 +344,52 @@ def _read_replay(
     return recorded
 
 
-def _typical_call_cost(spec: PolicySpec, texts: Sequence[str]) -> float:
+def _call_costs(
+    spec: PolicySpec,
+    texts: Sequence[str],
+    price_per_call: float | None,
+    replay_costs: Sequence[float | None],
+) -> tuple[list[float] | float | None, str]:
+    """The cost of each LLM call for ``eval``, and where it comes from, in words.
+
+    ``--price-per-call`` first; else the replay's ``cost_usd`` (a message without one costs the
+    recorded mean); else the list price of the policy's first provider's model on these texts.
+    ``None`` (unpriced, with a warning line) when the policy has no provider or that model has
+    no price: the report then says "unpriced" rather than a cost of $0.
+    """
+    if price_per_call is not None:
+        return price_per_call, f"at ${price_per_call:g} each (--price-per-call)"
+    known = [cost for cost in replay_costs if cost is not None]
+    if known:
+        mean = sum(known) / len(known)
+        return [mean if cost is None else cost for cost in replay_costs], "at the replay's cost_usd"
+    settings = Settings()
+    if not spec.llm.providers:
+        reason = f"policy {spec.name!r} has no LLM provider to price them at"
+    else:
+        first = spec.llm.providers[0]
+        if first.model in settings.llm_prices:
+            typical = _typical_call_cost(spec, texts, settings)
+            return typical, f"at {first.provider}/{first.model}'s list price (${typical:.6f} each)"
+        reason = f"model {first.model!r} (the policy's first provider) has no known price"
+    warn(
+        f"LLM calls are unpriced: {reason}. The report shows no cost; give --price-per-call USD, "
+        "or a price with TIERGATE_LLM_PRICES, or a provider under the policy's llm.providers"
+    )
+    return None, "unpriced"
+
+
+def _typical_call_cost(spec: PolicySpec, texts: Sequence[str], settings: Settings) -> float:
     """The mean price of one classification call on these texts with the policy's first model.
 
     Prompt tokens are estimated at four characters per token and the answer at 20 tokens (a
-    label in JSON); a model missing from the price table costs 0.
+    label in JSON). The policy must have a provider whose model ``settings`` has a price for.
     """
     from tiergate.workers.llm.prompt import build_prompt  # noqa: PLC0415
 
-    settings = Settings()
-    if not spec.llm.providers or not texts:
+    if not texts:
         return 0.0
-    price = settings.llm_prices.get(spec.llm.providers[0].model)
-    if price is None:
-        return 0.0
+    price = settings.llm_prices[spec.llm.providers[0].model]
     sample = texts[:: max(1, len(texts) // 200)]
     total = 0.0
     for text in sample:

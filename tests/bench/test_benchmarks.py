@@ -258,3 +258,73 @@ def test_the_efficiency_is_the_ratio_of_the_throughputs(gateway):
     ratio = parts["celery"]["msgs_per_s"] / parts["in_process"]["msgs_per_s"]
     assert gateway["queue_efficiency"] == pytest.approx(ratio, abs=1e-3)
     assert gateway["queue_efficiency_tuned"] is None
+
+
+# ---------------------------------------------------------------------------------- long_texts
+
+
+@pytest.fixture(scope="module")
+def long_texts(trained_model, held_out, tmp_path_factory):
+    """``bench/long_texts.py --quick``'s results: long texts joined from the held-out split."""
+    output = tmp_path_factory.mktemp("long-texts") / "long_texts.json"
+    return quick_run("long_texts", trained_model.directory, held_out, output)
+
+
+def test_long_texts_trains_first_windows_against_every_window(long_texts):
+    """First-window runs train one window per text, the other every window; gains are gaps.
+
+    The step-matched first-window run trains as many more epochs as every window has windows.
+    """
+    assert long_texts["quick"] is True
+    runs = long_texts["runs"]
+    first, every, matched = runs["first"], runs["all"], runs["first_matched"]
+    texts = sum(long_texts["data"]["train"].values())
+    assert first["window_strategy"] == matched["window_strategy"] == "first"
+    assert every["window_strategy"] == "all"
+    assert first["windows_trained"] == matched["windows_trained"] == texts
+    assert every["windows_trained"] > texts
+    assert first["texts_with_several_windows"] == every["texts_with_several_windows"] > 0
+    assert matched["epochs"] == round(first["epochs"] * every["windows_trained"] / texts)
+    assert long_texts["data"]["test_windows"]["mean_windows_per_text"] > 1
+    for run in (first, every, matched):
+        assert fraction(run["test_accuracy"])
+        assert fraction(run["test_macro_f1"])
+    gain = 100 * (every["test_accuracy"] - first["test_accuracy"])
+    assert long_texts["accuracy_gain_points"] == pytest.approx(gain, abs=1e-2)
+    matched_gain = 100 * (every["test_accuracy"] - matched["test_accuracy"])
+    assert long_texts["accuracy_gain_points_at_matched_steps"] == pytest.approx(
+        matched_gain, abs=1e-2
+    )
+
+
+# ---------------------------------------------------------------------------------- imbalanced
+
+
+@pytest.fixture(scope="module")
+def imbalanced(trained_model, held_out, tmp_path_factory):
+    """``bench/imbalanced.py --quick``'s results: a skewed set made from the held-out split."""
+    output = tmp_path_factory.mktemp("imbalanced") / "imbalanced.json"
+    return quick_run("imbalanced", trained_model.directory, held_out, output)
+
+
+def test_imbalanced_trains_with_and_without_balanced_weights_on_one_split(imbalanced):
+    """Both runs see one skewed split; only the balanced run weights the loss, rarest highest."""
+    assert imbalanced["quick"] is True
+    data, runs, rarest = imbalanced["data"], imbalanced["runs"], imbalanced["rarest_label"]
+    train = data["train"]
+    assert train[rarest] == min(train.values())
+    assert train[rarest] < max(train.values()) / 4
+    assert runs["unweighted"]["class_weights"] is None
+    weights = runs["balanced"]["class_weights"]
+    n, k = sum(train.values()), len(train)
+    assert weights == pytest.approx({label: n / (k * count) for label, count in train.items()})
+    assert max(weights, key=weights.get) == rarest
+    for name, run in runs.items():
+        per_class = run["test_per_class"]
+        supports = {label: f["support"] for label, f in per_class.items() if f["support"]}
+        assert supports == data["test"], name
+        assert run["rarest_label_recall"] == per_class[rarest]["recall"]
+        assert imbalanced["rarest_label_recall"][name] == run["rarest_label_recall"]
+        assert imbalanced["test_macro_f1"][name] == run["test_macro_f1"]
+        assert fraction(run["test_macro_f1"])
+        assert fraction(run["test_accuracy"])

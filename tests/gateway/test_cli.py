@@ -372,6 +372,23 @@ def test_eval_with_a_simulated_llm_writes_json_and_a_plot(run, trained_model, tm
     assert "LLM only" in result.stdout
 
 
+def test_eval_reports_each_labels_figures(run, trained_model, tmp_path):
+    """`tiergate eval` writes and prints each label's precision, recall, F1 and support."""
+    data = _labelled_file(tmp_path, trained_model.test)
+    report = tmp_path / "eval.json"
+    result = run("eval", str(data), "--simulate-accuracy", "0.95", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    per_class = json.loads(report.read_text())["per_class"]
+    counts = {}
+    for example in trained_model.test:
+        counts[example.labels[0]] = counts.get(example.labels[0], 0) + 1
+    for point in ("bert_only", "operating_point"):
+        figures = per_class[point]
+        assert {label: f["support"] for label, f in figures.items() if f["support"]} == counts
+        assert all(0.0 <= f["f1"] <= 1.0 for f in figures.values())
+    assert "per label" in result.stdout
+
+
 def test_eval_replays_recorded_answers_by_id(run, trained_model, tmp_path):
     """Recorded answers that are all right make LLM-only accuracy 100%; missing ids count wrong."""
     examples = trained_model.test[:40]
@@ -577,3 +594,60 @@ def test_calibrate_explains_a_target_the_data_cannot_certify(run, trained_model,
     # entering the test takes 176 accepted answers, so no threshold was tested or shown as one
     assert "none: each keeps under 176 answers" in result.stderr
     assert "error upper bound" not in result.stderr
+
+
+def test_calibrate_per_label_writes_overrides_that_classify_honours(run, trained_model, tmp_path):
+    """--per-label: the label groups are shown; the policy written loads and routes with them."""
+    from tiergate.policies.spec import load_policy
+
+    data = _labelled_file(tmp_path, trained_model.validation)
+    out = tmp_path / "per-label.yaml"
+    result = run("calibrate", str(data), "--target-accuracy", "0.6", "--per-label", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "label groups" in result.stderr
+    spec = load_policy(out)
+    assert spec.version.startswith("1+cal.")
+    rules = spec.escalation
+    assert rules.per_label
+    for label in spec.label_names:
+        assert f"{label} (own threshold)" in result.stderr or label not in rules.per_label
+    if set(rules.per_label) != set(spec.label_names):
+        assert "kept the global threshold" in result.stderr
+    routed = _lines(run("classify", "--no-cache", "--policy", str(out), "-i", str(data)).stdout)
+    assert len(routed) == len(trained_model.validation)
+    for decision in routed:
+        scores = sorted(decision["scores"].values(), reverse=True)
+        top = max(decision["scores"], key=decision["scores"].get)
+        kept = scores[0] >= rules.min_probability_for(top) and (
+            scores[0] - scores[1] >= rules.min_margin_for(top)
+        )
+        assert (decision["reason"] == "confident") == kept
+
+
+def test_calibrate_per_label_outside_its_scope_is_a_usage_error(run, make_tiny_model, tmp_path):
+    """--per-label with --llm-share, or on a multi-label model, exits 2 saying where it applies."""
+    from tiergate.workers.bert.dataset import LabelledExample
+
+    with_share = run("calibrate", "x.jsonl", "--llm-share", "0.2", "--per-label", "-o", "x.yaml")
+    assert with_share.returncode == 2
+    assert "--per-label applies to goal (a), --target-accuracy" in with_share.stderr
+    labels = ("spam", "abuse")
+    examples = [
+        LabelledExample(text=f"comment {i} about {word}", labels=flags, line=i + 1)
+        for i, (word, flags) in enumerate([("pills", ("spam",)), ("insults", ("abuse",))] * 12)
+    ]
+    model = make_tiny_model("tiny-flags", labels, examples, multi_label=True)
+    data = tmp_path / "flags.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"f{i}", "text": e.text, "labels": list(e.labels)}) + "\n"
+            for i, e in enumerate(examples)
+        )
+    )
+    out = tmp_path / "flags.yaml"
+    goal = ("--target-accuracy", "0.6", "--per-label")
+    multi = run("calibrate", str(data), *goal, "-o", str(out), model=model)
+    assert multi.returncode == 2
+    assert "--per-label applies to single-label policies" in multi.stderr
+    assert "Traceback" not in multi.stderr
+    assert not out.exists()

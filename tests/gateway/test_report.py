@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from rich.console import Console
 
-from tiergate.gateway.report import calibration_table, evaluation_table, write_evaluation
-from tiergate.policies.calibrate import calibrate_for_accuracy, calibrate_for_llm_share
+from tiergate.gateway.report import (
+    calibration_table,
+    evaluation_per_class_table,
+    evaluation_table,
+    per_class_table,
+    simulated_title,
+    unreached_accuracy,
+    write_evaluation,
+)
+from tiergate.policies.calibrate import (
+    LabelGroup,
+    PerLabelCalibration,
+    ThresholdTest,
+    calibrate_for_accuracy,
+    calibrate_for_llm_share,
+)
+from tiergate.policies.class_metrics import per_class_metrics
 from tiergate.policies.evaluate import evaluate_cascade, simulate_llm
 from tiergate.policies.prediction import Prediction
 from tiergate.policies.spec import Escalation, LabelSpec, PolicySpec
@@ -118,6 +135,50 @@ def test_evaluation_table_shows_the_figures(evaluation):
     assert "missing LLM answers: 1" in text
 
 
+def test_an_unpriced_evaluation_shows_no_dollar_figure(tmp_path, labelled):
+    """Without a price the table, the plot's title and the JSON say unpriced, never $0.00."""
+    predictions, gold, spec = labelled
+    llm = simulate_llm(gold, LABELS, 0.95, seed=0)
+    unpriced = evaluate_cascade(predictions, gold, llm, None, spec)
+    text = render(evaluation_table(unpriced))
+    assert "unpriced" in text
+    assert "$" not in text
+    json_path, png_path = tmp_path / "eval.json", tmp_path / "eval.png"
+    write_evaluation(unpriced, json_path, png_path, title="t", simulated=True)
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert (data["priced"], data["llm_only"]["cost_per_1000"]) == (False, None)
+    assert png_path.read_bytes().startswith(PNG_SIGNATURE)
+    assert simulated_title(unpriced).endswith(", unpriced)")
+
+
+def test_evaluation_json_and_table_give_each_labels_figures(tmp_path, evaluation):
+    """The JSON holds per-label figures for BERT only and the policy; the table shows them."""
+    json_path = tmp_path / "eval.json"
+    write_evaluation(evaluation, json_path, None, title="t", simulated=True)
+    per_class = json.loads(json_path.read_text(encoding="utf-8"))["per_class"]
+    assert set(per_class) == {"bert_only", "operating_point"}
+    for point in per_class.values():
+        assert set(point) == set(LABELS)
+        assert sum(figures["support"] for figures in point.values()) == 300
+    text = render(evaluation_per_class_table(evaluation))
+    neg = evaluation.per_class_operating_point["neg"]
+    assert "BERT only" in text
+    assert "policy" in text
+    assert f"{neg.recall:.3f}" in text
+
+
+def test_per_class_table_marks_a_ratio_without_denominator():
+    """A never-predicted label shows precision '-' and recall 0; each row holds its figures."""
+    per_class = per_class_metrics([0, 0], [0, 1], ["ham", "spam"])
+    text = render(per_class_table("per label", {"validation": per_class}))
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell for cell in re.split(r"[\s│┃]+", line) if cell]
+        if cells and cells[0] in {"ham", "spam"}:
+            rows[cells[0]] = cells[1:]
+    assert rows == {"ham": ["0.500", "1.000", "0.667", "1"], "spam": ["-", "0.000", "0.000", "1"]}
+
+
 @pytest.mark.parametrize("goal", ["accuracy", "share"])
 def test_calibration_table_shows_the_figures(labelled, goal):
     """The rendered calibration table holds the goal, threshold, shares and feasibility."""
@@ -170,3 +231,62 @@ def test_unreached_accuracy_table_lists_the_thresholds_tested(labelled):
     assert "1000 accepted, 100 wrong" in text
     assert "failed" in text
     assert "no amount at this accuracy" in text
+
+
+def test_per_label_calibration_table_shows_each_labels_threshold(labelled):
+    """Each label's own threshold shows with its counts and bound; the unused global says so."""
+    predictions, gold, spec = labelled
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.8, per_label=True)
+    assert result.feasible
+    assert result.per_label is not None
+    assert sorted(group.labels for group in result.per_label.own) == [("neg",), ("pos",)]
+    text = render(calibration_table(result))
+    assert "label groups" in text
+    assert "2, each tested at 97.50%" in text
+    for group in result.per_label.own:
+        assert f"{group.labels[0]} (own threshold)" in text
+        test = group.last_test
+        assert test is not None
+        shown = (
+            f"min_probability {group.threshold:.4f}: {group.accepted} of {group.messages[0]} "
+            f"accepted, {group.errors} wrong, bound {100 * group.error_upper_bound:.1f}%"
+            if group.certified
+            else f"not certified (min_probability {test.threshold:.4f}: {test.accepted} accepted"
+        )
+        assert shown in text
+    assert "unused: every label has its own" in text
+
+
+def test_per_label_table_names_the_labels_that_kept_the_global_threshold(labelled):
+    """A pooled label shows why it kept the global threshold; a failed group shows its last test."""
+    predictions, gold, spec = labelled
+    failed = ThresholdTest(
+        threshold=0.91, accepted=69, errors=12, error_upper_bound=0.29, passed=False
+    )
+    unmet = {"threshold": 1.0, "accepted": 0, "errors": 0, "error_upper_bound": 1.0}
+    groups = tuple(
+        LabelGroup(
+            labels=(label,),
+            messages=(count,),
+            own_threshold=own,
+            **unmet,
+            certified=False,
+            tested=1,
+            last_test=failed,
+        )
+        for label, count, own in (("pos", 200, True), ("neg", 100, False))
+    )
+    result = replace(
+        calibrate_for_accuracy(predictions, gold, spec, 0.85),
+        feasible=False,
+        per_label=PerLabelCalibration(groups, group_confidence=0.975, messages_needed=150),
+    )
+    text = render(calibration_table(result))
+    assert "kept the global threshold" in text
+    assert "neg: 100 messages (under 150)" in text
+    assert "global (neg)" in text
+    assert "not certified (min_probability 0.9100: 69 accepted, 12 wrong, bound 29.0%" in text
+    assert "200 sent to the LLM" in text
+    assert "NO: target not reached" in text
+    assert "thresholds tested" not in text
+    assert "not certified for any label group" in unreached_accuracy(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
@@ -29,6 +30,7 @@ from tiergate.policies.spec import (
     LabelThresholds,
     PolicyError,
     PolicySpec,
+    load_policy,
 )
 
 LABELS = ("a", "b", "c")
@@ -485,3 +487,225 @@ def test_highest_certifiable_target_is_exactly_the_one_calibration_reaches(data,
     assert highest < target
     assert calibrate_for_accuracy(predictions, gold, _spec(), highest - 1e-9, 0.8).feasible
     assert not calibrate_for_accuracy(predictions, gold, _spec(), highest + 1e-9, 0.8).feasible
+
+
+# --- per-label thresholds -----------------------------------------------------------------------
+
+
+def labelled_by_label(rng: np.random.Generator, sizes: dict[str, int], right_given) -> tuple:
+    """Per label, ``size`` predictions with top-1 ~ U(0.34, 1), right with ``right_given[label]``.
+
+    ``right_given[label]`` maps an array of top-1 probabilities to the chance each is right.
+    """
+    predictions, gold = [], []
+    for label, size in sizes.items():
+        confidence = rng.uniform(0.34, 1.0, size)
+        right = rng.random(size) < right_given[label](confidence)
+        wrong_label = LABELS[(LABELS.index(label) + 1) % len(LABELS)]
+        for c, ok in zip(confidence, right, strict=True):
+            predictions.append(_single(label, float(c)))
+            gold.append(label if ok else wrong_label)
+    return predictions, gold
+
+
+def calibrated(c):
+    """Right with probability c: the top-1 probability is the true accuracy."""
+    return c
+
+
+def noisy(c):
+    """Wrong 1.6 times as often as the top-1 probability says: 0.8 (1 - s) above a threshold s."""
+    return np.clip(1.0 - 1.6 * (1.0 - c), 0.0, 1.0)
+
+
+def population_error(threshold: float, right_given, low: float = 0.34) -> tuple[float, float]:
+    """Acceptance probability and error of accepted answers, for top-1 ~ U(low, 1), at a threshold.
+
+    Averaged over a fine grid of top-1 probabilities above the threshold.
+    """
+    if threshold >= 1.0:
+        return 0.0, 0.0
+    start = max(threshold, low)
+    grid = np.linspace(start, 1.0, 20_001)
+    return (1.0 - start) / (1.0 - low), float(1.0 - np.mean(right_given(grid)))
+
+
+def test_per_label_calibration_gives_a_noisy_label_a_stricter_threshold():
+    """A label whose answers are less reliable than their probability gets a stricter threshold."""
+    predictions, gold = labelled_by_label(
+        np.random.default_rng(0), {"a": 1500, "b": 1500}, {"a": calibrated, "b": noisy}
+    )
+    spec = _spec()
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.85, per_label=True)
+    assert result.feasible
+    assert result.per_label is not None
+    own = {group.labels[0]: group for group in result.per_label.own}
+    assert set(own) == {"a", "b"}
+    assert own["a"].certified
+    assert own["b"].certified
+    assert own["b"].threshold > own["a"].threshold + 0.05
+    # population thresholds: a needs c >= 0.7, b c >= 0.8125 (each with slack for the bound)
+    assert 0.7 <= own["a"].threshold < 0.8
+    assert 0.8125 <= own["b"].threshold < 0.92
+    # "c" predicted nothing: it keeps the global threshold, which certifies nothing and escalates
+    assert result.per_label.pooled == result.per_label.groups[-1]
+    assert result.per_label.pooled.labels == ("c",)
+    assert result.per_label.pooled.messages == (0,)
+    policy = result.policy(spec)
+    assert policy.escalation.per_label == {
+        "a": LabelThresholds(min_probability=own["a"].threshold, min_margin=0.0),
+        "b": LabelThresholds(min_probability=own["b"].threshold, min_margin=0.0),
+    }
+    assert (policy.escalation.min_probability, policy.escalation.min_margin) == (1.0, 1.0)
+    share, accuracy = accepted_by_decide(predictions, gold, policy)
+    assert share == pytest.approx(result.accepted_share)
+    assert accuracy == pytest.approx(result.accepted_accuracy)
+
+
+def test_per_label_groups_are_tested_at_a_bonferroni_split_confidence(tmp_path):
+    """Two groups at 95% overall are each tested at 97.5%; the written policy loads and routes."""
+    predictions, gold = labelled_by_label(
+        np.random.default_rng(8), {"a": 800, "b": 800}, {"a": calibrated, "b": noisy}
+    )
+    spec = _spec()
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.85, confidence=0.95, per_label=True)
+    assert result.per_label is not None
+    assert result.per_label.group_confidence == pytest.approx(0.975)
+    assert result.per_label.messages_needed == 69  # ceil(3 ln 0.025 / ln 0.85) = ceil(68.1)
+    for group in result.per_label.own:
+        assert group.certified
+        bound = clopper_pearson_upper(group.errors, group.accepted, 0.975)
+        assert group.error_upper_bound == bound
+        assert bound <= 0.15
+    assert result.error_upper_bound == max(g.error_upper_bound for g in result.per_label.own)
+    path = tmp_path / "calibrated.yaml"
+    path.write_text(result.policy(spec).to_yaml())
+    loaded = load_policy(path)
+    assert loaded == result.policy(spec)
+    share, accuracy = accepted_by_decide(predictions, gold, loaded)
+    assert share == pytest.approx(result.accepted_share)
+    assert accuracy == pytest.approx(result.accepted_accuracy)
+    document = json.loads(json.dumps(result.to_dict()))
+    assert [g["labels"] for g in document["per_label"]["groups"]] == [["a"], ["b"], ["c"]]
+
+
+def test_labels_with_too_few_messages_keep_the_global_threshold():
+    """60 messages of "c" cannot be tested alone at 85%: it shares the pooled, global threshold.
+
+    Three groups would each need 76 messages, so "b" stays pooled with "c" (two groups need 69
+    each) rather than leave "c" too small to test.
+    """
+    predictions, gold = labelled_by_label(
+        np.random.default_rng(9),
+        {"a": 1000, "b": 1000, "c": 60},
+        {"a": calibrated, "b": calibrated, "c": calibrated},
+    )
+    assert accepted_needed(0.0, 0.85, 1 - 0.05 / 3) == 76
+    spec = _spec()
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.85, per_label=True)
+    assert result.per_label is not None
+    assert [group.labels for group in result.per_label.own] == [("a",)]
+    pooled = result.per_label.pooled
+    assert pooled is not None
+    assert (pooled.labels, pooled.messages) == (("b", "c"), (1000, 60))
+    assert pooled.messages[1] < result.per_label.messages_needed
+    assert pooled.certified
+    policy = result.policy(spec)
+    assert set(policy.escalation.per_label) == {"a"}
+    assert policy.escalation.min_probability == pooled.threshold == result.threshold
+    assert decide(_single("c", pooled.threshold), policy).target is Target.BERT
+    assert decide(_single("c", pooled.threshold - 1e-6), policy).target is Target.LLM
+
+
+def test_a_label_that_certifies_nothing_on_its_own_always_goes_to_the_llm():
+    """A label 30% wrong at every probability fails its own scan; all its messages escalate."""
+    predictions, gold = labelled_by_label(
+        np.random.default_rng(10),
+        {"a": 1000, "b": 1000},
+        {"a": calibrated, "b": lambda c: np.full_like(c, 0.7)},
+    )
+    spec = _spec()
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.85, per_label=True)
+    assert result.feasible  # "a" is certified
+    assert result.per_label is not None
+    own = {group.labels[0]: group for group in result.per_label.own}
+    assert own["a"].certified
+    assert not own["b"].certified
+    assert (own["b"].threshold, own["b"].accepted, own["b"].errors) == (1.0, 0, 0)
+    policy = result.policy(spec)
+    assert policy.escalation.per_label["b"] == LabelThresholds(min_probability=1.0, min_margin=1.0)
+    assert all(decide(p, policy).target is Target.LLM for p in predictions if p.top_label == "b")
+    assert result.error_upper_bound == own["a"].error_upper_bound
+
+
+def test_per_label_calibration_without_enough_data_is_the_global_one():
+    """60 messages besides "a" cannot form a group of 69: the result is the global one."""
+    predictions, gold = labelled_by_label(
+        np.random.default_rng(3),
+        {"a": 900, "b": 30, "c": 30},
+        {"a": calibrated, "b": calibrated, "c": calibrated},
+    )
+    spec = _spec()
+    for target in (0.85, 0.999):
+        single = calibrate_for_accuracy(predictions, gold, spec, target)
+        split = calibrate_for_accuracy(predictions, gold, spec, target, per_label=True)
+        assert split.per_label is not None
+        assert split.per_label.own == ()
+        assert split.per_label.pooled is not None
+        assert split.per_label.pooled.labels == LABELS
+        assert split.per_label.group_confidence == 0.95
+        assert split.feasible == single.feasible == (target < 0.9)
+        assert split.tested == single.tested
+        assert split.highest_certifiable == single.highest_certifiable
+        if single.feasible:
+            assert split.escalation == single.escalation
+            assert split.policy(spec).version == single.policy(spec).version
+
+
+@settings(max_examples=40)
+@given(st.data(), st.floats(0.6, 0.9))
+def test_per_label_groups_depend_on_the_top_labels_only(data, target):
+    """Any gold labels give the same groups: the split is fixed before the tests see errors."""
+    sizes = {label: data.draw(st.integers(0, 120)) for label in LABELS}
+    predictions = [_single(label, 0.9) for label, size in sizes.items() for _ in range(size)]
+    if not predictions:
+        return
+    golds = st.lists(st.sampled_from(LABELS), min_size=len(predictions), max_size=len(predictions))
+    groups = [
+        calibrate_for_accuracy(
+            predictions, data.draw(golds), _spec(), target, per_label=True
+        ).per_label
+        for _ in range(2)
+    ]
+    assert [g.labels for g in groups[0].groups] == [g.labels for g in groups[1].groups]
+    assert groups[0].group_confidence == groups[1].group_confidence
+
+
+def test_per_label_calibration_rarely_certifies_a_policy_that_misses_the_target():
+    """Over 200 fresh sets, the per-label policy's true accepted error exceeds 15% at most ~5%."""
+    rng = np.random.default_rng(2025)
+    spec = _spec()
+    curves = {"a": calibrated, "b": noisy}
+    violations = certified = 0
+    repetitions = 200
+    for _ in range(repetitions):
+        predictions, gold = labelled_by_label(rng, {"a": 500, "b": 500}, curves)
+        result = calibrate_for_accuracy(predictions, gold, spec, 0.85, per_label=True)
+        assert result.per_label is not None
+        certified += result.feasible
+        accepted = wrong = 0.0
+        for group in result.per_label.own:
+            share, error = population_error(group.threshold, curves[group.labels[0]])
+            accepted += share
+            wrong += share * error
+        violations += result.feasible and wrong / accepted > 0.15
+    assert certified >= 0.8 * repetitions
+    assert violations / repetitions <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / repetitions)
+
+
+def test_per_label_thresholds_are_refused_for_a_multi_label_policy():
+    """A multi-label policy has one band for all labels: per_label=True is a ValueError."""
+    predictions = [_multi(0.9, 0.1, 0.2)] * 10
+    gold = [frozenset({"a"})] * 10
+    with pytest.raises(ValueError, match="single-label policies"):
+        calibrate_for_accuracy(predictions, gold, _spec(multi_label=True), 0.8, per_label=True)

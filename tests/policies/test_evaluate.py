@@ -230,6 +230,68 @@ def test_free_llm_has_no_cost_saving_and_evaluation_serialises():
     assert set(data["operating_point"]) == {"llm_share", "accuracy", "cost_per_1000", "threshold"}
 
 
+def test_an_evaluation_without_a_price_reports_every_cost_as_unknown():
+    """With no price per call the evaluation is unpriced: every cost serialises as None."""
+    predictions, gold = synthetic(6, 50)
+    priced = evaluate_cascade(predictions, gold, list(gold), 0.002, _spec(), points=5)
+    unpriced = evaluate_cascade(predictions, gold, list(gold), None, _spec(), points=5)
+    assert (priced.priced, unpriced.priced) == (True, False)
+    assert priced.to_dict()["llm_only"]["cost_per_1000"] == pytest.approx(2.0)
+    data = json.loads(json.dumps(unpriced.to_dict()))
+    assert data["priced"] is False
+    points = [data[key] for key in ("bert_only", "llm_only", "operating_point", "matched_point")]
+    assert {point["cost_per_1000"] for point in points + data["curve"]} == {None}
+    assert data["cost_saving_vs_llm_only"] is None
+    assert data["llm_only"]["accuracy"] == priced.llm_only.accuracy
+
+
+def test_per_class_figures_for_bert_only_and_the_operating_point():
+    """Each label's precision, recall and support, for BERT's answers and the policy's, by hand.
+
+    BERT never answers c; the policy sends the two unsure messages to the LLM, which gets one
+    c right and has no answer for the other (it then predicts no label).
+    """
+    predictions = [
+        _single("a", 0.9),
+        _single("a", 0.9),
+        _single("b", 0.9),
+        _single("a", 0.5),  # gold c: the LLM answers c
+        _single("b", 0.5),  # gold c: no LLM answer
+    ]
+    gold = ["a", "b", "b", "c", "c"]
+    spec = _spec(escalation=Escalation(min_probability=0.7))
+    evaluation = evaluate_cascade(predictions, gold, ["a", "a", "a", "c", None], 0.01, spec)
+    bert, policy = evaluation.per_class_bert_only, evaluation.per_class_operating_point
+    # BERT: a predicted 3 times (1 right), b twice (1 right), c never
+    assert (bert["a"].precision, bert["a"].recall, bert["a"].predicted) == (1 / 3, 1.0, 3)
+    assert (bert["b"].precision, bert["b"].recall, bert["b"].support) == (0.5, 0.5, 2)
+    assert (bert["c"].precision, bert["c"].recall, bert["c"].f1) == (None, 0.0, 0.0)
+    # policy: a twice (1 right), b once (right), c once (right); the missing answer counts for none
+    assert (policy["a"].precision, policy["a"].recall) == (0.5, 1.0)
+    assert (policy["b"].precision, policy["b"].recall) == (1.0, 0.5)
+    assert (policy["c"].precision, policy["c"].recall, policy["c"].support) == (1.0, 0.5, 2)
+    document = json.loads(json.dumps(evaluation.to_dict()))
+    assert document["per_class"]["bert_only"]["c"] == {
+        "precision": None,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 2,
+        "predicted": 0,
+    }
+    assert document["per_class"]["operating_point"]["c"]["recall"] == 0.5
+
+
+def test_per_class_figures_of_a_multi_label_policy_count_each_flag():
+    """Multi-label per-label figures count every flagged label of BERT's answer sets."""
+    predictions = [_multi(0.9, 0.1, 0.1), _multi(0.9, 0.9, 0.1), _multi(0.1, 0.1, 0.1)]
+    gold = [frozenset({"a"}), frozenset({"a"}), frozenset({"b", "c"})]
+    evaluation = evaluate_cascade(predictions, gold, gold, 0.0, _spec(multi_label=True))
+    bert = evaluation.per_class_bert_only
+    assert (bert["a"].precision, bert["a"].recall, bert["a"].support) == (1.0, 1.0, 2)
+    assert (bert["b"].precision, bert["b"].recall, bert["b"].predicted) == (0.0, 0.0, 1)
+    assert (bert["c"].support, bert["c"].predicted, bert["c"].recall) == (1, 0, 0.0)
+
+
 def test_mismatched_inputs_are_rejected():
     """LLM answers or costs of the wrong length, negative costs and one point are errors."""
     predictions, gold = synthetic(6, 4)

@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tiergate.policies.spec import (
+    DEFAULT_PROVIDERS,
     EXAMPLES,
     PolicyError,
     PolicySpec,
+    ProviderRef,
     Task,
     WhenExhausted,
     example_policy,
@@ -104,6 +106,26 @@ def test_policy_for_model_labels_lets_every_answer_stand():
     assert spec.label_names == ("x", "y")
     assert spec.escalation.min_probability == 0.0
     assert Task.REPLY in spec.generation.tasks
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_default_provider_chain_is_the_shipped_policies_chain(name):
+    """Every shipped policy tries the default chain: OpenAI's small model, then Anthropic's."""
+    assert tuple(example_policy(name).llm.providers) == DEFAULT_PROVIDERS
+    assert [ref.provider for ref in DEFAULT_PROVIDERS] == ["openai", "anthropic"]
+
+
+def test_with_providers_replaces_the_chain_in_order_and_keeps_the_rest():
+    """A new chain replaces the old one, in the order given; name, version, labels stay."""
+    spec = example_policy("rotten-tomatoes")
+    chain = [
+        ProviderRef(provider="anthropic", model="m1"),
+        ProviderRef(provider="openai", model="m2"),
+    ]
+    changed = spec.with_providers(chain)
+    assert changed.llm.providers == chain
+    assert changed.llm.instructions == spec.llm.instructions
+    assert (changed.name, changed.version, changed.labels) == (spec.name, spec.version, spec.labels)
 
 
 _yaml_values = st.recursive(

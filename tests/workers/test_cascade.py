@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from tiergate.policies.routing import BudgetState, Reason
 from tiergate.policies.spec import (
+    EXAMPLES,
     BudgetSpec,
     Escalation,
     LabelSpec,
     PolicySpec,
     Task,
     WhenExhausted,
+    example_policy,
 )
 from tiergate.workers.budget import LocalBudgetLedger, RedisBudgetLedger
 from tiergate.workers.cache import RedisDecisionCache, SqliteDecisionCache
@@ -255,6 +258,39 @@ def test_policy_that_does_not_fit_the_model_is_refused(tmp_path: Path):
         Settings(data_dir=tmp_path, policy_files=[path]), LABELS, multi_label=False
     )
     assert book.names == ("custom",)
+
+
+def test_a_policy_without_a_provider_is_a_warning_when_loaded(tmp_path: Path):
+    """Loading a policy with an empty provider chain logs policy.no_provider naming it."""
+    path = tmp_path / "bare.yaml"
+    path.write_text(policy(name="bare").to_yaml())
+    settings = Settings(data_dir=tmp_path, policy_files=[path])
+    with capture_logs() as logs:
+        load_policy_book(settings, LABELS, multi_label=False)
+    warnings = [entry for entry in logs if entry["event"] == "policy.no_provider"]
+    assert [(w["log_level"], w["policy"]) for w in warnings] == [("warning", "bare")]
+    assert "llm_skipped: no_provider" in warnings[0]["advice"]
+    assert "llm.providers" in warnings[0]["advice"]
+    called: list[str] = []
+    load_policy_book(
+        settings, LABELS, multi_label=False, on_no_provider=lambda spec: called.append(spec.name)
+    )
+    assert called == ["bare"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_shipped_policies_load_without_a_provider_warning(tmp_path: Path, name):
+    """Each shipped policy has a provider chain, so loading it warns of nothing."""
+    spec = example_policy(name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(spec.to_yaml())
+    with capture_logs() as logs:
+        load_policy_book(
+            Settings(data_dir=tmp_path, policy_files=[path]),
+            spec.label_names,
+            multi_label=spec.multi_label,
+        )
+    assert [entry for entry in logs if entry["event"] == "policy.no_provider"] == []
 
 
 def test_local_ledger_counts_only_llm_routes():

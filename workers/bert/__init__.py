@@ -2,6 +2,8 @@
 
 - :mod:`tiergate.workers.bert.classifier`: :class:`~tiergate.workers.bert.classifier.
   BertClassifier`, tokenize, run and calibrate in steps, long texts in overlapping windows;
+- :mod:`tiergate.workers.bert.windows`: cutting texts into those windows, for serving and
+  training alike;
 - :mod:`tiergate.workers.bert.manifest`: the model directory's contract and its file hashes;
 - :mod:`tiergate.workers.bert.scheduling`: concurrent callers sharing one ONNX Runtime session;
 - :mod:`tiergate.workers.bert.train`, :mod:`~tiergate.workers.bert.export`,

@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,12 @@ from tokenizers import Tokenizer
 from tiergate.workers.bert.manifest import ONNX_FILE, TOKENIZER_FILE, ModelManifest, read_manifest
 from tiergate.workers.bert.scheduling import StepScheduler, plan_steps
 from tiergate.workers.bert.temperature import sigmoid, softmax
+from tiergate.workers.bert.windows import Windows, WindowTokenizer
 from tiergate.workers.errors import InputError, ModelIntegrityError
 from tiergate.workers.schemas import Prediction
 from tiergate.workers.settings import Settings
 
 _KNOWN_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
-
-
-@dataclass(frozen=True)
-class Windows:
-    """The tokenized windows of a batch of texts.
-
-    ``ids[j]`` is one window's token ids (special tokens included) and ``owner[j]`` the index of
-    the text it came from; ``counts[i]`` is how many windows text ``i`` has.
-    """
-
-    ids: list[list[int]]
-    owner: list[int]
-    counts: list[int]
 
 
 class BertClassifier:
@@ -82,19 +69,11 @@ class BertClassifier:
         self.inter_op_threads = inter_op_threads
         self.batch_size = batch_size
         self.scheduler = scheduler
-        window = self.manifest.max_length
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / TOKENIZER_FILE))
-        self.tokenizer.no_padding()
-        special = self.tokenizer.num_special_tokens_to_add(is_pair=False)
-        if chunk_overlap is None:
-            chunk_overlap = window // 4
-        if not 0 <= chunk_overlap < (window - special) // 2:
-            raise InputError(
-                f"chunk_overlap must be between 0 and {(window - special) // 2 - 1} "
-                f"for a window of {window} tokens"
-            )
-        self.chunk_overlap = chunk_overlap
-        self.tokenizer.enable_truncation(window, stride=chunk_overlap, strategy="longest_first")
+        self.window_tokenizer = WindowTokenizer(
+            self.tokenizer, self.manifest.max_length, chunk_overlap
+        )
+        self.chunk_overlap = self.window_tokenizer.chunk_overlap
         self._pad_id = self._find_pad_id()
         self._session: ort.InferenceSession | None = None
         self._session_pid: int | None = None
@@ -200,16 +179,7 @@ class BertClassifier:
 
     def encode(self, texts: Sequence[str]) -> Windows:
         """Tokenize texts into overlapping windows of at most ``max_length`` tokens."""
-        ids: list[list[int]] = []
-        owner: list[int] = []
-        counts: list[int] = []
-        for index, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
-            parts = [encoding, *encoding.overflowing]
-            counts.append(len(parts))
-            for part in parts:
-                ids.append(part.ids)
-                owner.append(index)
-        return Windows(ids=ids, owner=owner, counts=counts)
+        return self.window_tokenizer.encode(texts)
 
     def run(self, windows: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """Logits for every window, in input order, computed in length-sorted sub-batches.

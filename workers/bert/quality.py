@@ -1,9 +1,19 @@
-"""Classification quality measures over label indices (pure numpy)."""
+"""Classification quality measures over label indices (pure numpy).
+
+Per-label figures come from :mod:`tiergate.policies.class_metrics` (cascade evaluation reports
+them too) and are offered here beside the training card's other measures.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import numpy.typing as npt
+
+from tiergate.policies.class_metrics import ClassMetrics, per_class_metrics
+
+__all__ = ["ClassMetrics", "accuracy", "macro_f1", "never_predicted", "per_class_metrics"]
 
 
 def accuracy(predicted: npt.ArrayLike, actual: npt.ArrayLike) -> float:
@@ -37,3 +47,8 @@ def macro_f1(predicted: npt.ArrayLike, actual: npt.ArrayLike, n_labels: int) -> 
         fn = float((~p[:, k] & y[:, k]).sum())
         scores.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores))
+
+
+def never_predicted(per_class: Mapping[str, ClassMetrics]) -> list[str]:
+    """The labels that occur (support above 0) but that the model never predicted, in order."""
+    return [label for label, m in per_class.items() if m.support > 0 and m.predicted == 0]

@@ -7,6 +7,8 @@ accuracy) unchanged and fixes over- or under-confidence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -46,12 +48,25 @@ def _bce(logits: FloatArray, targets: FloatArray, temperature: float) -> float:
     return float(loss.mean())
 
 
+def _served_nll(
+    logits: FloatArray,
+    targets: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    temperature: float,
+) -> float:
+    """Mean NLL of single-label texts served as the mean softmax of their contiguous windows."""
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    served = np.add.reduceat(softmax(logits, temperature), starts, axis=0) / counts[:, None]
+    return float(-np.log(np.clip(served[np.arange(len(targets)), targets], 1e-300, None)).mean())
+
+
 def calibrate_temperature(
     logits: npt.ArrayLike,
     targets: npt.ArrayLike,
     *,
     multi_label: bool = False,
     bounds: tuple[float, float] = (0.05, 20.0),
+    counts: Sequence[int] | None = None,
 ) -> float:
     """The temperature that minimises held-out NLL (softmax) or BCE (sigmoid).
 
@@ -60,14 +75,28 @@ def calibrate_temperature(
         targets: ``(n,)`` class indices for single-label, ``(n, k)`` 0/1 for multi-label.
         multi_label: whether the head is sigmoid (multi-label) rather than softmax.
         bounds: the search interval for ``T``.
+        counts: when given, ``logits`` hold the windows of ``len(counts)`` texts (text ``i``
+            owns the next ``counts[i]`` rows) and ``targets`` one row per text; the loss is
+            then that of each text's probabilities as the BERT tier serves them: the mean of
+            its windows' softmax, or per label the maximum of their sigmoids.
 
     Returns:
         The fitted temperature, found by golden-section search on ``log T`` (the loss is
-        unimodal in ``T`` for a fixed set of logits).
+        unimodal in ``T`` for a fixed set of logits with one row per text; for the mean of
+        several windows' softmax the search finds a local minimum).
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or len(z) == 0:
         raise ValueError("logits must be a non-empty (n, k) array")
+    sizes = None
+    if counts is not None:
+        sizes = np.asarray(counts, dtype=np.int64)
+        if sizes.ndim != 1 or len(sizes) == 0 or sizes.min() < 1 or sizes.sum() != len(z):
+            raise ValueError("counts must be positive window counts that sum to the rows of logits")
+        if multi_label:
+            # the maximum of sigmoids is the sigmoid of the maximum logit, at every temperature
+            starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            z, sizes = np.maximum.reduceat(z, starts, axis=0), None
     if multi_label:
         y_multi = np.asarray(targets, dtype=np.float64)
         if y_multi.shape != z.shape:
@@ -77,13 +106,13 @@ def calibrate_temperature(
             return _bce(z, y_multi, t)
     else:
         y = np.asarray(targets, dtype=np.int64)
-        if y.shape != (len(z),):
-            raise ValueError("single-label targets must be one class index per row")
+        if y.shape != (len(z) if sizes is None else len(sizes),):
+            raise ValueError("single-label targets must be one class index per row (or text)")
         if y.min() < 0 or y.max() >= z.shape[1]:
             raise ValueError(f"class indices must lie in [0, {z.shape[1]})")
 
         def loss(t: float) -> float:
-            return _nll(z, y, t)
+            return _nll(z, y, t) if sizes is None else _served_nll(z, y, sizes, t)
 
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     ratio = (np.sqrt(5.0) - 1.0) / 2.0

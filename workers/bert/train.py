@@ -3,8 +3,13 @@
 Needs the ``train`` extra. :func:`train_model` runs the whole path: fine-tune (length-bucketed
 batches, AdamW, linear warm-up and decay, a fixed seed), export to a fused int8 ONNX model, check
 that ONNX agrees with torch on the validation split, fit the temperature on the validation split
-(on the ONNX logits, since those are what serve), measure the card's metrics through the real
-BERT tier, and write the directory atomically.
+(on the ONNX logits, aggregated per text as the tier serves them), measure the card's metrics
+through the real BERT tier, and write the directory atomically.
+
+A text longer than the model's window trains as it is served: the tier's
+:class:`~tiergate.workers.bert.windows.WindowTokenizer` cuts it into overlapping windows, and
+every window is a training example carrying the text's label(s) (``TrainOptions.all_windows``;
+off, each text trains on its first window only).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy.typing as npt
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tokenizers import Tokenizer
 
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample, rare_labels
@@ -43,7 +49,13 @@ from tiergate.workers.bert.manifest import (
     sha256_file,
     write_manifest,
 )
-from tiergate.workers.bert.quality import accuracy, macro_f1
+from tiergate.workers.bert.quality import (
+    ClassMetrics,
+    accuracy,
+    macro_f1,
+    never_predicted,
+    per_class_metrics,
+)
 from tiergate.workers.bert.temperature import (
     calibrate_temperature,
     expected_calibration_error,
@@ -51,6 +63,7 @@ from tiergate.workers.bert.temperature import (
     multilabel_calibration_error,
     softmax,
 )
+from tiergate.workers.bert.windows import Windows, WindowTokenizer
 from tiergate.workers.errors import InputError, TiergateError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -81,10 +94,15 @@ class TrainOptions:
     max_length: int = 128
     seed: int = 13
     threads: int | None = None
+    # every window of a long text is a training example (as the tier serves it), else its first
+    all_windows: bool = True
     min_agreement: float = 0.97  # share of validation where ONNX must pick torch's label
     save_checkpoint: bool = True
     show_progress: bool = True
     extra_card: dict[str, Any] = field(default_factory=dict)
+    # loss weight per label (unnamed labels weigh 1): the class weight of a weighted
+    # cross-entropy, or a multi-label head's pos_weight; see balanced_class_weights
+    class_weights: dict[str, float] | None = None
 
 
 class SplitMetrics(BaseModel):
@@ -98,6 +116,7 @@ class SplitMetrics(BaseModel):
     log_loss_before_temperature: float
     log_loss_after_temperature: float
     multi_window_texts: int
+    per_class: dict[str, ClassMetrics] = {}
 
 
 class ModelCard(BaseModel):
@@ -115,6 +134,7 @@ class ModelCard(BaseModel):
     onnx_agreement: dict[str, float]
     training: dict[str, Any]
     rare_labels: dict[str, int] = {}  # labels with under MIN_TRAINING_EXAMPLES training examples
+    never_predicted: list[str] = []  # labels present in validation that it never predicted
     versions: dict[str, str]
     created_at: str
     extra: dict[str, Any] = {}
@@ -187,24 +207,36 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> lis
 
 
 class _Encoder:
-    """Tokenizes examples to window-sized id lists and pads batches into torch tensors."""
+    """Cuts examples into the windows the BERT tier serves and pads batches into torch tensors.
+
+    The windows come from a :class:`WindowTokenizer` over a copy of the checkpoint's own
+    ``tokenizers`` tokenizer (the one export saves as ``tokenizer.json``), with the served
+    window and the tier's default overlap: a text trains on exactly the windows it is served.
+    """
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.segments = "token_type_ids" in tokenizer.model_input_names
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.window_tokenizer = WindowTokenizer(backend, max_length)
 
-    def ids(self, examples: Sequence[LabelledExample]) -> list[list[int]]:
-        encoded = self.tokenizer(
-            [e.text for e in examples], truncation=True, max_length=self.max_length
-        )
-        return [list(ids) for ids in encoded["input_ids"]]
+    def encode(self, examples: Sequence[LabelledExample]) -> Windows:
+        """Every window of every example, as the BERT tier cuts them."""
+        return self.window_tokenizer.encode([e.text for e in examples])
 
-    def truncated(self, examples: Sequence[LabelledExample]) -> int:
-        """How many examples are longer than the window (training sees their first window)."""
-        lengths = [len(ids) for ids in self.tokenizer([e.text for e in examples])["input_ids"]]
-        return sum(length > self.max_length for length in lengths)
+    def training_windows(
+        self, examples: Sequence[LabelledExample], *, all_windows: bool
+    ) -> tuple[list[list[int]], list[int]]:
+        """The windows training reads and, for each, the index of its example.
+
+        Every window of every example (each carrying its example's labels), or with
+        ``all_windows`` off only each example's first window.
+        """
+        windows = self.encode(examples)
+        rows = range(len(windows.ids)) if all_windows else windows.first_rows()
+        return [windows.ids[j] for j in rows], [windows.owner[j] for j in rows]
 
     def collate(self, batch: Sequence[Sequence[int]]) -> dict[str, Any]:
         import torch  # noqa: PLC0415
@@ -260,9 +292,15 @@ def _fine_tune(
 ) -> None:
     import torch  # noqa: PLC0415
 
-    train_ids = encoder.ids(train)
+    train_ids, owners = encoder.training_windows(train, all_windows=options.all_windows)
     lengths = [len(ids) for ids in train_ids]
-    targets = torch.as_tensor(_targets(train, options.labels, multi=options.multi_label))
+    # each window carries its example's label(s)
+    targets = torch.as_tensor(_targets(train, options.labels, multi=options.multi_label)[owners])
+    weights = (
+        None
+        if options.class_weights is None
+        else torch.tensor([options.class_weights.get(label, 1.0) for label in options.labels])
+    )
     rng = random.Random(options.seed)
     epochs = [_batches(lengths, options.batch_size, rng) for _ in range(options.epochs)]
     total = sum(len(batches) for batches in epochs)
@@ -279,8 +317,8 @@ def _fine_tune(
     model.train()
     for epoch, batches in enumerate(epochs, start=1):
         for batch in batches:
-            loss = model(**encoder.collate([train_ids[i] for i in batch]), labels=targets[batch])
-            loss = loss.loss
+            logits = model(**encoder.collate([train_ids[i] for i in batch])).logits
+            loss = training_loss(logits, targets[batch], weights, multi_label=options.multi_label)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -289,6 +327,57 @@ def _fine_tune(
             status = f"epoch {epoch}/{options.epochs} loss {loss.item():.3f}"
             progress.update(task, advance=1, status=status)
     model.eval()
+
+
+def training_loss(logits: Any, targets: Any, weights: Any | None, *, multi_label: bool) -> Any:
+    """The mean loss of one batch of torch ``logits`` against ``targets``.
+
+    Single-label: cross-entropy over class indices, with ``weights`` (one per label) as class
+    weights; the mean is then weighted, ``sum(w[y] * nll) / sum(w[y])``, as torch defines it.
+    Multi-label: binary cross-entropy on the logits of a 0/1 target matrix, with ``weights``
+    as each label's ``pos_weight`` (a positive example of the label counts that many times).
+    Without weights it is the loss the Hugging Face head computes from ``labels=``.
+    """
+    from torch.nn import functional  # noqa: PLC0415
+
+    if multi_label:
+        return functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
+    return functional.cross_entropy(logits, targets, weight=weights)
+
+
+def balanced_class_weights(
+    examples: Sequence[LabelledExample], labels: Sequence[str], *, multi_label: bool
+) -> dict[str, float]:
+    """Loss weights that balance the labels of ``examples`` (the training split).
+
+    Single-label: ``n_examples / (n_labels * count(label))``, scikit-learn's ``balanced``.
+    Multi-label: each label's negatives over its positives, the ``pos_weight`` that weighs its
+    positive and negative examples alike. A label absent from ``examples`` (or, multi-label,
+    present in all of them) weighs 1: its weight would not change the loss.
+    """
+    counts = Counter(label for example in examples for label in example.labels)
+    n = len(examples)
+    weights = {}
+    for label in labels:
+        count = counts[label]
+        if count == 0 or (multi_label and count == n):
+            weights[label] = 1.0
+        elif multi_label:
+            weights[label] = (n - count) / count
+        else:
+            weights[label] = n / (len(labels) * count)
+    return weights
+
+
+def check_class_weights(weights: dict[str, float], labels: Sequence[str]) -> None:
+    """Raise :class:`InputError` naming a weight for an unknown label or one not above 0."""
+    for label, weight in weights.items():
+        if label not in labels:
+            raise InputError(
+                f"class weight for unknown label {label!r}; the labels are {', '.join(labels)}"
+            )
+        if not (math.isfinite(weight) and weight > 0):
+            raise InputError(f"class weight of {label!r} must be a positive number, not {weight}")
 
 
 @dataclass(frozen=True)
@@ -314,18 +403,21 @@ def _export_and_calibrate(
     encoder.tokenizer.backend_tokenizer.save(str(staging / TOKENIZER_FILE))
     progress.update(task, advance=1, status="ONNX vs torch")
 
-    # ONNX and torch on identical (window-sized) inputs of the validation split.
-    val_ids = encoder.ids(validation)
-    torch_logits = _torch_logits(model, val_ids, encoder, options.batch_size)
+    # ONNX and torch on identical inputs: every window of the validation split.
+    val_windows = encoder.encode(validation)
+    torch_logits = _torch_logits(model, val_windows.ids, encoder, options.batch_size)
     write_manifest(staging, _manifest(options, staging, input_names, temperature=1.0))
-    onnx_logits = BertClassifier(staging, batch_size=options.batch_size).run(val_ids)
+    onnx_logits = BertClassifier(staging, batch_size=options.batch_size).run(val_windows.ids)
     agreement = _agreement(torch_logits, onnx_logits, multi=multi)
     if agreement["argmax_agreement"] < options.min_agreement:
         raise ExportMismatchError(_mismatch_message(agreement["argmax_agreement"], options))
     progress.update(task, advance=1, status="temperature")
 
+    # fitted to the served predictions: each validation text's windows aggregated as the tier does
     y_val = _targets(validation, options.labels, multi=multi)
-    temperature = calibrate_temperature(onnx_logits, y_val, multi_label=multi)
+    temperature = calibrate_temperature(
+        onnx_logits, y_val, multi_label=multi, counts=val_windows.counts
+    )
     manifest = _manifest(options, staging, input_names, temperature=temperature)
     write_manifest(staging, manifest)
     classifier = BertClassifier(staging, batch_size=options.batch_size)
@@ -344,9 +436,9 @@ def _mismatch_message(agreed: float, options: TrainOptions) -> str:
     """Why the export was refused, what lowering the gate risks, and the option that lowers it."""
     accept = math.floor(agreed * 100) / 100  # rounded down, so passing it lets this run through
     return (
-        f"ONNX agrees with torch on {agreed:.1%} of validation examples, below the required "
+        f"ONNX agrees with torch on {agreed:.1%} of validation windows, below the required "
         f"{options.min_agreement:.1%}. The served ONNX model would answer differently from the "
-        f"trained model on {1 - agreed:.1%} of validation messages; to accept that, pass "
+        f"trained model on {1 - agreed:.1%} of validation windows; to accept that, pass "
         f"--min-onnx-agreement {accept:.2f} (TrainOptions.min_agreement). A small validation "
         "split measures this coarsely: more validation examples give a steadier figure."
     )
@@ -408,6 +500,8 @@ def _train_model(
     started = time.perf_counter()
     if len(options.labels) < 2 and not options.multi_label:
         raise InputError("single-label training needs at least two labels")
+    if options.class_weights is not None:
+        check_class_weights(options.class_weights, options.labels)
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
     random.seed(options.seed)
     torch.manual_seed(options.seed)
@@ -454,15 +548,17 @@ def _train_model(
         training={
             "examples": len(train),
             "validation_examples": len(validation),
-            "truncated_training_examples": encoder.truncated(train),
+            **window_record(encoder.encode(train).counts, all_windows=options.all_windows),
             "epochs": options.epochs,
             "batch_size": options.batch_size,
             "learning_rate": options.learning_rate,
             "seed": options.seed,
+            "class_weights": options.class_weights,
             "train_seconds": round(train_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
         },
         rare_labels=rare_labels(train, options.labels),
+        never_predicted=never_predicted(exported.validation.per_class),
         versions=manifest.versions,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         extra=options.extra_card,
@@ -490,6 +586,22 @@ def _manifest(
         versions=package_versions(),
         base_model=base_model_name(options.base_model),
     )
+
+
+def window_record(counts: Sequence[int], *, all_windows: bool) -> dict[str, Any]:
+    """The card's account of the windows trained, from each training text's window count.
+
+    ``texts_with_several_windows`` counts the texts longer than one window; ``windows_trained``
+    is every window of every text (``window_strategy`` ``"all"``) or one per text (``"first"``,
+    the rest of each long text unread).
+    """
+    return {
+        "window_strategy": "all" if all_windows else "first",
+        "windows_trained": sum(counts) if all_windows else len(counts),
+        "texts_with_several_windows": sum(count > 1 for count in counts),
+        "mean_windows_per_text": round(sum(counts) / len(counts), 3) if counts else 0.0,
+        "max_windows_per_text": max(counts, default=0),
+    }
 
 
 def _torch_logits(
@@ -542,12 +654,14 @@ def _measure(
         predicted = calibrated >= 0.5
         acc = accuracy(predicted, y.astype(bool))
         f1 = macro_f1(predicted, y, len(labels))
+        per_class = per_class_metrics(predicted, y, labels)
         before = multilabel_calibration_error(raw, y)
         after = multilabel_calibration_error(calibrated, y)
     else:
         predicted_index = calibrated.argmax(axis=1)
         acc = accuracy(predicted_index, y)
         f1 = macro_f1(predicted_index, y, len(labels))
+        per_class = per_class_metrics(predicted_index, y, labels)
         before = expected_calibration_error(raw, y)
         after = expected_calibration_error(calibrated, y)
     return SplitMetrics(
@@ -559,4 +673,5 @@ def _measure(
         log_loss_before_temperature=log_loss(raw, y, multi_label=multi),
         log_loss_after_temperature=log_loss(calibrated, y, multi_label=multi),
         multi_window_texts=sum(count > 1 for count in windows.counts),
+        per_class=per_class,
     )

@@ -4,7 +4,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tiergate.workers.bert.quality import accuracy, macro_f1
+from tiergate.workers.bert.quality import (
+    accuracy,
+    macro_f1,
+    never_predicted,
+    per_class_metrics,
+)
 
 
 @st.composite
@@ -93,3 +98,19 @@ def test_macro_f1_and_accuracy_lie_between_zero_and_one(case):
     predicted, actual, n_labels = case
     assert 0.0 <= macro_f1(predicted, actual, n_labels) <= 1.0
     assert 0.0 <= accuracy(predicted, actual) <= 1.0
+
+
+@given(st.one_of(single_label_pairs(), multi_label_pairs()))
+def test_macro_f1_is_the_mean_of_the_per_class_f1(case):
+    """The card's macro-F1 and its per-label F1 values agree: one is the mean of the other."""
+    predicted, actual, n_labels = case
+    labels = [f"label-{k}" for k in range(n_labels)]
+    per_class = per_class_metrics(predicted, actual, labels)
+    mean = np.mean([metrics.f1 for metrics in per_class.values()])
+    assert macro_f1(predicted, actual, n_labels) == pytest.approx(mean)
+
+
+def test_never_predicted_names_present_labels_the_model_never_chose():
+    """A label with validation examples but no prediction is named; an absent one is not."""
+    per_class = per_class_metrics([0, 0, 1, 0], [0, 2, 1, 2], ["common", "other", "rare", "gone"])
+    assert never_predicted(per_class) == ["rare"]

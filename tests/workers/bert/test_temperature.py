@@ -202,3 +202,63 @@ def test_multilabel_calibration_error_is_near_zero_for_calibrated_flags():
     targets = (rng.random(probabilities.shape) < probabilities).astype(np.float64)
 
     assert multilabel_calibration_error(probabilities, targets) < 0.01
+
+
+def served_nll(logits: np.ndarray, targets: np.ndarray, counts: list[int], t: float) -> float:
+    """Mean NLL of texts served as the mean softmax of their consecutive windows."""
+    starts = np.cumsum([0, *counts[:-1]])
+    probs = softmax(logits, t)
+    served = np.array([probs[s : s + c].mean(axis=0) for s, c in zip(starts, counts, strict=True)])
+    return float(-np.log(served[np.arange(len(targets)), targets]).mean())
+
+
+def test_calibrate_temperature_fits_the_served_mean_of_windows():
+    """With window counts, the fit minimises the NLL of each text's mean window softmax."""
+    rng = np.random.default_rng(5)
+    counts = [int(c) for c in rng.integers(1, 5, size=400)]
+    logits = rng.normal(scale=3.0, size=(sum(counts), 3))
+    targets = rng.integers(0, 3, size=len(counts))
+    targets[::2] = [int(row.argmax()) for row in logits[np.cumsum([0, *counts[:-1]])][::2]]
+
+    fitted = calibrate_temperature(logits, targets, counts=counts)
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 2001))
+    best = grid[np.argmin([served_nll(logits, targets, counts, t) for t in grid])]
+    assert fitted == pytest.approx(best, rel=0.01)
+    plain = calibrate_temperature(logits, np.repeat(targets, counts))
+    assert served_nll(logits, targets, counts, fitted) < served_nll(logits, targets, counts, plain)
+
+
+def test_calibrate_temperature_with_one_window_per_text_is_the_plain_fit():
+    """Counts of one window each give the temperature fitted without counts."""
+    rng = np.random.default_rng(9)
+    logits = rng.normal(scale=2.0, size=(500, 4))
+    targets = sample_single_labels(rng, logits, 1.7)
+    plain = calibrate_temperature(logits, targets)
+    assert calibrate_temperature(logits, targets, counts=[1] * 500) == pytest.approx(plain)
+
+
+def test_multi_label_served_fit_uses_each_labels_highest_window():
+    """Multi-label with counts fits the per-label maximum logit of each text's windows."""
+    rng = np.random.default_rng(4)
+    counts = [int(c) for c in rng.integers(1, 4, size=300)]
+    logits = rng.normal(scale=2.0, size=(sum(counts), 3))
+    starts = np.cumsum([0, *counts[:-1]])
+    highest = np.maximum.reduceat(logits, starts, axis=0)
+    targets = (rng.random(highest.shape) < sigmoid(highest, 0.6)).astype(np.float64)
+    served = calibrate_temperature(logits, targets, multi_label=True, counts=counts)
+    assert served == pytest.approx(calibrate_temperature(highest, targets, multi_label=True))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        pytest.param([1, 1], id="too-few-windows"),
+        pytest.param([2, 2], id="too-many-windows"),
+        pytest.param([3, 0], id="an-empty-text"),
+    ],
+)
+def test_calibrate_temperature_rejects_counts_that_do_not_cover_the_logits(counts):
+    """Window counts that do not sum to the logits' rows, or a text of no window, raise."""
+    with pytest.raises(ValueError, match="counts must"):
+        calibrate_temperature(np.zeros((3, 2)), [0, 1], counts=counts)
