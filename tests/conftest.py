@@ -84,6 +84,41 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     return TrainedModel(directory=directory, card=card, validation=validation, test=test)
 
 
+def save_tiny_distilbert(
+    checkpoint: Path,
+    *,
+    num_labels: int = 2,
+    initializer_range: float = 0.02,
+    head_bias: Sequence[float] | None = None,
+) -> Path:
+    """Save a random two-layer DistilBERT (32 wide, 64-token positions) with the default tokenizer.
+
+    Its weights come from torch's global seed, so seed torch first for a repeatable checkpoint;
+    ``head_bias`` sets the classifier's bias (one value per label).
+    """
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
+    config = DistilBertConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        initializer_range=initializer_range,
+    )
+    model = DistilBertForSequenceClassification(config)
+    if head_bias is not None:
+        with torch.no_grad():
+            model.classifier.bias.copy_(torch.tensor(list(head_bias)))
+    model.save_pretrained(str(checkpoint))
+    tokenizer.save_pretrained(str(checkpoint))
+    return checkpoint
+
+
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Build a random two-layer DistilBERT with a 32-token window as a tiergate model directory.
@@ -92,11 +127,6 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     ``multi_label`` gives it a sigmoid head. A random model's scores sit near ties, so the
     export's agreement with torch is not checked (tests assert closeness themselves).
     """
-    from transformers import (
-        AutoTokenizer,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-    )
 
     def make(
         name: str,
@@ -108,18 +138,7 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     ) -> Path:
         root = tmp_path_factory.mktemp(name)
         checkpoint = root / "distilbert"
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-        config = DistilBertConfig(
-            vocab_size=tokenizer.vocab_size,
-            dim=32,
-            hidden_dim=64,
-            n_layers=2,
-            n_heads=2,
-            max_position_embeddings=64,
-            num_labels=len(labels),
-        )
-        DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
-        tokenizer.save_pretrained(str(checkpoint))
+        save_tiny_distilbert(checkpoint, num_labels=len(labels))
         options = TrainOptions(
             base_model=checkpoint,
             output=root / "model",

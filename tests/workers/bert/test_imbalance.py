@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import save_tiny_distilbert
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import Columns, LabelledExample, load_labelled
-from tiergate.workers.bert.default_model import base_model_dir
 from tiergate.workers.bert.manifest import CARD_FILE
 from tiergate.workers.bert.temperature import calibrate_temperature
 from tiergate.workers.bert.train import (
@@ -144,25 +144,9 @@ LABELS = ("common", "other", "rare")
 def _tiny_checkpoint(checkpoint: Path, head_bias: list[float]) -> Path:
     """A random two-layer DistilBERT for :data:`LABELS` with the given classifier bias."""
     import torch
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(7)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-    config = DistilBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=64,
-        num_labels=len(LABELS),
-    )
-    model = DistilBertForSequenceClassification(config)
-    with torch.no_grad():
-        model.classifier.bias.copy_(torch.tensor(head_bias))
-    model.save_pretrained(str(checkpoint))
-    tokenizer.save_pretrained(str(checkpoint))
-    return checkpoint
+    return save_tiny_distilbert(checkpoint, num_labels=len(LABELS), head_bias=head_bias)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import save_tiny_distilbert
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.default_model import base_model_dir
 from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
@@ -131,23 +132,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     than torch on a share of messages well above the default gate's 3%.
     """
     import torch
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(5)
     checkpoint = tmp_path_factory.mktemp("base") / "tiny-distilbert"
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-    config = DistilBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=64,
-        initializer_range=1.0,
-    )
-    DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
-    tokenizer.save_pretrained(str(checkpoint))
-    return checkpoint
+    return save_tiny_distilbert(checkpoint, initializer_range=1.0)
 
 
 # Framework output a `tiergate train` user cannot act on.

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import save_tiny_distilbert
 from tiergate.gateway.cli.train import windows_line
 from tiergate.workers.bert import train as train_module
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
-from tiergate.workers.bert.default_model import base_model_dir
 from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
 from tiergate.workers.bert.temperature import calibrate_temperature
 from tiergate.workers.bert.train import ModelCard, TrainOptions, _Encoder, train_model
@@ -60,22 +60,9 @@ class Trained:
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random two-layer DistilBERT checkpoint with the default tokenizer."""
     import torch
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(7)
-    checkpoint = tmp_path_factory.mktemp("windows-base") / "distilbert"
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir()))
-    config = DistilBertConfig(
-        vocab_size=tokenizer.vocab_size,
-        dim=32,
-        hidden_dim=64,
-        n_layers=2,
-        n_heads=2,
-        max_position_embeddings=64,
-    )
-    DistilBertForSequenceClassification(config).save_pretrained(str(checkpoint))
-    tokenizer.save_pretrained(str(checkpoint))
-    return checkpoint
+    return save_tiny_distilbert(tmp_path_factory.mktemp("windows-base") / "distilbert")
 
 
 def _train(base: Path, root: Path, *, all_windows: bool) -> Trained:
