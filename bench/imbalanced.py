@@ -43,10 +43,8 @@ from measurement import (
     machine,
     note,
     provenance,
-    read_jsonl,
     write_results,
 )
-from orange_text import base_checkpoint, corpus_files, corpus_source, read_tab
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.train import (
     ModelCard,
@@ -54,6 +52,15 @@ from tiergate.workers.bert.train import (
     balanced_class_weights,
     split_validation,
     train_model,
+)
+from training_data import (
+    add_training_arguments,
+    base_checkpoint,
+    corpus_files,
+    corpus_source,
+    halves_by_label,
+    label_counts,
+    read_tab,
 )
 
 # What --quick changes: a small capped set, one short epoch, a short window, a few test messages.
@@ -83,11 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="most share of training the rarest label may hold (0.03)",
     )
     parser.add_argument("--test-limit", type=int, help="test messages, spread evenly (all)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (2)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (32)")
-    parser.add_argument("--learning-rate", type=float, default=1e-4, help="(1e-4)")
-    parser.add_argument("--max-length", type=int, default=128, help="window in tokens (128)")
-    parser.add_argument("--seed", type=int, default=13, help="seed of sampling and training (13)")
+    add_training_arguments(parser)
     args = options.parse(argv)
     for option in ("cap", "test_limit", "epochs", "batch_size", "max_length"):
         value = getattr(args, option)
@@ -119,18 +122,11 @@ class SkewedSet:
 
 def halves(path: Path, seed: int) -> tuple[list[LabelledExample], list[LabelledExample]]:
     """A ``{"text", "label"}`` JSONL file's examples, each label's halved into train and test."""
-    by_label: dict[str, list[LabelledExample]] = {}
-    for line, record in enumerate(read_jsonl(path), start=1):
-        example = LabelledExample(text=record["text"], labels=(record["label"],), line=line)
-        by_label.setdefault(record["label"], []).append(example)
-    rng = random.Random(seed)
     train: list[LabelledExample] = []
     test: list[LabelledExample] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        rng.shuffle(group)
-        train += group[: len(group) // 2]
-        test += group[len(group) // 2 :]
+    for first, second in halves_by_label(path, seed).values():
+        train += first
+        test += second
     return train, sorted(test, key=lambda example: example.line)
 
 
@@ -249,17 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         runs[name] = run_figures(card, rarest)
 
-    def counts(examples: Sequence[LabelledExample]) -> dict[str, int]:
-        return dict(sorted(Counter(e.labels[0] for e in examples).items()))
-
     results = {
         **provenance(args),
         "machine": machine_info,
         "data": {
             "source": skewed.source,
-            "train": counts(train),
-            "validation": counts(validation),
-            "test": counts(skewed.test),
+            "train": label_counts(train),
+            "validation": label_counts(validation),
+            "test": label_counts(skewed.test),
             "cap_per_label": args.cap,
             "rare_share": args.rare_share,
         },

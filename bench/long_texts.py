@@ -31,7 +31,6 @@ import random
 import statistics
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,20 @@ from measurement import (
     machine,
     note,
     provenance,
-    read_jsonl,
     write_results,
 )
-from orange_text import base_checkpoint, corpus_files, corpus_source, read_tab
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.train import ModelCard, TrainOptions, split_validation, train_model
+from training_data import (
+    add_training_arguments,
+    base_checkpoint,
+    corpus_files,
+    corpus_source,
+    halves_by_label,
+    label_counts,
+    read_tab,
+)
 
 CATEGORIES = (
     "comp.sys.ibm.pc.hardware",
@@ -98,11 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--join", type=int, default=4, help="messages per text made from --test-split (4)"
     )
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (2)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (32)")
-    parser.add_argument("--learning-rate", type=float, default=1e-4, help="(1e-4)")
-    parser.add_argument("--max-length", type=int, default=128, help="window in tokens (128)")
-    parser.add_argument("--seed", type=int, default=13, help="seed of sampling and training (13)")
+    add_training_arguments(parser)
     args = options.parse(argv)
     for option in (
         "per_category",
@@ -162,21 +164,11 @@ def joined_texts(
 
 def synthetic_long_texts(path: Path, args: argparse.Namespace) -> LongTexts:
     """Long texts made from a labelled JSONL file (see the module's description)."""
-    if not path.is_file():
-        fail(f"{path} is missing: --test-split names a JSONL file of {{'text', 'label'}} records")
-    by_label: dict[str, list[LabelledExample]] = {}
-    for line, record in enumerate(read_jsonl(path), start=1):
-        example = LabelledExample(text=record["text"], labels=(record["label"],), line=line)
-        by_label.setdefault(record["label"], []).append(example)
-    rng = random.Random(args.seed)
     train: list[LabelledExample] = []
     test: list[LabelledExample] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        rng.shuffle(group)
-        half = len(group) // 2
-        train += joined_texts(group[:half], label, args.join, args.per_category)
-        test += joined_texts(group[half:], label, args.join, args.test_per_category)
+    for label, (first, second) in halves_by_label(path, args.seed).items():
+        train += joined_texts(first, label, args.join, args.per_category)
+        test += joined_texts(second, label, args.join, args.test_per_category)
     labels = tuple(sorted({example.labels[0] for example in train}))
     if len(labels) < 2 or not test:
         fail(f"{path}: too few messages to join {args.join} at a time into train and test texts")
@@ -296,18 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         card, test_windows = train_and_measure(run, (texts, train, validation), base, args, epochs)
         runs[run] = run_figures(card)
 
-    def counts(examples: Sequence[LabelledExample]) -> dict[str, int]:
-        return dict(sorted(Counter(e.labels[0] for e in examples).items()))
-
     first, every, matched = runs["first"], runs["all"], runs["first_matched"]
     results = {
         **provenance(args),
         "machine": machine_info,
         "data": {
             "source": texts.source,
-            "train": counts(train),
-            "validation": counts(validation),
-            "test": counts(texts.test),
+            "train": label_counts(train),
+            "validation": label_counts(validation),
+            "test": label_counts(texts.test),
             "test_windows": test_windows,
         },
         "training": {
