@@ -46,12 +46,15 @@ if TYPE_CHECKING:
     )
     from tiergate.workers.errors import (
         InputError,
+        LabelNotInPolicyError,
         LLMError,
         ModelError,
         TiergateError,
         TransientError,
+        UnknownDecisionError,
         UnknownPolicyError,
     )
+    from tiergate.workers.labels import CollectedExample, open_label_store
     from tiergate.workers.ledger import IdReused
     from tiergate.workers.schemas import Decision, LLMUsage, Message, Status, Tier
     from tiergate.workers.settings import Price, Settings
@@ -94,6 +97,11 @@ _EXPORTS: dict[str, str] = {
     "LLMError": "tiergate.workers.errors",
     "TransientError": "tiergate.workers.errors",
     "UnknownPolicyError": "tiergate.workers.errors",
+    "UnknownDecisionError": "tiergate.workers.errors",
+    "LabelNotInPolicyError": "tiergate.workers.errors",
+    # Labels collected for distillation, and people's corrections.
+    "CollectedExample": "tiergate.workers.labels",
+    "open_label_store": "tiergate.workers.labels",
     # Distributed mode and the HTTP gateway.
     "TiergateClient": "tiergate.gateway.client",
     "IdReused": "tiergate.workers.ledger",
@@ -104,11 +112,13 @@ __all__ = [
     "BertClassifier",
     "Cascade",
     "Classifier",
+    "CollectedExample",
     "Decision",
     "IdReused",
     "InputError",
     "LLMError",
     "LLMUsage",
+    "LabelNotInPolicyError",
     "Message",
     "ModelError",
     "PolicyBook",
@@ -124,6 +134,7 @@ __all__ = [
     "TiergateClient",
     "TiergateError",
     "TransientError",
+    "UnknownDecisionError",
     "UnknownPolicyError",
     "__version__",
     "build_cascade",
@@ -133,6 +144,7 @@ __all__ = [
     "load_policy",
     "load_policy_book",
     "open_cascade",
+    "open_label_store",
     "parse_policy",
 ]
 

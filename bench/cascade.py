@@ -491,6 +491,10 @@ class ObservedCache:
         """See :meth:`DecisionCache.put_many`."""
         self.inner.put_many(entries)
 
+    def forget(self, key: str) -> bool:
+        """See :meth:`DecisionCache.forget`."""
+        return self.inner.forget(key)
+
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """See :meth:`DecisionCache.claim`."""
         return self.inner.claim(key, lease_s)

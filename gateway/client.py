@@ -29,8 +29,10 @@ from celery import Celery
 
 from tiergate.policies.spec import PolicySpec, load_policy
 from tiergate.workers.bert.manifest import read_manifest
+from tiergate.workers.cache import RedisDecisionCache
 from tiergate.workers.cascade import load_policy_book
 from tiergate.workers.errors import ModelError, PoliciesNotAnnouncedError
+from tiergate.workers.labels import CollectedExample, Corrections, RedisLabelStore
 from tiergate.workers.ledger import IdReused, RedisDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.served_policies import ServedPolicies
@@ -129,6 +131,33 @@ class TiergateClient:
     def dead_letter_counts(self) -> dict[str, int]:
         """Dead letters written, by kind (see :class:`~tiergate.workers.ledger.DeadLetterKind`)."""
         return self.ledger.dead_letter_counts()
+
+    def feedback(
+        self,
+        message_id: str,
+        label: str | None = None,
+        labels: Sequence[str] | None = None,
+        source: str | None = None,
+    ) -> CollectedExample:
+        """A person's correction of the decision of ``message_id``; the example as now stored.
+
+        Give ``label``, or ``labels`` for a multi-label policy (not both); ``source`` says who
+        (an agent's id). Written straight to the label store in Redis, where the workers
+        record decisions of policies that collect labels; the cached decision of the text is
+        deleted, so the next identical message is decided afresh. Raises
+        :class:`~tiergate.workers.errors.UnknownDecisionError` for an id with no collected
+        decision and :class:`~tiergate.workers.errors.LabelNotInPolicyError` for labels its
+        policy cannot take (both are ``InputError``), ``ValueError`` for both or neither of
+        ``label`` and ``labels``.
+        """
+        if (label is None) == (labels is None):
+            raise ValueError("give either label or labels (one of them)")
+        given = [label] if label is not None else list(labels or [])
+        corrections = Corrections(
+            RedisLabelStore(self.ledger.client, self.settings.cache_prefix),
+            RedisDecisionCache(self.ledger.client, self.settings.cache_prefix),
+        )
+        return corrections.correct(message_id, given, source)
 
     def stream(
         self,

@@ -12,7 +12,8 @@ A policy is a YAML file validated by :class:`PolicySpec`. It names itself (``nam
   generation (``reply``, ``summary``, ``explain``);
 - ``llm``: the provider chain tried in order, and the prompt instructions;
 - ``cache``: how long a decision is reused;
-- ``budget``: LLM calls per minute, money per day, and what happens when either is spent.
+- ``budget``: LLM calls per minute, money per day, and what happens when either is spent;
+- ``learning``: whether decisions are kept as training examples (opt-in) and for how long.
 
 Everything here is pure: loading reads one file, and nothing else touches the outside world.
 """
@@ -164,12 +165,45 @@ DEFAULT_PROVIDERS: tuple[ProviderRef, ...] = (
 this order."""
 
 
+class CallMode(StrEnum):
+    """How the LLM is asked: ``online`` (one call per message, answered at once) or ``batch``.
+
+    ``batch``: the messages the policy routes to the LLM are answered first by the BERT tier
+    (status ``pending_llm``), then collected and sent through the provider's batch API, at its
+    discount, and answered within the provider's completion window (up to 24 hours).
+    """
+
+    ONLINE = "online"
+    BATCH = "batch"
+
+
+class OnBatchError(StrEnum):
+    """What happens to a request that errored, expired or was cancelled in a batch.
+
+    ``online``: it is asked again at once with an online call. ``next_batch``: it joins the
+    next batch.
+    """
+
+    ONLINE = "online"
+    NEXT_BATCH = "next_batch"
+
+
 class LLMSpec(_Strict):
-    """The LLM tier of this policy: providers tried in order, and what the prompt says."""
+    """The LLM tier of this policy: providers tried in order, and what the prompt says.
+
+    ``mode``: online or batch (:class:`CallMode`). In batch mode a batch is sent once
+    ``max_batch`` messages wait or the oldest has waited ``max_wait_s`` seconds, and
+    ``on_batch_error`` says how its failed requests are retried.
+    """
 
     providers: list[ProviderRef] = Field(default_factory=list)
     instructions: Annotated[StrictStr, Field(max_length=8000)] = ""
     max_output_tokens: PositiveInt = 512
+    mode: CallMode = CallMode.ONLINE
+    max_wait_s: Annotated[float, Field(gt=0, le=24 * 3600)] = 600.0
+    # OpenAI takes at most 50,000 requests per batch (Anthropic 100,000).
+    max_batch: Annotated[int, Field(ge=1, le=50_000)] = 2000
+    on_batch_error: OnBatchError = OnBatchError.ONLINE
 
 
 class CacheSpec(_Strict):
@@ -211,6 +245,27 @@ class WebhookSpec(_Strict):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
 
 
+class LearningSpec(_Strict):
+    """Whether this policy's decisions become training examples, and for how long they are kept.
+
+    ``collect``: keep one example per decision-cache key (the redacted text, the BERT tier's
+    scores, the LLM's label and any person's correction), so ``tiergate distill`` can train on
+    them; off by default, and nothing is kept for a policy that does not opt in. ``retain_days``:
+    how long an example (and the record of which message id it came from) is kept after its
+    last label. ``auto_promote``: continuous distillation may promote a candidate on its own
+    when the promotion gate passes.
+    """
+
+    collect: bool = False
+    retain_days: PositiveInt = 30
+    auto_promote: bool = False
+
+    @property
+    def retain_seconds(self) -> int:
+        """``retain_days`` in seconds."""
+        return self.retain_days * 24 * 3600
+
+
 class PolicySpec(_Strict):
     """A validated policy. See the module docstring for the meaning of each section."""
 
@@ -225,6 +280,7 @@ class PolicySpec(_Strict):
     cache: CacheSpec = CacheSpec()
     budget: BudgetSpec = BudgetSpec()
     webhook: WebhookSpec | None = None
+    learning: LearningSpec = LearningSpec()
 
     @model_validator(mode="after")
     def _labels_are_known(self) -> Self:

@@ -150,6 +150,10 @@ class DecisionCache(Protocol):
         """:meth:`put` each ``(key, decision, ttl_seconds)``, in one round trip to the store."""
         ...
 
+    def forget(self, key: str) -> bool:
+        """Delete the decision stored under ``key`` (a person corrected it); whether one was."""
+        ...
+
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """Take the single-flight lease on ``key`` for ``lease_s`` seconds.
 
@@ -266,6 +270,11 @@ class RedisDecisionCache:
             for key, decision, ttl in kept:
                 pipe.set(self._decision_key(key), decision.model_dump_json(), ex=ttl)
             pipe.execute()
+
+    def forget(self, key: str) -> bool:
+        """See :meth:`DecisionCache.forget` (``DEL``)."""
+        with redis_errors_as_coordination_errors(self._client, "deleting a cached decision"):
+            return bool(self._client.delete(self._decision_key(key)))
 
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """See :meth:`DecisionCache.claim` (``SET NX PX`` with a random token)."""
@@ -426,6 +435,14 @@ class SqliteDecisionCache:
                 purge = before // _PUTS_BETWEEN_PURGES != self._puts // _PUTS_BETWEEN_PURGES
             if purge:
                 self._purge(connection)
+
+    def forget(self, key: str) -> bool:
+        """See :meth:`DecisionCache.forget`."""
+        with self._errors("deleting a cached decision"):
+            cursor = self._connection().execute(
+                "DELETE FROM decisions WHERE key = ? AND expires_at > ?", (key, time.time())
+            )
+        return cursor.rowcount > 0
 
     def claim(self, key: str, lease_s: float) -> Lease | None:
         """See :meth:`DecisionCache.claim` (an upsert that only replaces an expired lease)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tiergate.policies.routing import UNLIMITED, BudgetState, Reason, Route, Target, decide
 from tiergate.policies.spec import (
     EXAMPLES,
+    CallMode,
     PolicyError,
     PolicySpec,
     WhenExhausted,
@@ -48,6 +49,7 @@ from tiergate.workers.errors import (
     SingleFlightTimeout,
     UnknownPolicyError,
 )
+from tiergate.workers.labels import LabelStore, Observed, open_label_store
 from tiergate.workers.llm.breaker import LocalBreakerStore, RedisBreakerStore
 from tiergate.workers.llm.tier import LLMRequest, LLMResult, LLMTier
 from tiergate.workers.redis_connection import shared_redis
@@ -64,6 +66,7 @@ from tiergate.workers.settings import Settings
 
 if TYPE_CHECKING:
     from tiergate.workers.bert.classifier import BertClassifier
+    from tiergate.workers.bert.serving import ServingClassifier
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +92,45 @@ class Classifier(Protocol):
         Such a text costs several times what a short one does. Cheap enough to ask on the
         event loop.
         """
+        ...
+
+
+@runtime_checkable
+class SwitchingClassifier(Classifier, Protocol):
+    """A classifier whose model may change between batches (a promotion, a rollback).
+
+    The cascade takes one snapshot per batch with :meth:`for_batch` and uses it for the batch's
+    cache keys and predictions, so a batch runs on one model and every decision names it.
+    """
+
+    def for_batch(self) -> Classifier:
+        """The classifier for one whole batch (it may first switch to a new version)."""
+        ...
+
+    def shadow_scorer(self) -> ShadowScorer | None:
+        """The hook that scores live traffic with a shadow candidate (``None``: none)."""
+        ...
+
+
+class ShadowScorer(Protocol):
+    """Scores batches with a candidate model beside the live one; never changes a decision."""
+
+    def observe_first_pass(
+        self,
+        messages: Sequence[Message],
+        specs: Sequence[PolicySpec],
+        indices: Sequence[int],
+        results: list[Decision | LLMWork | None],
+    ) -> None:
+        """After the BERT step: score ``messages[i]`` for ``i`` in ``indices``.
+
+        It may replace an :class:`LLMWork` in ``results`` by a copy carrying the candidate's
+        prediction in ``shadow``; nothing else.
+        """
+        ...
+
+    def observe_answer(self, work: LLMWork, decision: Decision, spec: PolicySpec) -> None:
+        """After the LLM step: compare the candidate's prediction in ``work`` with ``decision``."""
         ...
 
 
@@ -127,7 +169,8 @@ class LLMWork(BaseModel):
 
     It is plain JSON (``model_dump_json``), so a BERT worker can pass it to an LLM worker on
     another machine through the broker. ``policy`` is the policy's name; ``key`` the decision
-    cache key; ``timings_ms`` what the first step spent.
+    cache key; ``timings_ms`` what the first step spent; ``shadow`` the shadow candidate's
+    prediction, when one is being evaluated (the LLM step compares it with the LLM's answer).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -139,6 +182,7 @@ class LLMWork(BaseModel):
     labels: tuple[str, ...] = ()
     key: str
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    shadow: Prediction | None = None
 
     @property
     def route(self) -> Route:
@@ -151,7 +195,9 @@ class Cascade:
 
     ``llm``, ``cache`` and ``budget`` are optional: without an LLM tier routed messages get the
     BERT answer marked ``llm_skipped: no_provider``; without a cache nothing is reused; without
-    a ledger the budget is unlimited. Safe to share between threads.
+    a ledger the budget is unlimited. With a ``labels`` store, every decision of a policy that
+    collects labels is recorded there (:meth:`LabelStore.record`, which never raises). Safe to
+    share between threads.
 
     :meth:`decide` runs both steps in one process. Distributed workers run them apart:
     :meth:`first_pass` (cache, BERT tier, policy) on a BERT worker, and :meth:`answer` (the
@@ -168,7 +214,11 @@ class Cascade:
         budget: BudgetLedger | None = None,
         llm_concurrency: int = 8,
         single_flight_timeout_s: float = 60.0,
+        labels: LabelStore | None = None,
+        shadow: ShadowScorer | None = None,
     ) -> None:
+        self.labels = labels
+        self.shadow = shadow
         self.classifier = classifier
         self.policies = policies
         self.llm = llm
@@ -179,18 +229,20 @@ class Cascade:
 
     def cache_key(self, message: Message, spec: PolicySpec) -> str:
         """The decision-cache key of ``message`` under ``spec`` (never contains the text)."""
-        return self._cache_key(message, spec, self._llm_route(spec))
+        return self._cache_key(message, spec, self._llm_route(spec), self.classifier.model_version)
 
     def _llm_route(self, spec: PolicySpec) -> str:
         """The provider chain part of ``spec``'s cache keys (the same for all its messages)."""
         return self.llm.route_key(spec) if self.llm is not None else NO_LLM_ROUTE
 
-    def _cache_key(self, message: Message, spec: PolicySpec, llm_route: str) -> str:
+    def _cache_key(
+        self, message: Message, spec: PolicySpec, llm_route: str, model_version: str
+    ) -> str:
         return cache_key(
             message.text,
             policy=spec.name,
             policy_version=spec.version,
-            model_version=self.classifier.model_version,
+            model_version=model_version,
             llm_route=llm_route,
             prompt_version=self.llm.prompt_version if self.llm is not None else NO_LLM_ROUTE,
             task=message.task.value,
@@ -224,7 +276,18 @@ class Cascade:
             return []
         specs = [self.policies.get(m.policy) for m in messages]
         routes = {spec.name: self._llm_route(spec) for spec in specs}  # once per policy
-        keys = [self._cache_key(m, s, routes[s.name]) for m, s in zip(messages, specs, strict=True)]
+        # One model for the whole batch, keys and predictions alike, even if a new version is
+        # promoted meanwhile: the next batch gets it.
+        classifier = (
+            self.classifier.for_batch()
+            if isinstance(self.classifier, SwitchingClassifier)
+            else self.classifier
+        )
+        version = classifier.model_version
+        keys = [
+            self._cache_key(m, s, routes[s.name], version)
+            for m, s in zip(messages, specs, strict=True)
+        ]
         results: list[Decision | LLMWork | None] = [None] * len(messages)
 
         lookup_ms = 0.0
@@ -239,14 +302,35 @@ class Cascade:
         misses = [i for i, d in enumerate(results) if d is None]
         if misses:
             bert_started = time.perf_counter()
-            predictions = self.classifier.predict([messages[i].text for i in misses])
+            predictions = classifier.predict([messages[i].text for i in misses])
             bert_ms = _ms(bert_started)
             timings = {"cache": lookup_ms, "bert": bert_ms} if self.cache else {"bert": bert_ms}
             self._route(misses, messages, specs, keys, predictions, timings, results)
             self._store(misses, keys, specs, results)
+            if self.shadow is not None:  # after the live step: no decision waits for it
+                self.shadow.observe_first_pass(messages, specs, misses, results)
+        self._collect(
+            Observed(messages[i], keys[i], r, specs[i])
+            for i, r in enumerate(results)
+            if isinstance(r, Decision)
+        )
         return [r for r in results if r is not None]
 
+    def _collect(self, observed: Iterable[Observed]) -> None:
+        """Hand decisions to the label store, if there is one (it keeps opted-in policies')."""
+        if self.labels is not None:
+            self.labels.record(list(observed))
+
     def answer(self, work: LLMWork) -> Decision:
+        """The LLM step for one message (:meth:`_answer`), its decision handed to the labels."""
+        decision = self._answer(work)
+        spec = self.policies.get(work.policy)
+        if self.shadow is not None:
+            self.shadow.observe_answer(work, decision, spec)
+        self._collect([Observed(work.message, work.key, decision, spec)])
+        return decision
+
+    def _answer(self, work: LLMWork) -> Decision:
         """The LLM step for one message: from another worker's call, or from our own.
 
         Waits on the single-flight lease of its cache key, checks that some provider's breaker
@@ -274,6 +358,43 @@ class Cascade:
         finally:
             if lease is not None:
                 lease.release()
+
+    def pending(self, work: LLMWork) -> Decision:
+        """The BERT answer for ``work`` while its LLM answer waits in a batch (``pending_llm``)."""
+        spec = self.policies.get(work.policy)
+        return _bert_decision(
+            work.message, spec, work.prediction, work.route, work.timings_ms, None
+        ).model_copy(update={"status": Status.PENDING_LLM})
+
+    def cached_answer(self, work: LLMWork) -> Decision | None:
+        """The cached decision for ``work``'s key, as its message's (``None``: not cached)."""
+        if self.cache is None:
+            return None
+        hit = self.cache.get_many([work.key])[0]
+        return _from_cache(hit, work.message, 0.0) if hit is not None else None
+
+    def budget_fallback(self, work: LLMWork) -> Decision:
+        """The policy's answer for ``work`` when its budget is spent (deferred, or BERT's)."""
+        return _budget_fallback(work, self.policies.get(work.policy))
+
+    def batch_answer(self, work: LLMWork, outcome: LLMResult | LLMError) -> Decision:
+        """The final decision for ``work`` from its batch's answer, or from the answer's error.
+
+        An answer is cached under ``work.key`` and recorded like an online one (labels,
+        shadow); an error (a refusal, an invalid answer) gives the BERT answer with
+        ``llm_skipped: invalid_answer`` and what the call cost, not cached.
+        """
+        spec = self.policies.get(work.policy)
+        if isinstance(outcome, LLMError):
+            decision = _fallback(work, spec, LLMSkip.INVALID_ANSWER, str(outcome), outcome.usage)
+        else:
+            decision = _llm_decision(work, spec, outcome, dict(work.timings_ms))
+            if self.cache is not None and spec.cache.ttl_seconds > 0:
+                self.cache.put(work.key, decision, spec.cache.ttl_seconds)
+        if self.shadow is not None:
+            self.shadow.observe_answer(work, decision, spec)
+        self._collect([Observed(work.message, work.key, decision, spec)])
+        return decision
 
     # ------------------------------------------------------------------------------ steps
 
@@ -347,8 +468,12 @@ class Cascade:
             }
             if item.key in seen and answer.llm is not None:
                 update["llm"] = answer.llm.unpaid()
+            duplicate = item.key in seen
             seen.add(item.key)
             decisions.append(answer.model_copy(update=update))
+            if duplicate:  # the first of each key was recorded by answer()
+                spec = self.policies.get(item.policy)
+                self._collect([Observed(item.message, item.key, decisions[-1], spec)])
         return decisions
 
     def _call_llm(self, work: LLMWork, spec: PolicySpec) -> Decision:
@@ -600,13 +725,14 @@ def check_policy_fits_model(
 
 def open_cascade(
     settings: Settings,
-    classifier: BertClassifier | None = None,
+    classifier: BertClassifier | ServingClassifier | None = None,
     *,
     use_cache: bool = True,
 ) -> Cascade:
     """The cascade ``settings`` describe, from the model to the LLM tier.
 
-    ``classifier`` defaults to the model at ``settings.resolved_model_dir``; the policies are
+    ``classifier`` defaults to the deployment's current model version, followed between
+    batches (:class:`~tiergate.workers.bert.serving.ServingClassifier`); the policies are
     :func:`policy_book_for` it; the cache, budgets and LLM tier are :func:`build_cascade`'s.
     Raises the model's errors when it cannot be loaded and
     :class:`~tiergate.policies.spec.PolicyError` for a policy that does not fit it.
@@ -614,19 +740,39 @@ def open_cascade(
     if classifier is None:
         # Imports ONNX Runtime, which a process that loads no model (the distributed gateway)
         # does without.
-        from tiergate.workers.bert.classifier import BertClassifier  # noqa: PLC0415
+        from tiergate.workers.bert.serving import ServingClassifier  # noqa: PLC0415
 
-        classifier = BertClassifier.from_settings(settings)
+        classifier = ServingClassifier.from_settings(settings)
     return build_cascade(
         settings, classifier, policy_book_for(settings, classifier), use_cache=use_cache
     )
 
 
-def policy_book_for(settings: Settings, classifier: BertClassifier) -> PolicyBook:
+def policy_book_for(
+    settings: Settings, classifier: BertClassifier | ServingClassifier
+) -> PolicyBook:
     """The policies ``settings`` configure, checked against ``classifier``'s labels and head."""
     return load_policy_book(
         settings, classifier.labels, multi_label=classifier.manifest.multi_label
     )
+
+
+def check_batch_mode(settings: Settings, policies: Iterable[PolicySpec]) -> None:
+    """Refuse a batch-mode policy (``llm.mode: batch``) outside a distributed deployment.
+
+    Batches are sent and polled by LLM workers and tracked in Redis, so a process without a
+    broker and Redis (the CLI, the embedded gateway) cannot serve one. Raises
+    :class:`~tiergate.policies.spec.PolicyError` naming the policy and the way out.
+    """
+    if settings.broker_url and settings.redis_url:
+        return
+    for spec in policies:
+        if spec.llm.mode is CallMode.BATCH:
+            raise PolicyError(
+                f"policy {spec.name!r} sets llm.mode: batch, which needs a distributed "
+                "deployment (TIERGATE_BROKER_URL and TIERGATE_REDIS_URL, with LLM workers "
+                "to send the batches); set llm.mode: online to run it here"
+            )
 
 
 def build_cascade(
@@ -640,8 +786,10 @@ def build_cascade(
 
     With ``settings.redis_url`` the decision cache, single-flight, budgets and the circuit
     breaker's state live in Redis and are shared by every process; without it the cache is the
-    embedded SQLite file and budgets and breaker state are per process.
+    embedded SQLite file and budgets and breaker state are per process. When a policy collects
+    labels (``learning.collect``), the label store of :func:`open_label_store` records them.
     """
+    check_batch_mode(settings, policies)
     store: LocalBreakerStore | RedisBreakerStore
     if settings.redis_url:
         store = RedisBreakerStore(shared_redis(settings.redis_url), settings.cache_prefix)
@@ -658,4 +806,8 @@ def build_cascade(
         budget=open_budget_ledger(settings),
         llm_concurrency=settings.llm_concurrency,
         single_flight_timeout_s=settings.single_flight_timeout_s,
+        labels=open_label_store(settings) if any(s.learning.collect for s in policies) else None,
+        shadow=(
+            classifier.shadow_scorer() if isinstance(classifier, SwitchingClassifier) else None
+        ),
     )

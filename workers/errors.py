@@ -6,10 +6,15 @@ The hierarchy::
     ├── InputError                  bad input from a user: HTTP 4xx, CLI exit code 2
     │   ├── RecordError             one record of a file is bad (carries its line number)
     │   ├── DataFileError           a whole input file is unusable (missing column, unreadable)
-    │   └── UnknownPolicyError      a message names a policy that is not loaded
+    │   ├── UnknownPolicyError      a message names a policy that is not loaded
+    │   ├── UnknownDecisionError    feedback names a message id no collected decision has
+    │   ├── LabelNotInPolicyError   feedback gives a label outside the decision's policy
+    │   └── NotEnoughLabelsError    too few collected labels to distill and evaluate a model
     ├── ModelError                  the model directory cannot be used
     │   ├── ModelNotFoundError      no model directory, or a file missing from it
     │   └── ModelIntegrityError     a corrupt manifest or a file whose hash does not match
+    ├── ModelVersionError           an unknown model version, or a switch that cannot be made
+    │   └── PromotionRefusedError   the candidate failed the promotion gate (carries the reasons)
     ├── LLMError                    no usable answer (provider, status_code, retry_after, usage)
     │   ├── TransientLLMError       429, 5xx, timeouts, connection errors (also TransientError)
     │   │   └── BreakerOpenError    the provider's circuit breaker is open; no call was made
@@ -86,6 +91,25 @@ class ModelIntegrityError(ModelError):
     """The manifest is corrupt or a file does not match the hash the manifest records."""
 
 
+class ModelVersionError(TiergateError):
+    """A model version is unknown, or a promotion, rollback or shadow cannot be made."""
+
+
+class PromotionRefusedError(ModelVersionError):
+    """The candidate failed the promotion gate; ``reasons`` says why (``--force`` overrides)."""
+
+    def __init__(self, version: str, reasons: list[str]) -> None:
+        super().__init__(version, reasons)
+        self.version = version
+        self.reasons = reasons
+
+    def __str__(self) -> str:
+        return (
+            f"model version {self.version!r} is not promoted: {'; '.join(self.reasons)} "
+            "(--force promotes it anyway, and is logged)"
+        )
+
+
 class TransientError(TiergateError):
     """An error that may go away on its own; the same work can be retried later."""
 
@@ -100,6 +124,52 @@ class UnknownPolicyError(InputError):
 
     def __str__(self) -> str:
         return f"unknown policy {self.name!r} (loaded: {', '.join(self.known) or 'none'})"
+
+
+class UnknownDecisionError(InputError):
+    """Feedback names a message id with no collected decision.
+
+    Never seen, expired, or decided under a policy that does not collect labels.
+    """
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__(message_id)
+        self.message_id = message_id
+
+    def __str__(self) -> str:
+        return (
+            f"no collected decision for message id {self.message_id!r} (unknown, expired, or "
+            "its policy does not collect labels)"
+        )
+
+
+class LabelNotInPolicyError(InputError):
+    """Feedback gives labels that the decision's policy cannot take (unknown, or not one)."""
+
+    def __init__(self, policy: str, reason: str) -> None:
+        super().__init__(policy, reason)
+        self.policy = policy
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"policy {self.policy!r}: {self.reason}"
+
+
+class NotEnoughLabelsError(InputError):
+    """Too few collected labels of a policy to distill a model and evaluate it on the newest."""
+
+    def __init__(self, policy: str, have: int, need: int) -> None:
+        super().__init__(policy, have, need)
+        self.policy = policy
+        self.have = have
+        self.need = need
+
+    def __str__(self) -> str:
+        return (
+            f"policy {self.policy!r} has {self.have} usable collected label"
+            f"{'' if self.have == 1 else 's'}; distillation needs at least {self.need} "
+            "(to train on the older ones and evaluate on the newest)"
+        )
 
 
 class LLMError(TiergateError):

@@ -220,13 +220,19 @@ class DecisionLedger(Protocol):
         ...
 
     def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
-        """The delivered decision of each id, in order (``None`` where there is none yet)."""
+        """The delivered decision of each id, in order (``None`` where there is none yet).
+
+        Where an id has no final decision but a pending one (status ``pending_llm``, its LLM
+        answer coming in a batch; see :meth:`RedisDecisionLedger.hold_pending`), that one.
+        """
         ...
 
     def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
         """Per message, its id's decision; :class:`IdReused` when made for another text.
 
         A decision recorded without a text hash counts as this text's (idempotent as before).
+        A pending decision counts as an answer here too (as in :meth:`get_many`): its message
+        is in a batch and must not be worked on again.
         """
         ...
 
@@ -280,7 +286,8 @@ class RedisDecisionLedger:
 
     Keys: ``{prefix}:decision-of:{id}`` (the record, with a TTL: the idempotency window),
     ``{prefix}:text-of:{id}`` (the SHA-256 of its text, with the same TTL), ``{stream}`` (the
-    stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes),
+    stream), ``{prefix}:reply:{id}`` (a wake-up list, five minutes), ``{prefix}:pending-of:{id}``
+    (a batch-mode message's pending decision, see :meth:`hold_pending`),
     ``{prefix}:dead-letters`` (a list of JSON objects with ``payload``, ``reason``, ``kind`` and
     ``at``, newest first, trimmed to ``dead_letters_maxlen``) and
     ``{prefix}:dead-letter-counts`` (a hash: kind -> dead letters written).
@@ -336,6 +343,29 @@ class RedisDecisionLedger:
     def reply_key(self, message_id: str) -> str:
         """The Redis list a waiter for ``message_id`` blocks on."""
         return f"{self.prefix}:reply:{message_id}"
+
+    def pending_key(self, message_id: str) -> str:
+        """The Redis key of a message id's pending decision (its LLM answer due in a batch)."""
+        return f"{self.prefix}:pending-of:{message_id}"
+
+    def hold_pending(self, decision: Decision) -> bool:
+        """Record ``decision`` (status ``pending_llm``) as its id's answer until the final one.
+
+        It is not delivered: not on the stream, no webhook, not cached. Lookups and waiters
+        see it until :meth:`deliver` records the final decision, which lookups then prefer.
+        Returns false, recording nothing, when the id already has a final decision.
+        """
+        with redis_errors_as_coordination_errors(self.client, "recording a pending decision"):
+            if self.client.exists(self.record_key(decision.id)):
+                return False
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(
+                self.pending_key(decision.id), decision.model_dump_json(), ex=self.record_ttl_s
+            )
+            pipe.rpush(self.reply_key(decision.id), "1")
+            pipe.expire(self.reply_key(decision.id), _REPLY_TTL_S)
+            pipe.execute()
+        return True
 
     @property
     def dead_letter_key(self) -> str:
@@ -456,18 +486,29 @@ class RedisDecisionLedger:
         """See :meth:`DecisionLedger.get_many`; one ``MGET``."""
         if not ids:
             return []
+        keys = [self.record_key(i) for i in ids] + [self.pending_key(i) for i in ids]
         with redis_errors_as_coordination_errors(self.client, "reading decisions"):
-            raw = self.client.mget([self.record_key(i) for i in ids])
-        return [Decision.model_validate_json(r) if r is not None else None for r in raw]
+            raw = self.client.mget(keys)
+        final, pending = raw[: len(ids)], raw[len(ids) :]
+        return [
+            Decision.model_validate_json(r) if r is not None else None
+            for r in (f if f is not None else p for f, p in zip(final, pending, strict=True))
+        ]
 
     def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
         """See :meth:`DecisionLedger.answers_for`; one ``MGET`` of records and text hashes."""
         if not messages:
             return []
+        count = len(messages)
         keys = [self.record_key(m.id) for m in messages] + [self.text_key(m.id) for m in messages]
+        keys += [self.pending_key(m.id) for m in messages]
         with redis_errors_as_coordination_errors(self.client, "reading decisions"):
             raw = self.client.mget(keys)
-        records, digests = raw[: len(messages)], raw[len(messages) :]
+        digests = raw[count : 2 * count]
+        records = [
+            final if final is not None else pending
+            for final, pending in zip(raw[:count], raw[2 * count :], strict=True)
+        ]
         return [
             _answer_for(message, record, digest)
             for message, record, digest in zip(messages, records, digests, strict=True)

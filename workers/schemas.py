@@ -124,11 +124,15 @@ class Status(StrEnum):
 
     ``answered``: the decision is final. ``deferred``: the policy's budget was spent and its
     fallback is deferral, so the message must be submitted again later; the label is the BERT
-    tier's provisional answer and the decision is not cached.
+    tier's provisional answer and the decision is not cached. ``pending_llm``: the policy
+    sends its LLM calls in batches (``llm.mode: batch``) and this message's is not answered yet;
+    the label is the BERT tier's, and the final decision follows (on the stream, by webhook,
+    at ``GET /v1/messages/{id}``) once its batch ends.
     """
 
     ANSWERED = "answered"
     DEFERRED = "deferred"
+    PENDING_LLM = "pending_llm"
 
 
 class LLMSkip(StrEnum):
@@ -146,16 +150,30 @@ class LLMSkip(StrEnum):
     INVALID_ANSWER = "invalid_answer"
 
 
+class LLMMode(StrEnum):
+    """How an LLM call was made.
+
+    ``online``: one request, answered at once. ``batch``: through the provider's batch API, at
+    its discount.
+    """
+
+    ONLINE = "online"
+    BATCH = "batch"
+
+
 class LLMUsage(BaseModel):
     """What the LLM calls made for one decision cost, whatever their outcome.
 
     ``attempts`` counts the calls made (a repair attempt and each provider tried count; the
     SDKs' own retries do not); tokens are as the provider reported them, summed over the calls
-    (a call that got no answer has none), and dollars come from the price table in settings (0
-    when the model has no price). ``provider`` and ``model`` are the ones that answered, or
-    that failed last. A decision that reuses an answer paid for elsewhere (a cache hit, or an
-    identical message in the same batch) carries :meth:`unpaid`: ``attempts == 0``, no tokens,
-    no cost.
+    (a call that got no answer has none). ``input_tokens`` counts every input token, of which
+    ``cached_input_tokens`` were read from the provider's prompt cache and
+    ``cache_write_tokens`` written to it (Anthropic); dollars are those token counts at the
+    price table's rates in settings, computed exactly and rounded once (0 when the model has
+    no price), at the batch discount when ``mode`` is ``batch``. ``provider`` and ``model``
+    are the ones that answered, or that failed last. A decision that reuses an answer paid for
+    elsewhere (a cache hit, or an identical message in the same batch) carries
+    :meth:`unpaid`: ``attempts == 0``, no tokens, no cost.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -163,13 +181,16 @@ class LLMUsage(BaseModel):
     provider: str
     model: str
     input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+    mode: LLMMode = LLMMode.ONLINE
 
     def unpaid(self) -> LLMUsage:
         """The same provider and model with no call, tokens or cost: for a reused answer."""
-        return LLMUsage(provider=self.provider, model=self.model, attempts=0)
+        return LLMUsage(provider=self.provider, model=self.model, attempts=0, mode=self.mode)
 
 
 class Decision(BaseModel):
@@ -216,6 +237,7 @@ class Decision(BaseModel):
 
 __all__ = [
     "Decision",
+    "LLMMode",
     "LLMSkip",
     "LLMUsage",
     "Message",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import (
     AliasChoices,
@@ -25,26 +27,115 @@ def _default_data_dir() -> Path:
 
 
 class Price(BaseModel):
-    """A model's price in US dollars per million tokens."""
+    """A model's list prices in US dollars per million tokens, and how to charge one call.
+
+    ``cached_input_per_mtok`` is the rate of input tokens read from the provider's prompt cache
+    (OpenAI "cached input", Anthropic "cache hits"); ``cache_write_per_mtok`` the rate of input
+    tokens written to it (Anthropic's 5-minute cache writes; OpenAI charges none). Either,
+    unset, is the plain input rate. ``batch_discount`` is the share taken off every rate for a
+    call made through the provider's batch API (0.5 at both OpenAI and Anthropic; 0 for a
+    model sold without one).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     input_per_mtok: NonNegativeFloat
     output_per_mtok: NonNegativeFloat
+    cached_input_per_mtok: NonNegativeFloat | None = None
+    cache_write_per_mtok: NonNegativeFloat | None = None
+    batch_discount: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        """Dollars for one call with this usage."""
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+    def exact_cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        batch: bool = False,
+    ) -> Decimal:
+        """Dollars for one call, exactly (decimal arithmetic on the rates as written).
+
+        ``input_tokens`` counts every input token of the call, of which ``cached_input_tokens``
+        were read from the prompt cache and ``cache_write_tokens`` written to it; the rest are
+        charged at the input rate (never fewer than none, whatever a server reports).
+        """
+        cached = _rate(self.cached_input_per_mtok, self.input_per_mtok)
+        write = _rate(self.cache_write_per_mtok, self.input_per_mtok)
+        plain = max(0, input_tokens - cached_input_tokens - cache_write_tokens)
+        dollars = (
+            plain * _decimal(self.input_per_mtok)
+            + cached_input_tokens * cached
+            + cache_write_tokens * write
+            + output_tokens * _decimal(self.output_per_mtok)
+        ) / _MILLION
+        if batch:
+            dollars *= 1 - _decimal(self.batch_discount)
+        return dollars
+
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        batch: bool = False,
+    ) -> float:
+        """:meth:`exact_cost` rounded once to the nearest float."""
+        return float(
+            self.exact_cost(
+                input_tokens,
+                output_tokens,
+                cached_input_tokens=cached_input_tokens,
+                cache_write_tokens=cache_write_tokens,
+                batch=batch,
+            )
+        )
 
 
-# Published list prices (USD per million tokens) of common small models; override or extend
+_MILLION = Decimal(1_000_000)
+
+
+def _decimal(rate: float) -> Decimal:
+    """A rate as the decimal it was written as (``0.15``, not the float's binary expansion)."""
+    return Decimal(repr(rate))
+
+
+def _rate(rate: float | None, fallback: float) -> Decimal:
+    return _decimal(fallback if rate is None else rate)
+
+
+# Published list prices (USD per million tokens) of common small models: input, cached input,
+# 5-minute cache write (Anthropic), output, and the batch API's discount. Override or extend
 # with TIERGATE_LLM_PRICES='{"my-model": {"input_per_mtok": 0.1, "output_per_mtok": 0.4}}'.
+# OpenAI caches automatically at no write charge: a cached token costs half the input rate for
+# gpt-4o-mini and a quarter for the gpt-4.1 family. Anthropic: cache reads 0.1x and 5-minute
+# cache writes 1.25x the input rate.
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
-    "gpt-4.1-mini": Price(input_per_mtok=0.40, output_per_mtok=1.60),
-    "gpt-4.1-nano": Price(input_per_mtok=0.10, output_per_mtok=0.40),
-    "claude-haiku-4-5": Price(input_per_mtok=1.00, output_per_mtok=5.00),
-    "claude-3-5-haiku-latest": Price(input_per_mtok=0.80, output_per_mtok=4.00),
+    "gpt-4o-mini": Price(
+        input_per_mtok=0.15, cached_input_per_mtok=0.075, output_per_mtok=0.60, batch_discount=0.5
+    ),
+    "gpt-4.1-mini": Price(
+        input_per_mtok=0.40, cached_input_per_mtok=0.10, output_per_mtok=1.60, batch_discount=0.5
+    ),
+    "gpt-4.1-nano": Price(
+        input_per_mtok=0.10, cached_input_per_mtok=0.025, output_per_mtok=0.40, batch_discount=0.5
+    ),
+    "claude-haiku-4-5": Price(
+        input_per_mtok=1.00,
+        cached_input_per_mtok=0.10,
+        cache_write_per_mtok=1.25,
+        output_per_mtok=5.00,
+        batch_discount=0.5,
+    ),
+    "claude-3-5-haiku-latest": Price(
+        input_per_mtok=0.80,
+        cached_input_per_mtok=0.08,
+        cache_write_per_mtok=1.00,
+        output_per_mtok=4.00,
+        batch_discount=0.5,
+    ),
 }
 
 
@@ -130,7 +221,14 @@ class Settings(BaseSettings):
     )
     llm_prices: dict[str, Price] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES),
-        description="USD per million input and output tokens, keyed by model name.",
+        description="USD per million input, cached input, cache-write and output tokens, and "
+        "the batch discount, keyed by model name.",
+    )
+    llm_prompt_caching: bool = Field(
+        default=True,
+        description="Use the providers' prompt caches: a stable prompt_cache_key per policy "
+        "version for OpenAI, cache_control on the static prefix for Anthropic when it is long "
+        "enough for the model.",
     )
     redact_pii: bool = Field(
         default=True,
@@ -161,8 +259,30 @@ class Settings(BaseSettings):
 
     @property
     def resolved_model_dir(self) -> Path:
-        """The model directory to load: ``model_dir`` if set, else the default model's."""
+        """The model to serve while no version is promoted: ``model_dir``, else the default."""
         return self.model_dir if self.model_dir is not None else self.default_model_dir
+
+    # --- model versions (promotion, rollback, shadow)
+    model_store: Path | None = Field(
+        default=None,
+        description="Where model versions live, one directory each (default "
+        "<data_dir>/models/versions). Every worker and gateway must reach the same directory "
+        "(a shared volume); the version serving is a pointer in Redis (or a file here).",
+    )
+    model_check_interval_s: NonNegativeFloat = Field(
+        default=1.0,
+        description="How often a serving process checks, between batches, whether another "
+        "model version was promoted (one Redis GET, or a file stat in embedded mode).",
+    )
+
+    @property
+    def resolved_model_store(self) -> Path:
+        """The directory of model versions: ``model_store``, else <data_dir>/models/versions."""
+        return (
+            self.model_store
+            if self.model_store is not None
+            else self.data_dir / "models" / "versions"
+        )
 
     # --- distributed mode: Celery, the decisions stream and the HTTP gateway
     broker_url: str | None = Field(
@@ -188,6 +308,11 @@ class Settings(BaseSettings):
     )
     llm_worker_threads: PositiveInt = Field(
         default=32, description="Concurrent LLM requests per LLM worker (thread pool)."
+    )
+    llm_batch_poll_s: PositiveFloat = Field(
+        default=30.0,
+        description="LLM workers: seconds between looks for batches due to be sent or ended "
+        "(policies with llm.mode: batch).",
     )
     visibility_timeout_s: PositiveInt = Field(
         default=3600,

@@ -5,8 +5,9 @@ reported on standard error and as an ``error`` line in the output, in place); 2 
 error (bad arguments, a missing or corrupt model, an unreadable file), when nothing is answered.
 
 One module per command or group of commands, registered below: ``classify``, ``submit``,
-``train``, ``tuning`` (``calibrate``, ``eval``), ``model``, ``service`` (``worker``,
-``serve``), ``dead_letters``, ``policy`` and ``demo``. What several of them share lives in
+``train``, ``tuning`` (``calibrate``, ``eval``), ``distill``, ``model``, ``service`` (``worker``,
+``serve``), ``dead_letters``, ``policy``, ``demo``, ``feedback`` and ``labels`` (``stats``,
+``export``), ``batches`` (``list``). What several of them share lives in
 ``errors`` (exit codes, standard error, usage errors), ``inputs`` (records into messages),
 ``output`` (JSON lines, the decision table), ``tally`` (the closing summary) and ``embedded``
 (the in-process cascade).
@@ -20,9 +21,13 @@ from typing import Annotated
 import typer
 
 from tiergate.gateway.cli import (
+    batches,
     classify,
     dead_letters,
     demo,
+    distill,
+    feedback,
+    labels,
     model,
     policy,
     service,
@@ -64,14 +69,18 @@ def _configure(
 app.command()(classify.classify)
 app.command()(train.train)
 app.command()(tuning.calibrate)
+app.command()(distill.distill)
 app.command("eval")(tuning.evaluate)
 app.command()(service.worker)
 app.command()(service.serve)
 app.command()(submit.submit)
 app.command()(demo.demo)
+app.command()(feedback.feedback)
 app.add_typer(model.model_app, name="model")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(dead_letters.dead_letters_app, name="dead-letters")
+app.add_typer(labels.labels_app, name="labels")
+app.add_typer(batches.batches_app, name="batches")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tiergate.gateway.cli.embedded import (
     MODEL_OPTION,
-    load_classifier,
+    load_serving_classifier,
     open_cascade_or_exit,
     settings_with_policies,
 )
@@ -69,7 +69,9 @@ def classify(
     settings = settings_with_policies(policy)
     if texts:
         argument_messages(texts)  # reject empty texts before loading anything
-        cascade = open_cascade_or_exit(settings, load_classifier(settings, model), use_cache=cache)
+        cascade = open_cascade_or_exit(
+            settings, load_serving_classifier(settings, model), use_cache=cache
+        )
         _classify_arguments(texts, cascade, output_file, table=table)
         return
 
@@ -80,7 +82,9 @@ def classify(
     data = sys.stdin.buffer.read() if path is None else guarded(lambda: read_bytes(path))
     layout = fmt or detect_format(path, data[:64])
     source = "standard input" if path is None else str(path)
-    cascade = open_cascade_or_exit(settings, load_classifier(settings, model), use_cache=cache)
+    cascade = open_cascade_or_exit(
+        settings, load_serving_classifier(settings, model), use_cache=cache
+    )
     tally = Tally()
     rows: list[tuple[Message, Decision]] = []
     started = time.perf_counter()

@@ -10,6 +10,7 @@ import typer
 from tiergate.gateway.cli.errors import guarded, warn
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.classifier import BertClassifier
+from tiergate.workers.bert.serving import ServingClassifier
 from tiergate.workers.cascade import (
     Cascade,
     PolicyBook,
@@ -35,6 +36,19 @@ def load_classifier(settings: Settings, model: Path | None) -> BertClassifier:
     return guarded(lambda: BertClassifier.from_settings(settings, model))
 
 
+def load_serving_classifier(
+    settings: Settings, model: Path | None
+) -> BertClassifier | ServingClassifier:
+    """The BERT tier over ``model`` when given, else over the deployment's current version.
+
+    The current version is followed between batches as a worker follows it: a promotion
+    during a long file applies from the next batch on. A bad model exits 2.
+    """
+    if model is not None:
+        return load_classifier(settings, model)
+    return guarded(lambda: ServingClassifier.from_settings(settings))
+
+
 def warn_no_provider(spec: PolicySpec) -> None:
     """The CLI's warning line for a policy whose LLM tier has no provider."""
     warn(no_provider_warning(spec))
@@ -42,7 +56,7 @@ def warn_no_provider(spec: PolicySpec) -> None:
 
 def policy_book_or_exit(
     settings: Settings,
-    classifier: BertClassifier,
+    classifier: BertClassifier | ServingClassifier,
     *,
     on_no_provider: Callable[[PolicySpec], None] = warn_no_provider,
 ) -> PolicyBook:
@@ -61,7 +75,10 @@ def policy_book_or_exit(
 
 
 def open_cascade_or_exit(
-    settings: Settings, classifier: BertClassifier, *, use_cache: bool = True
+    settings: Settings,
+    classifier: BertClassifier | ServingClassifier,
+    *,
+    use_cache: bool = True,
 ) -> Cascade:
     """The cascade of :func:`~tiergate.workers.cascade.open_cascade` over ``classifier``.
 

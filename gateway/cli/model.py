@@ -1,18 +1,29 @@
-"""``tiergate model build-default`` and ``tiergate model info``: the model directories."""
+"""``tiergate model``: build and inspect model directories, and manage model versions.
+
+``build-default`` and ``info`` work on directories; ``add``, ``list``, ``shadow``, ``status``,
+``promote`` and ``rollback`` on the version store and the pointers every worker follows
+(:mod:`tiergate.workers.bert.versions`).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tiergate.gateway.cli.errors import err, guarded
+from tiergate.gateway.cli.errors import err, fail, guarded, warn
 from tiergate.gateway.cli.train import print_card, run_training
 from tiergate.workers.settings import Settings
 
-model_app = typer.Typer(help="Build and inspect model directories.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from tiergate.workers.bert.versions import ModelVersions
+
+model_app = typer.Typer(
+    help="Build and inspect model directories; add, shadow, promote and roll back versions.",
+    no_args_is_help=True,
+)
 
 
 @model_app.command("build-default")
@@ -83,3 +94,112 @@ def model_info(
     card_path = directory / CARD_FILE
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     print(json.dumps({"manifest": manifest.model_dump(mode="json"), "card": card}, indent=2))
+
+
+# ------------------------------------------------------------------------------- versions
+
+
+def _versions(settings: Settings) -> ModelVersions:
+    from tiergate.workers.bert.versions import ModelVersions  # noqa: PLC0415
+
+    return ModelVersions.from_settings(settings)
+
+
+@model_app.command("add")
+def model_add(
+    model: Annotated[Path, typer.Argument(help="A built model directory (train or distill).")],
+) -> None:
+    """Copy a model directory into the version store (verified first); print its version."""
+    versions = _versions(Settings())
+    version = guarded(lambda: versions.add(model))
+    print(version)
+    err.print(f"added to {versions.store}; `tiergate model promote {version}` serves it")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the versions in the store, oldest first, with their role (current, shadow...)."""
+    versions = _versions(Settings())
+    pointers = guarded(versions.pointers.read)
+    for version in guarded(versions.versions):
+        roles = []
+        if version == pointers.current:
+            roles.append("current")
+        if version == pointers.shadow:
+            roles.append("shadow")
+        if version in pointers.previous:
+            roles.append(f"previous {pointers.previous.index(version) + 1}")
+        print(f"{version}\t{', '.join(roles)}".rstrip())
+
+
+@model_app.command("shadow")
+def model_shadow(
+    version: Annotated[str | None, typer.Argument(help="The candidate version.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Stop scoring a candidate.")] = False,
+) -> None:
+    """Score live traffic with a candidate beside the current model, changing no decision."""
+    versions = _versions(Settings())
+    if clear == (version is not None):
+        raise fail("give a VERSION to shadow, or --clear")
+    if version is None:
+        guarded(versions.clear_shadow)
+        err.print("no shadow candidate now")
+        return
+    guarded(lambda: versions.shadow(version))
+    err.print(f"{version} scores live traffic in shadow; `tiergate model status` shows how")
+
+
+@model_app.command("status")
+def model_status() -> None:
+    """Show the current model, the previous ones, the candidate, its shadow figures and gate."""
+    from tiergate.workers.bert.shadow import open_shadow_tally  # noqa: PLC0415
+    from tiergate.workers.bert.versions import gate  # noqa: PLC0415
+
+    settings = Settings()
+    versions = _versions(settings)
+    pointers = guarded(versions.pointers.read)
+    status: dict[str, Any] = {
+        "store": str(versions.store),
+        "current": pointers.current,
+        "serving_dir": str(versions.current_dir()),
+        "previous": list(pointers.previous),
+        "candidate": pointers.shadow,
+    }
+    if pointers.shadow is not None:
+        figures = guarded(lambda: open_shadow_tally(settings).read(pointers.shadow or ""))
+        status["shadow"] = {
+            policy: {
+                **f.model_dump(),
+                "agreement": f.agreement,
+                "would_llm_share": f.would_llm_share,
+                "live_llm_share": f.live_llm_share,
+            }
+            for policy, f in figures.items()
+        }
+        result = gate(guarded(lambda: versions.card(pointers.shadow or "")))
+        status["gate"] = {"passed": result.passed, "reasons": result.reasons}
+    status["audit"] = [entry.model_dump(mode="json") for entry in guarded(versions.audit)[-10:]]
+    print(json.dumps(status, indent=2))
+
+
+@model_app.command("promote")
+def model_promote(
+    version: Annotated[str, typer.Argument(help="The version to serve.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the gate refuses (logged).")
+    ] = False,
+) -> None:
+    """Serve VERSION everywhere, between two batches, if its card passes the gate."""
+    versions = _versions(Settings())
+    result = guarded(lambda: versions.promote(version, force=force))
+    if not result.passed:
+        warn(f"promoted by force despite: {'; '.join(result.reasons)}")
+    err.print(f"{version} is current; every worker loads it before its next batch")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Return to the version served before the current one, the same way."""
+    versions = _versions(Settings())
+    version = guarded(versions.rollback)
+    err.print(f"rolled back: {version} is current; every worker loads it before its next batch")

@@ -25,6 +25,7 @@ from tiergate.gateway.http.metrics import GatewayMetrics
 from tiergate.gateway.http.middleware import RequestContextMiddleware
 from tiergate.gateway.http.routes import Gateway, router
 from tiergate.workers.cascade import Cascade
+from tiergate.workers.labels import Corrections
 from tiergate.workers.ledger import DecisionLedger
 from tiergate.workers.logs import configure_logging
 from tiergate.workers.settings import Settings
@@ -48,10 +49,14 @@ def create_app(
     keyring = KeyRing(settings.api_keys)
     metrics = GatewayMetrics()
     backend: Backend
+    corrections: Corrections
     if settings.broker_url:
         if client is None:
             raise ValueError("distributed mode (TIERGATE_BROKER_URL is set) needs a Dispatcher")
         backend = _DistributedBackend(settings, client, metrics)
+        # The workers record decisions in the Redis label store; corrections go straight there.
+        shared = settings.redis_url is not None
+        corrections = Corrections.from_settings(settings) if shared else Corrections(None, None)
     else:
         if cascade is None:
             cascade = _build_embedded_cascade(settings)
@@ -60,6 +65,7 @@ def create_app(
 
             ledger = open_ledger(settings)
         backend = _EmbeddedBackend(settings, cascade, ledger, metrics)
+        corrections = Corrections(cascade.labels, cascade.cache)
     metrics.watch(
         budget_remaining=backend.budget_readings,
         queue_depths=backend.queue_depths,
@@ -80,7 +86,7 @@ def create_app(
         summary="A tiered text-classification gateway: a BERT tier, an LLM for the hard cases.",
         lifespan=lifespan,
     )
-    app.state.tiergate = Gateway(settings, keyring, backend, metrics)
+    app.state.tiergate = Gateway(settings, keyring, backend, metrics, corrections)
     app.include_router(router)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics
@@ -123,8 +129,8 @@ def app_from_environment() -> FastAPI:
 
 
 def _build_embedded_cascade(settings: Settings) -> Cascade:
-    from tiergate.workers.bert.classifier import BertClassifier  # noqa: PLC0415 -- loads ONNX Runtime
     from tiergate.workers.bert.scheduling import StepScheduler  # noqa: PLC0415
+    from tiergate.workers.bert.serving import ServingClassifier  # noqa: PLC0415 -- loads ONNX Runtime
     from tiergate.workers.cascade import open_cascade  # noqa: PLC0415
 
     # Concurrent micro-batches share one session, taking turns step by step. By default its
@@ -132,7 +138,8 @@ def _build_embedded_cascade(settings: Settings) -> Cascade:
     # wait for each other at every operator, and a second step runs beside a long one.
     threads = settings.intra_op_threads
     slots = min(threads, settings.gateway_parallel_steps or threads)
-    classifier = BertClassifier.from_settings(
+    # The deployment's current model version, switched between micro-batches on promotion.
+    classifier = ServingClassifier.from_settings(
         settings.model_copy(update={"intra_op_threads": max(1, threads // slots)}),
         scheduler=StepScheduler(settings.gateway_step_tokens, slots=slots),
     )

@@ -2,8 +2,10 @@
 
 Counted as they happen: HTTP requests (by route template, method and status) and their
 latency; decisions (by policy, tier and reason), LLM fallbacks (by why), cache lookups and
-hits (the hit ratio is ``hits / lookups``), LLM tokens and dollars (fresh answers only, not
-cached ones), per-step latency from each decision's ``timings_ms``, and micro-batch sizes.
+hits (the hit ratio is ``hits / lookups``), LLM tokens, the input tokens of those served from
+or written to the provider's prompt cache, and dollars by mode (online or batch; fresh answers
+only, not cached decisions), per-step latency from each decision's ``timings_ms``, and
+micro-batch sizes.
 
 Read on each scrape: the LLM budget left per policy, the depth of each work queue and the dead
 letters written by kind (counted where they are written, in Redis for a distributed deployment,
@@ -195,10 +197,17 @@ class GatewayMetrics:
             ["provider", "model", "direction"],
             registry=registry,
         )
+        self.llm_prompt_cache_tokens = Counter(
+            "tiergate_llm_prompt_cache_tokens",
+            "Input tokens of fresh LLM answers read from (use=read) or written to (use=write) "
+            "the provider's prompt cache; part of tiergate_llm_tokens{direction=input}.",
+            ["provider", "model", "use"],
+            registry=registry,
+        )
         self.llm_cost = Counter(
             "tiergate_llm_cost_usd",
-            "US dollars spent on fresh LLM answers, by provider and model.",
-            ["provider", "model"],
+            "US dollars spent on fresh LLM answers, by provider, model and mode (online, batch).",
+            ["provider", "model", "mode"],
             registry=registry,
         )
         self.step_seconds = Histogram(
@@ -250,7 +259,16 @@ class GatewayMetrics:
                 self.llm_tokens.labels(usage.provider, usage.model, "output").inc(
                     usage.output_tokens
                 )
-                self.llm_cost.labels(usage.provider, usage.model).inc(usage.cost_usd)
+                cache_tokens = self.llm_prompt_cache_tokens
+                cache_tokens.labels(usage.provider, usage.model, "read").inc(
+                    usage.cached_input_tokens
+                )
+                cache_tokens.labels(usage.provider, usage.model, "write").inc(
+                    usage.cache_write_tokens
+                )
+                self.llm_cost.labels(usage.provider, usage.model, usage.mode.value).inc(
+                    usage.cost_usd
+                )
             for step in DECISION_STEPS:
                 milliseconds = decision.timings_ms.get(step)
                 if milliseconds is not None:

@@ -8,8 +8,12 @@
 - Both answer a message whose id was answered before for the same text with that decision, and
   one whose id was answered for another text with 409 naming the id.
 - ``GET /v1/messages/{id}``: a delivered decision; 202 while it is pending (when the gateway
-  can tell), else 404.
+  can tell), else 404. A batch-mode policy's message waiting for its batch answers 202 with
+  its BERT decision (status ``pending_llm``); ``POST /v1/classify`` answers such a message at
+  once with that decision, and the final one follows on the stream, by webhook and here.
 - ``GET /v1/policies``: the loaded policies the caller's key may use.
+- ``POST /v1/feedback``: a person's correction of a decision by its message id (for a policy
+  that collects labels); it outranks the LLM's label and clears the cached decision.
 - ``POST /v1/moderations``: the OpenAI moderation endpoint's request and response shape over
   a multi-label policy, so an existing moderation client switches by its base URL.
 - ``GET /healthz`` (the process runs), ``GET /readyz`` (model loaded, Redis and broker
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -40,6 +44,8 @@ from tiergate.gateway.http.types import (
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     FieldError,
     HealthResponse,
     MessageBatch,
@@ -54,9 +60,10 @@ from tiergate.gateway.http.types import (
 )
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.cascade import PolicyBook
-from tiergate.workers.errors import UnknownPolicyError
+from tiergate.workers.errors import LabelNotInPolicyError, UnknownDecisionError, UnknownPolicyError
+from tiergate.workers.labels import Corrections
 from tiergate.workers.ledger import IdReused
-from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.schemas import Decision, Message, Status
 from tiergate.workers.settings import Settings
 
 # Where a message's field sits in a request body: (message index, field name) -> path.
@@ -73,6 +80,7 @@ class Gateway:
     keyring: KeyRing
     backend: Backend
     metrics: GatewayMetrics
+    corrections: Corrections = field(default_factory=lambda: Corrections(None, None))
 
 
 # The dependencies are coroutines on purpose: FastAPI runs a plain function dependency in its
@@ -169,6 +177,8 @@ async def get_message(
     # so a key cannot probe which ids exist elsewhere.
     if found is None or not grant.allows(found.policy):
         raise GatewayError(404, "no decision for this message id", id=message_id)
+    if found.status is Status.PENDING_LLM:  # its LLM answer is due in a batch
+        return JSONResponse(found.model_dump(mode="json"), status_code=202)
     return found
 
 
@@ -236,6 +246,44 @@ async def moderate(
         id=f"modr-{uuid.uuid4().hex}",
         model=spec.name,
         results=[_moderation_result(spec, d) for d in decisions],
+    )
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    responses=error_responses(401, 403, 404, 422, 503),
+    summary="Correct a decision: a person's label for a message id",
+)
+async def feedback(body: FeedbackRequest, gateway: GatewayDep, grant: GrantDep) -> FeedbackResponse:
+    """Store a person's label for a decision; the next identical text is decided afresh.
+
+    404 for an id with no collected decision, 422 for a label outside its policy.
+    """
+    if (body.label is None) == (body.labels is None):
+        raise GatewayError(422, "give either label or labels (one of them)", field="label")
+    labels = [body.label] if body.label is not None else list(body.labels or [])
+    corrections = gateway.corrections
+    try:
+        seen = await anyio.to_thread.run_sync(corrections.observation, body.id)
+        if not grant.allows(seen.policy):
+            raise GatewayError(
+                403, f"this API key may not use policy {seen.policy!r}", policy=seen.policy
+            )
+        example = await anyio.to_thread.run_sync(corrections.correct, body.id, labels, body.source)
+    except UnknownDecisionError as exc:
+        raise GatewayError(404, str(exc), id=body.id) from None
+    except LabelNotInPolicyError as exc:
+        where = "label" if body.label is not None else "labels"
+        raise GatewayError(422, str(exc), field=where, policy=exc.policy) from None
+    return FeedbackResponse(
+        id=body.id,
+        policy=example.policy,
+        policy_version=example.policy_version,
+        model_version=example.model_version,
+        labels=example.labels,
+        source=example.source,
+        time=example.time,
     )
 
 

@@ -108,6 +108,43 @@ class ModerationResponse(BaseModel):
     results: list[ModerationResult]
 
 
+class FeedbackRequest(BaseModel):
+    """A person's correction of one decision, by its message ``id``.
+
+    Give ``label`` (the right label) or ``labels`` (a multi-label policy's flags; ``[]`` when
+    none applies), not both; ``source`` says who corrects (an agent's or moderator's id).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[StrictStr, Field(min_length=1, max_length=256)]
+    label: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    labels: (
+        Annotated[
+            list[Annotated[StrictStr, Field(min_length=1, max_length=128)]], Field(max_length=1000)
+        ]
+        | None
+    ) = None
+    source: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+
+
+class FeedbackResponse(BaseModel):
+    """The corrected example as now stored (its text is not echoed).
+
+    ``labels`` are the person's; ``source`` is ``person:<source>``; ``time`` is when the
+    correction was stored (unix seconds). The cached decision of the text was deleted, so the
+    next identical message is decided afresh.
+    """
+
+    id: str
+    policy: str
+    policy_version: str | None
+    model_version: str
+    labels: list[str]
+    source: str
+    time: float
+
+
 class HealthResponse(BaseModel):
     """The process is up."""
 

@@ -328,3 +328,112 @@ def test_imbalanced_trains_with_and_without_balanced_weights_on_one_split(imbala
         assert imbalanced["test_macro_f1"][name] == run["test_macro_f1"]
         assert fraction(run["test_macro_f1"])
         assert fraction(run["test_accuracy"])
+
+
+# ---------------------------------------------------------------------------------- flywheel
+
+
+@pytest.fixture(scope="module")
+def flywheel(trained_model, held_out, tmp_path_factory):
+    """``bench/flywheel.py --quick``'s results: the held-out split as gold set, stream and tests."""
+    output = tmp_path_factory.mktemp("flywheel") / "flywheel.json"
+    return quick_run("flywheel", trained_model.directory, held_out, output)
+
+
+def test_flywheel_streams_every_message_through_both_runs(flywheel):
+    """Both runs count every streamed message once, and their first window is the same model's."""
+    assert flywheel["quick"] is True
+    assert flywheel["simulated_llm"]["simulated"] is True
+    runs = flywheel["runs"]
+    assert set(runs) == {"simulated_llm", "people"}
+    streamed = sum(flywheel["data"]["stream"].values())
+    for name, run in runs.items():
+        windows = run["windows"]
+        assert sum(w["messages"] for w in windows) == run["messages"] == streamed, name
+        assert sum(w["llm_calls"] for w in windows) == run["llm_calls"], name
+        for window in windows:
+            assert window["llm_share"] == round(window["llm_calls"] / window["messages"], 5)
+            assert fraction(window["accuracy"]), name
+        assert run["llm_share_first_window"] == windows[0]["llm_share"]
+        assert run["llm_share_last_window"] == windows[-1]["llm_share"]
+        saved = 1 - run["llm_calls"] / run["messages"]
+        assert run["llm_calls_saved_vs_llm_only"] == pytest.approx(saved, abs=1e-5)
+        for model in ("first_model", "last_model"):
+            assert fraction(run["test"][model]["matched_accuracy_llm_share"]), (name, model)
+    # no distillation before the first window ends: both runs served it with the first model
+    assert runs["simulated_llm"]["windows"][0] == runs["people"]["windows"][0]
+    assert flywheel["llm_share_first_window"] == runs["simulated_llm"]["llm_share_first_window"]
+
+
+def test_flywheel_distills_after_every_n_new_labels_and_promotes_only_through_the_gate(flywheel):
+    """A round per 60 new labels on its run's labels; the candidate serves iff it passed."""
+    every = flywheel["settings"]["distill"]["every_new_labels"]
+    for name, run in flywheel["runs"].items():
+        rounds = run["distillations_detail"]
+        assert len(rounds) == run["llm_calls"] // every, name
+        assert [r["labels"] for r in rounds] == [every * (i + 1) for i in range(len(rounds))]
+        kind = "llm" if name == "simulated_llm" else "person"
+        for record in rounds:
+            sources = record["sources"]
+            assert sources[kind] + record["held_out"] == record["labels"], name
+            assert sources["llm" if kind == "person" else "person"] == 0, name
+            assert sources["training_file"] == flywheel["settings"]["first_model"]["examples"]
+            expected = (
+                record["candidate"]["model_version"]
+                if record["gate_passed"]
+                else (record["serving_before"])
+            )
+            assert record["serving_after"] == expected, name
+        assert run["promotions"] == sum(r["gate_passed"] for r in rounds)
+
+
+@pytest.fixture(scope="module")
+def llm_cost(tmp_path_factory):
+    """``bench/llm_cost.py --quick``'s results (it runs no BERT model and reads no split)."""
+    folder = tmp_path_factory.mktemp("llm_cost")
+    return quick_run("llm_cost", folder / "no-model", folder / "no-split.jsonl", folder / "r.json")
+
+
+def test_llm_cost_prices_every_message_once_per_mode(llm_cost):
+    """Each provider answers every message once uncached, once cached and once per batch pass."""
+    assert llm_cost["quick"] is True
+    assert set(llm_cost["providers"]) == {"openai", "anthropic"}
+    for name, figures in llm_cost["providers"].items():
+        uncached, cached = figures["online_uncached"], figures["online_cached"]
+        assert uncached["calls"] == cached["calls"] == llm_cost["messages"], name
+        assert uncached["cached_input_tokens"] == uncached["cache_write_tokens"] == 0, name
+        assert cached["input_tokens"] == uncached["input_tokens"], name
+        for mode in ("batch", "batch_uncached"):
+            assert figures[mode]["calls"] == llm_cost["messages"], (name, mode)
+            assert figures[mode]["input_tokens"] == uncached["input_tokens"], (name, mode)
+
+
+def test_llm_cost_batches_meet_the_target_at_list_prices(llm_cost):
+    """Batch mode costs at least 50% less than online uncached; the discount alone is 50%."""
+    for name, figures in llm_cost["providers"].items():
+        assert figures["meets_batch_target"], (name, figures["reduction_in_batches"])
+        assert figures["reduction_in_batches"] >= figures["target_reduction_in_batches"], name
+        assert figures["reduction_in_batches_uncached"] == pytest.approx(0.5, abs=1e-3), name
+        assert figures["cost_per_1k_batch"] <= figures["cost_per_1k_batch_uncached"], name
+
+
+def test_llm_cost_figures_add_up(llm_cost):
+    """Per-1,000 costs, the reduction and the cached share follow from the totals."""
+    messages = llm_cost["messages"]
+    for name, figures in llm_cost["providers"].items():
+        uncached, cached = figures["online_uncached"], figures["online_cached"]
+        for mode, run in (("uncached", uncached), ("cached", cached)):
+            per_1k = figures[f"cost_per_1k_online_{mode}"]
+            assert per_1k == pytest.approx(1000 * run["cost_usd"] / messages, rel=1e-3), name
+        reduction = 1 - cached["cost_usd"] / uncached["cost_usd"]
+        assert figures["reduction_with_caching"] == pytest.approx(reduction, abs=1e-3), name
+        share = cached["cached_input_tokens"] / cached["input_tokens"]
+        assert figures["cached_input_token_share"] == pytest.approx(share, abs=1e-4), name
+        assert fraction(figures["cached_input_token_share"]), name
+
+
+def test_llm_cost_caching_meets_the_targets_at_list_prices(llm_cost):
+    """Caching lowers the cost per escalated message by 40% at OpenAI's and 60% at Anthropic's."""
+    for name, figures in llm_cost["providers"].items():
+        assert figures["meets_target"], (name, figures["reduction_with_caching"])
+        assert figures["reduction_with_caching"] >= figures["target_reduction"], name

@@ -636,3 +636,45 @@ def test_the_command_check_catches_a_wrong_command(argv):
     """The CLI cross-check rejects an unknown command, option or queue, and a bare group."""
     with pytest.raises((AssertionError, typer.exceptions.TyperException)):
         _parse_cli(argv)
+
+
+def test_model_versions_volume_is_mounted_at_the_store_path_everywhere():
+    """Every tiergate service and pod mounts the shared versions volume at TIERGATE_MODEL_STORE."""
+    compose = _compose()
+    for name, service in compose["services"].items():
+        if "tiergate" not in str(service.get("image", "")):
+            continue
+        store = service["environment"]["TIERGATE_MODEL_STORE"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+        assert mounts.get(store) == "model-versions", f"compose {name} lacks the versions volume"
+    assert "model-versions" in compose["volumes"]
+    writers = [
+        name
+        for name, service in compose["services"].items()
+        if "model-versions:/model-versions" in service.get("volumes", [])
+    ]
+    assert writers, "some service must be able to add versions"
+
+    (configmap,) = [obj for obj in _base_objects() if obj["kind"] == "ConfigMap"]
+    store = configmap["data"]["TIERGATE_MODEL_STORE"]
+    (claim,) = [
+        obj
+        for obj in _base_objects()
+        if obj["kind"] == "PersistentVolumeClaim"
+        and obj["metadata"]["name"] == "tiergate-model-versions"
+    ]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name, deployment in _deployments().items():
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in volumes
+            if "persistentVolumeClaim" in v
+        }
+        for container in _containers(deployment):
+            mounted = {m["mountPath"]: claims.get(m["name"]) for m in container["volumeMounts"]}
+            assert mounted.get(store) == "tiergate-model-versions", f"{name} lacks the volume"
+            # A worker loads its model from the other PVC as well: that must be mounted too.
+            model_dir = configmap["data"]["TIERGATE_MODEL_DIR"]
+            if name != "tiergate-gateway":
+                assert any(model_dir.startswith(path + "/") for path in mounted), name

@@ -254,7 +254,8 @@ def moderation_gateway(
     """A keyed gateway over the multi-label tiny model, so that every route can answer 200.
 
     ``moderation`` (the default; ``KEY_LIMITED`` may use only it) sends borderline labels to
-    the LLM; ``strict-moderation`` lets every BERT verdict stand.
+    the LLM; ``strict-moderation`` lets every BERT verdict stand. Both collect labels, so
+    ``POST /v1/feedback`` can answer 200 too.
     """
     tmp_path = tmp_path_factory.mktemp("moderation")
     labels = [{"name": n, "description": f"{n} in a comment"} for n in MODERATION_LABELS]
@@ -264,9 +265,15 @@ def moderation_gateway(
         multi_label=True,
         labels=labels,
         escalation={"flag_threshold": 0.5, "band": {"low": 0.2, "high": 0.8}},
+        learning={"collect": True},
     )
     strict = write_policy(
-        tmp_path, "strict-moderation", multi_label=True, labels=labels, escalation={}
+        tmp_path,
+        "strict-moderation",
+        multi_label=True,
+        labels=labels,
+        escalation={},
+        learning={"collect": True},
     )
     gateway: Gateway = make_shared_gateway(
         model=tiny_multi_label_model, policies=[moderation, strict]

@@ -21,6 +21,8 @@ from tests.security.conftest import KEY_ALL, KEY_LIMITED, KEY_WRONG
 OPEN_ROUTES = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
+# Corrections name no policy: they give the id of a decision made under one.
+FEEDBACK = "/v1/feedback"
 # Bodies that name the policy the limited key may not use, per route that takes a body.
 NAMING_ANOTHER_POLICY = {
     "/v1/classify": {"text": "a comment", "policy": "strict-moderation"},
@@ -107,7 +109,9 @@ def test_a_key_limited_to_one_policy_gets_403_on_every_route_that_names_another(
     """Every body route naming a policy the key may not use answers 403 naming that policy."""
     gateway = moderation_gateway
     posts = {template for method, template, _ in route_requests(gateway.app) if method == "POST"}
-    assert posts == set(NAMING_ANOTHER_POLICY), "a new body route: add how it names a policy"
+    assert posts == {*NAMING_ANOTHER_POLICY, FEEDBACK}, (
+        "a new body route: add how it names a policy"
+    )
     for path, body in NAMING_ANOTHER_POLICY.items():
         allowed = {**body, "policy" if "policy" in body else "model": "moderation"}
         assert gateway.post(path, json=allowed, key=KEY_LIMITED).status_code in {200, 202}
@@ -115,6 +119,21 @@ def test_a_key_limited_to_one_policy_gets_403_on_every_route_that_names_another(
         assert_json_error(refused, 403)
         assert refused.json()["policy"] == "strict-moderation"
         assert gateway.post(path, json=body, key=KEY_ALL).status_code in {200, 202}
+    # A correction names its policy through the decision whose id it gives.
+    for message_id, policy in (("fb-allowed", "moderation"), ("fb-refused", "strict-moderation")):
+        made = gateway.post(
+            "/v1/classify", json={"id": message_id, "text": "a comment", "policy": policy}
+        )
+        assert made.status_code == 200
+    correct = {"labels": ["spam"]}
+    allowed = gateway.post(FEEDBACK, json={"id": "fb-allowed", **correct}, key=KEY_LIMITED)
+    assert allowed.status_code == 200, allowed.text
+    refused = gateway.post(FEEDBACK, json={"id": "fb-refused", **correct}, key=KEY_LIMITED)
+    assert_json_error(refused, 403)
+    assert refused.json()["policy"] == "strict-moderation"
+    assert (
+        gateway.post(FEEDBACK, json={"id": "fb-refused", **correct}, key=KEY_ALL).status_code == 200
+    )
 
 
 def test_a_batch_with_one_forbidden_message_is_refused_whole(moderation_gateway):

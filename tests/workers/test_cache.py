@@ -179,6 +179,15 @@ def test_put_replaces_an_existing_decision(cache):
     assert cache.get_many(["k"]) == [make_decision("negative")]
 
 
+def test_forget_deletes_one_decision(cache):
+    """Forgetting a key removes its decision only, and says whether there was one."""
+    cache.put("k1", make_decision("positive", "a"), 60)
+    cache.put("k2", make_decision("negative", "b"), 60)
+    assert cache.forget("k1") is True
+    assert cache.forget("k1") is False
+    assert cache.get_many(["k1", "k2"]) == [None, make_decision("negative", "b")]
+
+
 def test_ttl_zero_stores_nothing(cache):
     """A ttl of 0 leaves the key empty."""
     cache.put("k", make_decision(), 0)

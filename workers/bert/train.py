@@ -103,6 +103,8 @@ class TrainOptions:
     # loss weight per label (unnamed labels weigh 1): the class weight of a weighted
     # cross-entropy, or a multi-label head's pos_weight; see balanced_class_weights
     class_weights: dict[str, float] | None = None
+    # how the card and manifest name the base (default: from the checkpoint, base_model_name)
+    base_name: str | None = None
 
 
 class SplitMetrics(BaseModel):
@@ -159,7 +161,8 @@ def split_validation(
     counts = Counter(label for example in examples for label in example.labels)
     strata: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
-        rarest = min(example.labels, key=lambda label: (counts[label], label))
+        # a multi-label example with no label (none applies) forms a stratum of its own
+        rarest = min(example.labels, key=lambda label: (counts[label], label), default="")
         strata.setdefault(rarest, []).append(index)
     cut = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
     quotas = {label: len(group) * fraction for label, group in strata.items()}
@@ -289,13 +292,19 @@ def _fine_tune(
     train: Sequence[LabelledExample],
     options: TrainOptions,
     progress: Progress,
+    example_weights: Sequence[float] | None = None,
 ) -> None:
     import torch  # noqa: PLC0415
 
     train_ids, owners = encoder.training_windows(train, all_windows=options.all_windows)
     lengths = [len(ids) for ids in train_ids]
-    # each window carries its example's label(s)
+    # each window carries its example's label(s) and loss weight
     targets = torch.as_tensor(_targets(train, options.labels, multi=options.multi_label)[owners])
+    per_window = (
+        None
+        if example_weights is None
+        else torch.tensor([example_weights[owner] for owner in owners], dtype=torch.float32)
+    )
     weights = (
         None
         if options.class_weights is None
@@ -318,7 +327,13 @@ def _fine_tune(
     for epoch, batches in enumerate(epochs, start=1):
         for batch in batches:
             logits = model(**encoder.collate([train_ids[i] for i in batch])).logits
-            loss = training_loss(logits, targets[batch], weights, multi_label=options.multi_label)
+            loss = training_loss(
+                logits,
+                targets[batch],
+                weights,
+                multi_label=options.multi_label,
+                example_weights=None if per_window is None else per_window[batch],
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -329,7 +344,14 @@ def _fine_tune(
     model.eval()
 
 
-def training_loss(logits: Any, targets: Any, weights: Any | None, *, multi_label: bool) -> Any:
+def training_loss(
+    logits: Any,
+    targets: Any,
+    weights: Any | None,
+    *,
+    multi_label: bool,
+    example_weights: Any | None = None,
+) -> Any:
     """The mean loss of one batch of torch ``logits`` against ``targets``.
 
     Single-label: cross-entropy over class indices, with ``weights`` (one per label) as class
@@ -337,12 +359,25 @@ def training_loss(logits: Any, targets: Any, weights: Any | None, *, multi_label
     Multi-label: binary cross-entropy on the logits of a 0/1 target matrix, with ``weights``
     as each label's ``pos_weight`` (a positive example of the label counts that many times).
     Without weights it is the loss the Hugging Face head computes from ``labels=``.
+
+    ``example_weights`` (one per row; distillation weighs people's labels above an LLM's)
+    weight the mean over rows: ``sum(e * w[y] * nll) / sum(e * w[y])`` single-label, and
+    ``sum(e * row_mean_bce) / sum(e)`` multi-label. All ones give the unweighted loss.
     """
     from torch.nn import functional  # noqa: PLC0415
 
     if multi_label:
-        return functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
-    return functional.cross_entropy(logits, targets, weight=weights)
+        if example_weights is None:
+            return functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
+        rows = functional.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=weights, reduction="none"
+        ).mean(dim=1)
+        return (example_weights * rows).sum() / example_weights.sum()
+    if example_weights is None:
+        return functional.cross_entropy(logits, targets, weight=weights)
+    weighted_nll = functional.cross_entropy(logits, targets, weight=weights, reduction="none")
+    class_weight = 1.0 if weights is None else weights[targets]
+    return (example_weights * weighted_nll).sum() / (example_weights * class_weight).sum()
 
 
 def balanced_class_weights(
@@ -472,11 +507,15 @@ def train_model(
     train: Sequence[LabelledExample],
     validation: Sequence[LabelledExample],
     test: Sequence[LabelledExample] | None = None,
+    *,
+    example_weights: Sequence[float] | None = None,
 ) -> ModelCard:
     """Fine-tune, export, calibrate, check and write a model directory; return its card.
 
     The directory is assembled beside ``options.output`` and renamed into place at the end, so
     a failed run never leaves a half-written model where the BERT tier would load it.
+    ``example_weights`` (one per ``train`` example) weigh each example's loss
+    (:func:`training_loss`); the temperature is fitted on validation unweighted.
 
     Raises:
         InputError: the options or data cannot train a model.
@@ -486,7 +525,7 @@ def train_model(
     with warnings.catch_warnings():
         # the frameworks' own deprecation and tracing notices: nothing a tiergate user can act on
         warnings.filterwarnings("ignore", module=r"(torch|transformers|onnx\w*)(\.|$)")
-        return _train_model(options, train, validation, test)
+        return _train_model(options, train, validation, test, example_weights)
 
 
 def _train_model(
@@ -494,12 +533,15 @@ def _train_model(
     train: Sequence[LabelledExample],
     validation: Sequence[LabelledExample],
     test: Sequence[LabelledExample] | None,
+    example_weights: Sequence[float] | None,
 ) -> ModelCard:
     import torch  # noqa: PLC0415 - the train extra is imported only when training
 
     started = time.perf_counter()
     if len(options.labels) < 2 and not options.multi_label:
         raise InputError("single-label training needs at least two labels")
+    if example_weights is not None and len(example_weights) != len(train):
+        raise InputError(f"{len(example_weights)} example weights for {len(train)} examples")
     if options.class_weights is not None:
         check_class_weights(options.class_weights, options.labels)
     torch.set_num_threads(options.threads or os.cpu_count() or 1)
@@ -522,7 +564,7 @@ def _train_model(
     )
     try:
         with progress:
-            _fine_tune(model, encoder, train, options, progress)
+            _fine_tune(model, encoder, train, options, progress, example_weights)
             train_seconds = time.perf_counter() - started
             exported = _export_and_calibrate(
                 model, encoder, staging, (validation, test), options, progress
@@ -584,7 +626,7 @@ def _manifest(
         inputs=tuple(inputs),
         files=files,
         versions=package_versions(),
-        base_model=base_model_name(options.base_model),
+        base_model=options.base_name or base_model_name(options.base_model),
     )
 
 

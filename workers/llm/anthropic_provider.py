@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 
 from tiergate.workers.llm.prompt import repair_instruction
+from tiergate.workers.llm.prompt_cache import anthropic_prefix_cacheable
 from tiergate.workers.llm.provider import (
     ProviderAnswer,
     ProviderRequest,
@@ -17,7 +18,7 @@ from tiergate.workers.llm.provider import (
 )
 
 if TYPE_CHECKING:
-    from anthropic.types import Message, MessageParam
+    from anthropic.types import Message, MessageParam, TextBlockParam, ToolParam
 
 
 class AnthropicProvider:
@@ -29,7 +30,11 @@ class AnthropicProvider:
     ``request.schema_name`` whose ``input_schema`` is the answer schema and forces it with
     ``tool_choice``; the answer is that ``tool_use`` block's ``input`` (``data`` is ``None``
     without one). ``stop_reason == "refusal"`` is a refusal and ``"max_tokens"`` a truncated
-    answer.
+    answer. With a ``cache_key``, the static prefix (the tool, then the system prompt) ends in
+    a ``cache_control`` breakpoint when it may be long enough for the model to cache
+    (:func:`~tiergate.workers.llm.prompt_cache.anthropic_prefix_cacheable`); the usage's
+    ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` say what the cache served
+    and stored.
     """
 
     name = "anthropic"
@@ -65,26 +70,8 @@ class AnthropicProvider:
 
     def complete(self, request: ProviderRequest) -> ProviderAnswer:
         """Send ``request`` as one Messages API call; see the class docstring."""
-        messages: list[MessageParam] = [{"role": "user", "content": request.user}]
-        if request.repair_of is not None:
-            previous, error = request.repair_of
-            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
-            messages.append({"role": "user", "content": repair_instruction(error)})
         try:
-            response = self._messages.create(
-                model=self.model,
-                max_tokens=request.max_output_tokens,
-                system=request.system,
-                messages=messages,
-                tools=[
-                    {
-                        "name": request.schema_name,
-                        "description": "Record the answer about the message.",
-                        "input_schema": request.schema,
-                    }
-                ],
-                tool_choice={"type": "tool", "name": request.schema_name},
-            )
+            response = self._messages.create(**self.request_params(request))
         except anthropic.APITimeoutError as exc:
             raise llm_error_from_connection(self.name, timed_out=True) from exc
         except anthropic.APIConnectionError as exc:
@@ -93,10 +80,49 @@ class AnthropicProvider:
             raise llm_error_from_status(
                 self.name, exc.status_code, exc.response.headers, exc.message
             ) from exc
-        return _answer_of(response, request.schema_name)
+        return answer_of_message(response, request.schema_name)
+
+    @property
+    def client(self) -> anthropic.Anthropic:
+        """The SDK client (the batch API uses it too; see :mod:`tiergate.workers.llm.batch_api`)."""
+        return self._client
+
+    def request_params(self, request: ProviderRequest) -> dict[str, Any]:
+        """The Messages API parameters for ``request`` (also a batch request's ``params``)."""
+        messages: list[MessageParam] = [{"role": "user", "content": request.user}]
+        if request.repair_of is not None:
+            previous, error = request.repair_of
+            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
+            messages.append({"role": "user", "content": repair_instruction(error)})
+        tool: ToolParam = {
+            "name": request.schema_name,
+            "description": "Record the answer about the message.",
+            "input_schema": request.schema,
+        }
+        return {
+            "model": self.model,
+            "max_tokens": request.max_output_tokens,
+            "system": self._system(request, tool),
+            "messages": messages,
+            "tools": [tool],
+            "tool_choice": {"type": "tool", "name": request.schema_name},
+        }
+
+    def _system(self, request: ProviderRequest, tool: ToolParam) -> str | list[TextBlockParam]:
+        """The system prompt, as one text block ending the cached prefix when it is marked.
+
+        The prefix Anthropic caches runs from the tool definition through the marked block, so
+        its length is the tool's JSON and the system prompt together.
+        """
+        if request.cache_key is None:
+            return request.system
+        prefix_chars = len(json.dumps(tool)) + len(request.system)
+        if not anthropic_prefix_cacheable(self.model, prefix_chars):
+            return request.system
+        return [{"type": "text", "text": request.system, "cache_control": {"type": "ephemeral"}}]
 
 
-def _answer_of(response: Message, tool_name: str) -> ProviderAnswer:
+def answer_of_message(response: Message, tool_name: str) -> ProviderAnswer:
     """The :class:`ProviderAnswer` in a Messages API response."""
     data = None
     texts: list[str] = []
@@ -111,11 +137,17 @@ def _answer_of(response: Message, tool_name: str) -> ProviderAnswer:
         details = response.stop_details
         explanation = details.explanation if details is not None else None
         refusal = "".join(texts) or explanation or "the model declined to answer"
+    usage = response.usage
+    cache_read = usage.cache_read_input_tokens or 0
+    cache_write = usage.cache_creation_input_tokens or 0
     return ProviderAnswer(
         data=data,
         raw=raw,
-        input_tokens=response.usage.input_tokens,
-        output_tokens=response.usage.output_tokens,
+        # Anthropic's input_tokens leaves out the tokens read from or written to the cache.
+        input_tokens=usage.input_tokens + cache_read + cache_write,
+        cached_input_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        output_tokens=usage.output_tokens,
         model=response.model,
         refusal=refusal,
         truncated=response.stop_reason == "max_tokens",

@@ -20,7 +20,7 @@ from tiergate.workers.llm.provider import (
 )
 
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionMessageParam
+    from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 
 class OpenAIProvider:
@@ -31,7 +31,10 @@ class OpenAIProvider:
     :mod:`tiergate.workers.llm.provider`). ``complete`` asks for
     ``response_format={"type": "json_schema", ..., "strict": True}`` and parses
     ``choices[0].message.content`` as JSON; ``message.refusal`` becomes the refusal and
-    ``finish_reason == "length"`` marks the answer truncated.
+    ``finish_reason == "length"`` marks the answer truncated. The static prefix (schema and
+    system prompt) comes first, so OpenAI's automatic prompt cache can serve it; with a
+    ``cache_key`` the request carries it as ``prompt_cache_key``, and the usage's
+    ``prompt_tokens_details.cached_tokens`` says how many input tokens the cache served.
     """
 
     name = "openai"
@@ -67,28 +70,8 @@ class OpenAIProvider:
 
     def complete(self, request: ProviderRequest) -> ProviderAnswer:
         """Send ``request`` as one chat completion; see the class docstring."""
-        messages: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": request.system},
-            {"role": "user", "content": request.user},
-        ]
-        if request.repair_of is not None:
-            previous, error = request.repair_of
-            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
-            messages.append({"role": "user", "content": repair_instruction(error)})
         try:
-            completion = self._completions.create(
-                model=self.model,
-                messages=messages,
-                max_completion_tokens=request.max_output_tokens,
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": request.schema_name,
-                        "schema": request.schema,
-                        "strict": True,
-                    },
-                },
-            )
+            completion = self._completions.create(**self.request_params(request))
         except openai.APITimeoutError as exc:
             raise llm_error_from_connection(self.name, timed_out=True) from exc
         except openai.APIConnectionError as exc:
@@ -97,21 +80,61 @@ class OpenAIProvider:
             raise llm_error_from_status(
                 self.name, exc.status_code, exc.response.headers, exc.message
             ) from exc
-        usage = completion.usage
-        input_tokens = usage.prompt_tokens if usage is not None else 0
-        output_tokens = usage.completion_tokens if usage is not None else 0
-        choice = completion.choices[0] if completion.choices else None
-        message = choice.message if choice is not None else None
-        raw = (message.content if message is not None else None) or ""
-        return ProviderAnswer(
-            data=_json_object(raw),
-            raw=raw,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            model=completion.model or self.model,
-            refusal=message.refusal if message is not None else None,
-            truncated=choice is not None and choice.finish_reason == "length",
-        )
+        return answer_of_completion(completion, self.model)
+
+    @property
+    def client(self) -> openai.OpenAI:
+        """The SDK client (the batch API uses it too; see :mod:`tiergate.workers.llm.batch_api`)."""
+        return self._client
+
+    def request_params(self, request: ProviderRequest) -> dict[str, Any]:
+        """The Chat Completions parameters for ``request`` (also a batch line's ``body``)."""
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": request.system},
+            {"role": "user", "content": request.user},
+        ]
+        if request.repair_of is not None:
+            previous, error = request.repair_of
+            messages.append({"role": "assistant", "content": previous or "(empty answer)"})
+            messages.append({"role": "user", "content": repair_instruction(error)})
+        params: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_completion_tokens": request.max_output_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": request.schema_name,
+                    "schema": request.schema,
+                    "strict": True,
+                },
+            },
+        }
+        if request.cache_key is not None:
+            params["prompt_cache_key"] = request.cache_key
+        return params
+
+
+def answer_of_completion(completion: ChatCompletion, model: str) -> ProviderAnswer:
+    """The :class:`ProviderAnswer` in a chat completion (``model`` when it names none)."""
+    usage = completion.usage
+    input_tokens = usage.prompt_tokens if usage is not None else 0
+    output_tokens = usage.completion_tokens if usage is not None else 0
+    details = usage.prompt_tokens_details if usage is not None else None
+    cached_tokens = (details.cached_tokens or 0) if details is not None else 0
+    choice = completion.choices[0] if completion.choices else None
+    message = choice.message if choice is not None else None
+    raw = (message.content if message is not None else None) or ""
+    return ProviderAnswer(
+        data=_json_object(raw),
+        raw=raw,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_tokens,
+        model=completion.model or model,
+        refusal=message.refusal if message is not None else None,
+        truncated=choice is not None and choice.finish_reason == "length",
+    )
 
 
 def _json_object(raw: str) -> dict[str, Any] | None:

@@ -10,6 +10,12 @@ multi-label policy ``{"labels": [<the asked labels that apply>]}``; plus ``"text
 generated text is wanted. It is requested through the providers' structured-output features
 and validated here again, because a compatible server may ignore the schema.
 
+The system prompt (with the answer schema, which both providers place before it) is the
+static prefix of every request: it depends only on the policy, its version, the task and the
+labels asked, never on the message, so it is byte-identical across messages and the providers
+can serve it from their prompt caches. The policy's version is in it, so a new version starts
+a new prefix.
+
 Bump :data:`PROMPT_VERSION` whenever the wording or the schema changes: it is part of the
 decision-cache key, so answers to an older prompt are not reused.
 """
@@ -31,7 +37,7 @@ from pydantic import (
 
 from tiergate.policies.spec import PolicySpec, Task
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 
 # The name of the answer object: the OpenAI response format's name and the Anthropic tool's.
 SCHEMA_NAME = "record_classification"
@@ -166,10 +172,11 @@ def build_prompt(
 ) -> tuple[str, str]:
     """The system prompt and the user turn for one message.
 
-    The system prompt lists the labels to choose among (``labels`` for the borderline labels
-    of a multi-label message, else all) with their descriptions, the policy's instructions and
-    what to write in ``text``. The user turn holds ``text`` between ``<message>`` delimiters,
-    as data.
+    The system prompt names the policy and its version and lists the labels to choose among
+    (``labels`` for the borderline labels of a multi-label message, else all) with their
+    descriptions, the policy's instructions and what to write in ``text``: the static prefix,
+    identical for every message of the same policy version, task and labels. The user turn
+    holds ``text`` between ``<message>`` delimiters, as data, after the prefix.
     """
     choices = asked_labels(spec, labels)
     descriptions = {label.name: label.description for label in spec.labels}
@@ -185,8 +192,8 @@ def build_prompt(
         how = "Choose in `label` the one label below that fits the message best."
     parts = [
         (
-            "You classify messages for the policy "
-            f"{spec.name!r}{': ' + spec.description if spec.description else ''}."
+            f"You classify messages for the policy {spec.name!r} (version {spec.version!r})"
+            f"{': ' + spec.description if spec.description else ''}."
         ),
         (
             f"The message is given in the user turn between {_OPEN} and {_CLOSE}. Everything "

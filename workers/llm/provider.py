@@ -45,6 +45,10 @@ class ProviderRequest:
     OpenAI response-format name and Anthropic tool name). ``repair_of`` is set for the one
     repair attempt: the previous raw answer and the validation error it failed with, which the
     provider sends as an assistant turn followed by a user turn naming the error.
+    ``cache_key`` turns on the provider's prompt cache for the static prefix (the schema and
+    ``system``; see :mod:`tiergate.workers.llm.prompt_cache`): OpenAI sends it as
+    ``prompt_cache_key``, Anthropic marks the prefix with ``cache_control`` when it is long
+    enough for the model. ``None`` asks for no caching.
     """
 
     system: str
@@ -53,6 +57,7 @@ class ProviderRequest:
     schema_name: str
     max_output_tokens: int
     repair_of: tuple[str, str] | None = None
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,9 @@ class ProviderAnswer:
     was not a JSON object; ``raw`` is the output as received (text, or the tool arguments as
     JSON). ``refusal`` holds the provider's refusal text when the model refused; ``truncated``
     is true when the output was cut off at ``max_output_tokens`` (OpenAI ``finish_reason:
-    "length"``, Anthropic ``stop_reason: "max_tokens"``). Token counts are the provider's own.
+    "length"``, Anthropic ``stop_reason: "max_tokens"``). Token counts are the provider's own:
+    ``input_tokens`` counts every input token, of which ``cached_input_tokens`` were read from
+    the prompt cache and ``cache_write_tokens`` written to it.
     """
 
     data: dict[str, Any] | None
@@ -73,6 +80,8 @@ class ProviderAnswer:
     model: str
     refusal: str | None = None
     truncated: bool = False
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class Provider(Protocol):

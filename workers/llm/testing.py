@@ -15,6 +15,16 @@ Once the script is used up, a default answerer decides: a callable given the req
 that returns the answer object. The default one picks the first allowed label of the schema
 in the request (and writes a short text when the schema asks for one). Benchmarks pass their
 own answerer to simulate a model's accuracy, and ``latency_s`` to simulate its speed.
+
+The server keeps prompt caches as the providers do (:class:`PromptCacheSimulation`, rules in
+:mod:`tiergate.workers.llm.prompt_cache`) and reports them in each answer's usage: OpenAI's
+``prompt_tokens_details.cached_tokens`` for a repeated prefix of at least 1,024 tokens, in
+128-token steps; Anthropic's ``cache_creation_input_tokens`` and ``cache_read_input_tokens``
+for a prefix marked with ``cache_control`` that reaches the model's minimum. A token is four
+characters of the request's text (schema and tools included, as the providers bill them).
+
+It also speaks both batch APIs (OpenAI files and batches, Anthropic message batches): see
+:mod:`tiergate.workers.llm.testing_batches`; ``server.batches`` scripts how batches end.
 """
 
 from __future__ import annotations
@@ -26,12 +36,20 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+
+from tiergate.workers.llm.prompt_cache import (
+    CACHE_LIFETIME_S,
+    OPENAI_CACHE_STEP_TOKENS,
+    OPENAI_MIN_CACHED_TOKENS,
+    anthropic_min_cacheable_tokens,
+)
+from tiergate.workers.llm.testing_batches import FakeBatches
 
 OPENAI_PATH = "/v1/chat/completions"
 ANTHROPIC_PATH = "/v1/messages"
@@ -41,9 +59,15 @@ Answerer = Callable[[dict[str, Any]], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Respond:
-    """Answer with this JSON object (as the message content, or as the tool's input)."""
+    """Answer with this JSON object (as the message content, or as the tool's input).
+
+    ``usage``, when given, replaces fields of the answer's ``usage`` object, in the provider's
+    own format (for example ``{"prompt_tokens": 2000, "prompt_tokens_details":
+    {"cached_tokens": 1920}}`` or ``{"input_tokens": 12, "cache_read_input_tokens": 4100}``).
+    """
 
     data: dict[str, Any]
+    usage: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,138 @@ class SimulatedLLM:
         return answer
 
 
+# Prefixes the simulated caches hold before expired ones are dropped.
+_MAX_REMEMBERED = 200_000
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """Input tokens of one request read from (``read``) and written to (``written``) the cache."""
+
+    read: int = 0
+    written: int = 0
+
+
+class PromptCacheSimulation:
+    """The providers' prompt caches, as the fake server keeps them. Thread-safe.
+
+    A prefix is remembered by the hash of its text, per provider and model (and OpenAI's
+    ``prompt_cache_key``), for :data:`~tiergate.workers.llm.prompt_cache.CACHE_LIFETIME_S`
+    after its last use. ``enabled=False`` keeps nothing: every request is served uncached.
+    """
+
+    def __init__(
+        self, *, enabled: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.enabled = enabled
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, ...], float] = {}
+
+    def openai(self, body: dict[str, Any], text: str) -> CacheUse:
+        """Cached tokens of an OpenAI request: the longest remembered prefix, in 128-token steps.
+
+        Nothing below 1,024 tokens; every step of this request's prompt is remembered.
+        """
+        total = _tokens(text)
+        if not self.enabled or total < OPENAI_MIN_CACHED_TOKENS:
+            return CacheUse()
+        scope = ("openai", str(body.get("model")), str(body.get("prompt_cache_key")))
+        steps = range(OPENAI_MIN_CACHED_TOKENS, total + 1, OPENAI_CACHE_STEP_TOKENS)
+        keys = [(*scope, digest) for digest in _prefix_digests(text, [4 * n for n in steps])]
+        with self._lock:
+            now = self._clock()
+            hits = [n for n, key in zip(steps, keys, strict=True) if self._alive(key, now)]
+            self._remember(keys, now)
+        return CacheUse(read=max(hits, default=0))
+
+    def anthropic(self, body: dict[str, Any], breakpoints: list[int], text: str) -> CacheUse:
+        """Cache use of an Anthropic request whose ``cache_control`` blocks end at ``breakpoints``.
+
+        A marked prefix shorter than the model's minimum is not cached. The longest remembered
+        marked prefix is read; the rest of the last cacheable one is written.
+        """
+        if not self.enabled:
+            return CacheUse()
+        minimum = anthropic_min_cacheable_tokens(str(body.get("model")))
+        cut = [p for p in breakpoints if p // 4 >= minimum]
+        if not cut:
+            return CacheUse()
+        scope = ("anthropic", str(body.get("model")))
+        keys = [(*scope, digest) for digest in _prefix_digests(text, cut)]
+        with self._lock:
+            now = self._clock()
+            hits = [p // 4 for p, key in zip(cut, keys, strict=True) if self._alive(key, now)]
+            self._remember(keys, now)
+        read = max(hits, default=0)
+        return CacheUse(read=read, written=cut[-1] // 4 - read)
+
+    def clear(self) -> None:
+        """Forget every cached prefix."""
+        with self._lock:
+            self._seen.clear()
+
+    def _alive(self, key: tuple[str, ...], now: float) -> bool:
+        last = self._seen.get(key)
+        return last is not None and now - last <= CACHE_LIFETIME_S
+
+    def _remember(self, keys: Sequence[tuple[str, ...]], now: float) -> None:
+        """Mark ``keys`` used at ``now``; past a bound, forget the expired ones (long runs)."""
+        for key in keys:
+            self._seen[key] = now
+        if len(self._seen) > _MAX_REMEMBERED:
+            self._seen = {k: t for k, t in self._seen.items() if now - t <= CACHE_LIFETIME_S}
+
+
+def _prefix_digests(text: str, ends: list[int]) -> list[str]:
+    """The SHA-256 of ``text[:end]`` for each of the ascending ``ends``, in one pass."""
+    hasher = hashlib.sha256()
+    digests = []
+    start = 0
+    for end in ends:
+        hasher.update(text[start:end].encode())
+        start = end
+        digests.append(hasher.copy().hexdigest())
+    return digests
+
+
+def _openai_prompt_text(body: dict[str, Any]) -> str:
+    """An OpenAI request's input in processing order: response schema, tools, then the turns."""
+    parts = [json.dumps(body[name]) for name in ("response_format", "tools") if name in body]
+    parts.extend(
+        f"{turn.get('role')}: {_text_of(turn.get('content'))}\n" for turn in body["messages"]
+    )
+    return "".join(parts)
+
+
+def _anthropic_prompt_text(body: dict[str, Any]) -> tuple[str, list[int]]:
+    """An Anthropic request's input in processing order (tools, system, messages).
+
+    Also where each block marked with ``cache_control`` ends in that text.
+    """
+    text = ""
+    breakpoints: list[int] = []
+
+    def add(piece: str, block: Any) -> None:
+        nonlocal text
+        text += piece
+        if isinstance(block, dict) and block.get("cache_control"):
+            breakpoints.append(len(text))
+
+    for tool in body.get("tools") or []:
+        add(json.dumps({k: v for k, v in tool.items() if k != "cache_control"}), tool)
+    system = body.get("system", "")
+    for block in [{"text": system}] if isinstance(system, str) else system:
+        add(block.get("text", ""), block)
+    for turn in body.get("messages", []):
+        content = turn.get("content")
+        blocks = [{"text": content}] if isinstance(content, str) else content
+        add(f"{turn.get('role')}: ", None)
+        for block in blocks:
+            add(_text_of([block]) + "\n", block)
+    return text, breakpoints
+
+
 class _LocalHTTPServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer whose listen backlog fits a concurrent client."""
 
@@ -198,15 +354,27 @@ class FakeLLMServer:
     ``script(*steps)`` queues steps (:class:`Respond`, :class:`RespondRaw`, :class:`Fail`,
     :class:`Stall`, :class:`Refuse`, :class:`Truncate`), used one per request in arrival order,
     whatever the path; then ``answerer`` decides. ``set_outage(step)`` answers every request
-    with one failure until it is lifted. ``latency_s`` delays every answer. ``calls`` counts
-    requests (``calls_by_path`` per path, ``statuses`` per response status) and ``requests``
-    keeps their bodies and arrival times; all are safe to read while requests are served.
+    with one failure until it is lifted. ``latency_s`` delays every answer. ``prompt_cache``
+    holds the simulated prompt caches (``prompt_caching=False``: none, every token uncached).
+    ``calls`` counts requests (``calls_by_path`` per path, ``statuses`` per response status)
+    and ``requests`` keeps their bodies and arrival times; all are safe to read while requests
+    are served. Online calls only: the batch endpoints keep their own record in ``batches``
+    (:class:`~tiergate.workers.llm.testing_batches.FakeBatches`; ``batches.plan(...)`` scripts
+    how each batch ends, ``batch_delay_s`` how long one stays in progress).
     Start and stop it as a context manager or with :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, answerer: Answerer = first_label_answer, *, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        answerer: Answerer = first_label_answer,
+        *,
+        latency_s: float = 0.0,
+        prompt_caching: bool = True,
+        batch_delay_s: float = 0.0,
+    ) -> None:
         self.answerer = answerer
         self.latency_s = latency_s
+        self.prompt_cache = PromptCacheSimulation(enabled=prompt_caching)
         self._lock = threading.Lock()
         self._steps: deque[Step] = deque()
         self._outage: Fail | Stall | None = None
@@ -218,6 +386,8 @@ class FakeLLMServer:
         # Handler threads may be sleeping in a Stall; they must not keep the process alive.
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self.batches = FakeBatches(self._batch_answer, lambda: self.anthropic_base_url)
+        self.batches.delay_s = batch_delay_s
 
     @property
     def port(self) -> int:
@@ -325,18 +495,47 @@ class FakeLLMServer:
             def do_POST(self) -> None:
                 server._serve(self)
 
+            def do_GET(self) -> None:
+                server._serve_batch(self, "GET")
+
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 """Stay quiet: tests read the request log, not stderr."""
 
         return Handler
 
+    def _serve_batch(self, handler: BaseHTTPRequestHandler, method: str, raw: bytes = b"") -> None:
+        """Answer a request to one of the batch endpoints (404 for any other GET)."""
+        path = handler.path.split("?", 1)[0]
+        if not self.batches.handles(path):
+            self._send(handler, HTTPStatus.NOT_FOUND, {"error": {"message": "no such path"}})
+            return
+        if method == "GET":
+            status, payload = self.batches.get(path)
+        else:
+            status, payload = self.batches.post(path, handler.headers, raw)
+        if isinstance(payload, bytes):
+            self._send_bytes(handler, status, payload)
+        else:
+            self._send(handler, status, payload)
+
+    def _batch_answer(self, provider: str, body: dict[str, Any], number: int) -> dict[str, Any]:
+        """The online response body to one request of a batch (the answerer decides)."""
+        step = Respond(self.answerer(body))
+        if provider == "openai":
+            return _openai_response(step, body, number, self.prompt_cache)
+        return _anthropic_response(step, body, number, self.prompt_cache)
+
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("content-length") or 0)
+        raw = handler.rfile.read(length)
+        path = handler.path.split("?", 1)[0]
+        if self.batches.handles(path):
+            self._serve_batch(handler, "POST", raw)
+            return
         try:
-            body = json.loads(handler.rfile.read(length) or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError:
             body = {}
-        path = handler.path.split("?", 1)[0]
         if path not in {OPENAI_PATH, ANTHROPIC_PATH}:
             self._send(handler, HTTPStatus.NOT_FOUND, {"error": {"message": "no such path"}})
             return
@@ -363,9 +562,9 @@ class FakeLLMServer:
             step = Truncate(self.answerer(body))
         number = next(self._ids)
         payload = (
-            _openai_response(step, body, number)
+            _openai_response(step, body, number, self.prompt_cache)
             if openai
-            else _anthropic_response(step, body, number)
+            else _anthropic_response(step, body, number, self.prompt_cache)
         )
         self._count_status(HTTPStatus.OK)
         self._send(handler, HTTPStatus.OK, payload)
@@ -389,15 +588,22 @@ class FakeLLMServer:
         except OSError:
             pass  # the client gave up (a timeout test); nothing to tell it
 
+    @staticmethod
+    def _send_bytes(handler: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+        """Send a file's bytes (a batch's JSONL results)."""
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/octet-stream")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:
+            pass
+
 
 def _tokens(text: str) -> int:
     """A rough token count (four characters a token), for the usage fields."""
     return max(1, len(text) // 4)
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    turns = [_text_of(turn.get("content")) for turn in body.get("messages", [])]
-    return _tokens(_text_of(body.get("system", "")) + "".join(turns))
 
 
 def _error_body(status_code: int, *, openai: bool) -> dict[str, Any]:
@@ -415,7 +621,9 @@ def _error_body(status_code: int, *, openai: bool) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
+def _openai_response(
+    step: Step, body: dict[str, Any], number: int, cache: PromptCacheSimulation
+) -> dict[str, Any]:
     content: str | None
     refusal = None
     finish_reason = "stop"
@@ -432,7 +640,16 @@ def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str,
     output = _tokens(content or refusal or "")
     if isinstance(step, Truncate):
         output = int(body.get("max_completion_tokens") or output)
-    prompt = _prompt_tokens(body)
+    text = _openai_prompt_text(body)
+    prompt = _tokens(text)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "total_tokens": prompt + output,
+        "prompt_tokens_details": {"cached_tokens": cache.openai(body, text).read},
+    }
+    if isinstance(step, Respond) and step.usage is not None:
+        usage.update(step.usage)
     return {
         "id": f"chatcmpl-fake-{number}",
         "object": "chat.completion",
@@ -445,15 +662,13 @@ def _openai_response(step: Step, body: dict[str, Any], number: int) -> dict[str,
                 "message": {"role": "assistant", "content": content, "refusal": refusal},
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": output,
-            "total_tokens": prompt + output,
-        },
+        "usage": usage,
     }
 
 
-def _anthropic_response(step: Step, body: dict[str, Any], number: int) -> dict[str, Any]:
+def _anthropic_response(
+    step: Step, body: dict[str, Any], number: int, cache: PromptCacheSimulation
+) -> dict[str, Any]:
     tool = (body.get("tools") or [{"name": "answer"}])[0]["name"]
     output_tokens = None
     if isinstance(step, Respond):
@@ -481,8 +696,26 @@ def _anthropic_response(step: Step, body: dict[str, Any], number: int) -> dict[s
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {
-            "input_tokens": _prompt_tokens(body),
-            "output_tokens": output_tokens if output_tokens is not None else _tokens(output),
-        },
+        "usage": _anthropic_usage(step, body, cache, output_tokens or _tokens(output)),
     }
+
+
+def _anthropic_usage(
+    step: Step, body: dict[str, Any], cache: PromptCacheSimulation, output_tokens: int
+) -> dict[str, Any]:
+    """The usage object: ``input_tokens`` leaves out what the cache served or stored."""
+    text, breakpoints = _anthropic_prompt_text(body)
+    use = cache.anthropic(body, breakpoints, text)
+    usage: dict[str, Any] = {
+        "input_tokens": max(0, _tokens(text) - use.read - use.written),
+        "cache_creation_input_tokens": use.written,
+        "cache_read_input_tokens": use.read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": use.written,
+            "ephemeral_1h_input_tokens": 0,
+        },
+        "output_tokens": output_tokens,
+    }
+    if isinstance(step, Respond) and step.usage is not None:
+        usage.update(step.usage)
+    return usage

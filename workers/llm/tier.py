@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 
 import structlog
 
@@ -39,10 +40,11 @@ from tiergate.workers.llm.prompt import (
     build_prompt,
     parse_answer,
 )
+from tiergate.workers.llm.prompt_cache import prompt_cache_key
 from tiergate.workers.llm.provider import Provider, ProviderAnswer, ProviderRequest, build_provider
 from tiergate.workers.llm.redact import Redactor
-from tiergate.workers.schemas import LLMUsage
-from tiergate.workers.settings import Settings
+from tiergate.workers.schemas import LLMMode, LLMUsage
+from tiergate.workers.settings import Price, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -87,23 +89,49 @@ class LLMResult:
 
 
 class _Spend:
-    """Tokens, dollars and calls accumulated over the attempts for one message."""
+    """Tokens, dollars and calls accumulated over the attempts for one message.
+
+    Dollars are summed as exact decimals and rounded to a float once, in :meth:`usage`.
+    """
 
     def __init__(self) -> None:
         self.input_tokens = 0
+        self.cached_input_tokens = 0
+        self.cache_write_tokens = 0
         self.output_tokens = 0
-        self.cost_usd = 0.0
+        self.cost_usd = Decimal(0)
         self.attempts = 0
 
-    def usage(self, provider: Provider) -> LLMUsage:
+    def add(self, reply: ProviderAnswer, price: Price | None, *, batch: bool = False) -> None:
+        """Count one answered call, priced at ``price`` (free when the model has none).
+
+        ``batch``: the call went through the provider's batch API (its discount applies).
+        """
+        self.input_tokens += reply.input_tokens
+        self.cached_input_tokens += reply.cached_input_tokens
+        self.cache_write_tokens += reply.cache_write_tokens
+        self.output_tokens += reply.output_tokens
+        if price is not None:
+            self.cost_usd += price.exact_cost(
+                reply.input_tokens,
+                reply.output_tokens,
+                cached_input_tokens=reply.cached_input_tokens,
+                cache_write_tokens=reply.cache_write_tokens,
+                batch=batch,
+            )
+
+    def usage(self, provider: Provider, mode: LLMMode = LLMMode.ONLINE) -> LLMUsage:
         """The spend so far, named after ``provider`` (the one that answered or failed last)."""
         return LLMUsage(
             provider=provider.name,
             model=provider.model,
             input_tokens=self.input_tokens,
+            cached_input_tokens=self.cached_input_tokens,
+            cache_write_tokens=self.cache_write_tokens,
             output_tokens=self.output_tokens,
-            cost_usd=self.cost_usd,
+            cost_usd=float(self.cost_usd),
             attempts=self.attempts,
+            mode=mode,
         )
 
 
@@ -172,17 +200,18 @@ class LLMTier:
         """
         return ">".join(f"{provider.name}/{provider.model}" for provider in self.chain(spec))
 
-    def estimate_cost(self, spec: PolicySpec, text: str) -> float:
+    def estimate_cost(self, spec: PolicySpec, text: str, *, batch: bool = False) -> float:
         """A deliberately high estimate of one answer's cost in dollars, for budget reservation.
 
         Input tokens are the prompt's characters / 3, output tokens the policy's
         ``max_output_tokens``, priced at the dearest model of the chain (any may answer);
-        unpriced models count as free. A repair attempt is not included.
+        unpriced models count as free. A repair attempt is not included. ``batch``: at the
+        batch discount (a request sent through the provider's batch API).
         """
         system, user = build_prompt(text, spec, Task.CLASSIFY, ())
         input_tokens = math.ceil((len(system) + len(user)) / _CHARS_PER_TOKEN)
         costs = [
-            price.cost(input_tokens, spec.llm.max_output_tokens)
+            price.cost(input_tokens, spec.llm.max_output_tokens, batch=batch)
             for provider in self.chain(spec)
             if (price := self._settings.llm_prices.get(provider.model)) is not None
         ]
@@ -210,17 +239,7 @@ class LLMTier:
             raise ProviderNotConfiguredError(
                 "llm", f"policy {spec.name!r} has no provider with an API key"
             )
-        text, mapping = (
-            self._redactor.redact(request.text) if self._settings.redact_pii else (request.text, {})
-        )
-        system, user = build_prompt(text, spec, request.task, request.labels)
-        wire = ProviderRequest(
-            system=system,
-            user=user,
-            schema=answer_schema(spec, request.task, request.labels),
-            schema_name=SCHEMA_NAME,
-            max_output_tokens=spec.llm.max_output_tokens,
-        )
+        wire, mapping = self._wire(request)
         spend = _Spend()
         last_error: TransientLLMError | None = None
         for provider in chain:
@@ -256,6 +275,75 @@ class LLMTier:
         if last_error is not None:
             raise last_error
         raise _all_breakers_open(chain)
+
+    def _wire(self, request: LLMRequest) -> tuple[ProviderRequest, dict[str, str]]:
+        """The request as sent (redacted), and the mapping that restores the redacted data."""
+        spec = request.spec
+        text, mapping = (
+            self._redactor.redact(request.text) if self._settings.redact_pii else (request.text, {})
+        )
+        system, user = build_prompt(text, spec, request.task, request.labels)
+        wire = ProviderRequest(
+            system=system,
+            user=user,
+            schema=answer_schema(spec, request.task, request.labels),
+            schema_name=SCHEMA_NAME,
+            max_output_tokens=spec.llm.max_output_tokens,
+            cache_key=(
+                prompt_cache_key(spec.name, spec.version, self.prompt_version)
+                if self._settings.llm_prompt_caching
+                else None
+            ),
+        )
+        return wire, mapping
+
+    def batch_provider(self, spec: PolicySpec) -> Provider | None:
+        """The provider a batch of ``spec``'s requests goes to: the first usable one."""
+        chain = self.chain(spec)
+        return chain[0] if chain else None
+
+    def batch_request(self, request: LLMRequest) -> ProviderRequest:
+        """What one request of a batch sends: the same prompt an online call would send."""
+        return self._wire(request)[0]
+
+    def batch_result(
+        self, provider: Provider, reply: ProviderAnswer, request: LLMRequest
+    ) -> LLMResult:
+        """Validate a batch's answer to ``request`` exactly as an online answer is validated.
+
+        The usage is priced at the batch discount and marked ``mode: batch``. There is no
+        repair attempt (the caller retries the request online or in the next batch).
+
+        Raises:
+            RefusalError: the model refused.
+            InvalidAnswerError: the answer is invalid or was cut off; its ``usage`` says what
+                the call cost.
+        """
+        spend = _Spend()
+        spend.attempts = 1
+        price = self._settings.llm_prices.get(provider.model) or self._settings.llm_prices.get(
+            reply.model
+        )
+        spend.add(reply, price, batch=True)
+        wire, mapping = self._wire(request)
+        try:
+            answer = self._validate(provider, reply, request, wire)
+        except RefusalError as exc:
+            exc.usage = spend.usage(provider, LLMMode.BATCH)
+            raise
+        except ValueError as exc:
+            error = InvalidAnswerError(provider.name, f"invalid answer in a batch: {exc}")
+            error.usage = spend.usage(provider, LLMMode.BATCH)
+            raise error from None
+        generated = (
+            self._redactor.restore(answer.text, mapping) if answer.text is not None else None
+        )
+        return LLMResult(
+            label=answer.label,
+            labels=list(answer.labels),
+            text=generated,
+            usage=spend.usage(provider, LLMMode.BATCH),
+        )
 
     def check_breakers(self, spec: PolicySpec) -> None:
         """Raise :class:`BreakerOpenError` when no provider of ``spec``'s chain would be called.
@@ -351,15 +439,14 @@ class LLMTier:
         price = self._settings.llm_prices.get(provider.model) or self._settings.llm_prices.get(
             reply.model
         )
-        spend.input_tokens += reply.input_tokens
-        spend.output_tokens += reply.output_tokens
-        if price is not None:
-            spend.cost_usd += price.cost(reply.input_tokens, reply.output_tokens)
+        spend.add(reply, price)
         log.info(
             "llm.call",
             provider=provider.name,
             model=provider.model,
             input_tokens=reply.input_tokens,
+            cached_input_tokens=reply.cached_input_tokens,
+            cache_write_tokens=reply.cache_write_tokens,
             output_tokens=reply.output_tokens,
             latency_ms=round((time.perf_counter() - started) * 1000.0, 1),
             repair=wire.repair_of is not None,

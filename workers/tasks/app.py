@@ -11,12 +11,15 @@ from celery import Celery, signals
 from celery.worker.consumer import Consumer
 from celery_batches import SimpleRequest
 
+from tiergate.policies.spec import CallMode
+from tiergate.workers.batches import BatchRunner, BatchStore
 from tiergate.workers.errors import TransientError
 from tiergate.workers.ledger import DeadLetterKind, RedisDecisionLedger
 from tiergate.workers.settings import Settings
 from tiergate.workers.tasks.bert_step import PoolAwareBatches, check_batches_hooks, run_bert_step
 from tiergate.workers.tasks.llm_step import run_llm_step
 from tiergate.workers.tasks.names import CLASSIFY_TASK, LLM_TASK, SENT_AT_HEADER, WEBHOOK_TASK
+from tiergate.workers.tasks.outcomes import announce
 from tiergate.workers.tasks.retries import DEAD_BODY_CHARS, task_payload
 from tiergate.workers.tasks.runtime import WorkerRuntime
 from tiergate.workers.tasks.sweep import OverdueSweep
@@ -206,6 +209,29 @@ def _start_sweep(sender: Any = None, **_: Any) -> None:
     runtime = getattr(app, "tiergate_runtime", None)
     if isinstance(runtime, WorkerRuntime) and runtime.settings.redis_url:
         OverdueSweep(app, runtime).start()
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_batches(sender: Any = None, **_: Any) -> None:
+    """An LLM worker's main process sends and polls the batches of batch-mode policies."""
+    app = getattr(sender, "app", None) or _current_app()
+    runtime = getattr(app, "tiergate_runtime", None)
+    if not isinstance(runtime, WorkerRuntime) or not runtime.settings.redis_url:
+        return
+    if runtime.settings.llm_queue not in set(app.amqp.queues.consume_from or {}):
+        return
+    cascade, ledger = runtime.parts()
+    if not isinstance(ledger, RedisDecisionLedger):
+        return
+    if any(spec.llm.mode is CallMode.BATCH for spec in cascade.policies):
+        store = BatchStore.from_settings(runtime.settings, ledger.client)
+        BatchRunner(
+            cascade,
+            ledger,
+            store,
+            runtime.settings,
+            on_delivered=lambda decision: announce(app, runtime, decision),
+        ).start()
 
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -7,9 +7,12 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from tiergate.workers.cascade import LLMWork
+from tiergate.policies.spec import CallMode
+from tiergate.workers.batches import BatchStore, hold_for_batch
+from tiergate.workers.cascade import Cascade, LLMWork
 from tiergate.workers.errors import TransientError
-from tiergate.workers.ledger import DeadLetterKind, IdReused
+from tiergate.workers.ledger import DeadLetterKind, DecisionLedger, IdReused, RedisDecisionLedger
+from tiergate.workers.schemas import Decision
 from tiergate.workers.tasks.names import LLM_TASK
 from tiergate.workers.tasks.outcomes import deliver_or_defer
 from tiergate.workers.tasks.retries import (
@@ -71,6 +74,11 @@ def run_llm_step(
             dead_letter_reused_id(app, runtime, ledger, item.message, attempt, work=item)
         if found is not None:
             return
+        if cascade.policies.get(item.policy).llm.mode is CallMode.BATCH:
+            cached = _hold_for_batch(runtime, cascade, ledger, item)
+            if cached is not None:
+                deliver_or_defer(app, runtime, ledger, cached, item.message, attempt, work=item)
+            return
         answer = cascade.answer(item)
         timings = worker_timings(answer.timings_ms, clock, published, earlier=item.timings_ms)
         decision = answer.model_copy(update={"timings_ms": timings})
@@ -86,3 +94,13 @@ def run_llm_step(
             str(exc),
             queue=runtime.settings.llm_queue,
         )
+
+
+def _hold_for_batch(
+    runtime: WorkerRuntime, cascade: Cascade, ledger: DecisionLedger, work: LLMWork
+) -> Decision | None:
+    """Queue a batch-mode policy's work for its next batch (a cached answer instead, if any)."""
+    if not isinstance(ledger, RedisDecisionLedger):
+        raise TypeError("batch mode needs the Redis ledger (TIERGATE_REDIS_URL)")
+    store = BatchStore.from_settings(runtime.settings, ledger.client)
+    return hold_for_batch(cascade, ledger, store, work)

@@ -761,7 +761,7 @@ def test_the_embedded_gateway_shares_its_threads_between_parallel_steps(
             gateway_parallel_steps=parallel_steps,
         )
     )
-    classifier = cascade.classifier
+    classifier = cascade.classifier.for_batch()  # the model version serving now
     assert classifier.scheduler.slots == slots
     assert classifier.intra_op_threads == threads_per_step
     assert classifier.session.get_session_options().intra_op_num_threads == threads_per_step
