@@ -40,6 +40,7 @@ from tiergate.policies.spec import (
     example_policy,
     load_policy,
 )
+from tiergate.workers.bert.calibrated import ModelThresholds
 from tiergate.workers.budget import BudgetLedger, open_budget_ledger
 from tiergate.workers.cache import DecisionCache, cache_key, open_cache
 from tiergate.workers.errors import (
@@ -216,7 +217,9 @@ class Cascade:
         single_flight_timeout_s: float = 60.0,
         labels: LabelStore | None = None,
         shadow: ShadowScorer | None = None,
+        thresholds: ModelThresholds | None = None,
     ) -> None:
+        self.thresholds = thresholds
         self.labels = labels
         self.shadow = shadow
         self.classifier = classifier
@@ -230,6 +233,15 @@ class Cascade:
     def cache_key(self, message: Message, spec: PolicySpec) -> str:
         """The decision-cache key of ``message`` under ``spec`` (never contains the text)."""
         return self._cache_key(message, spec, self._llm_route(spec), self.classifier.model_version)
+
+    def _spec(self, policy: str, model_version: str) -> PolicySpec:
+        """The policy called ``policy`` as served with ``model_version``.
+
+        With the thresholds that version brings for it, if any (see
+        :class:`~tiergate.workers.bert.calibrated.ModelThresholds`), else as configured.
+        """
+        spec = self.policies.get(policy)
+        return self.thresholds.spec(spec, model_version) if self.thresholds is not None else spec
 
     def _llm_route(self, spec: PolicySpec) -> str:
         """The provider chain part of ``spec``'s cache keys (the same for all its messages)."""
@@ -274,16 +286,16 @@ class Cascade:
         """
         if not messages:
             return []
-        specs = [self.policies.get(m.policy) for m in messages]
-        routes = {spec.name: self._llm_route(spec) for spec in specs}  # once per policy
-        # One model for the whole batch, keys and predictions alike, even if a new version is
-        # promoted meanwhile: the next batch gets it.
+        # One model for the whole batch, keys, thresholds and predictions alike, even if a new
+        # version is promoted meanwhile: the next batch gets it.
         classifier = (
             self.classifier.for_batch()
             if isinstance(self.classifier, SwitchingClassifier)
             else self.classifier
         )
         version = classifier.model_version
+        specs = [self._spec(m.policy, version) for m in messages]
+        routes = {spec.name: self._llm_route(spec) for spec in specs}  # once per policy
         keys = [
             self._cache_key(m, s, routes[s.name], version)
             for m, s in zip(messages, specs, strict=True)
@@ -324,7 +336,7 @@ class Cascade:
     def answer(self, work: LLMWork) -> Decision:
         """The LLM step for one message (:meth:`_answer`), its decision handed to the labels."""
         decision = self._answer(work)
-        spec = self.policies.get(work.policy)
+        spec = self._spec(work.policy, work.prediction.model_version)
         if self.shadow is not None:
             self.shadow.observe_answer(work, decision, spec)
         self._collect([Observed(work.message, work.key, decision, spec)])
@@ -339,7 +351,7 @@ class Cascade:
         saying why (not cached); with every breaker open that is ``llm_unavailable``, and no
         budget is reserved.
         """
-        spec = self.policies.get(work.policy)
+        spec = self._spec(work.policy, work.prediction.model_version)
         lease = None
         # With caching off for this policy there is no shared result to wait for.
         if self.cache is not None and spec.cache.ttl_seconds > 0:
@@ -361,7 +373,7 @@ class Cascade:
 
     def pending(self, work: LLMWork) -> Decision:
         """The BERT answer for ``work`` while its LLM answer waits in a batch (``pending_llm``)."""
-        spec = self.policies.get(work.policy)
+        spec = self._spec(work.policy, work.prediction.model_version)
         return _bert_decision(
             work.message, spec, work.prediction, work.route, work.timings_ms, None
         ).model_copy(update={"status": Status.PENDING_LLM})
@@ -375,7 +387,7 @@ class Cascade:
 
     def budget_fallback(self, work: LLMWork) -> Decision:
         """The policy's answer for ``work`` when its budget is spent (deferred, or BERT's)."""
-        return _budget_fallback(work, self.policies.get(work.policy))
+        return _budget_fallback(work, self._spec(work.policy, work.prediction.model_version))
 
     def batch_answer(self, work: LLMWork, outcome: LLMResult | LLMError) -> Decision:
         """The final decision for ``work`` from its batch's answer, or from the answer's error.
@@ -384,7 +396,7 @@ class Cascade:
         shadow); an error (a refusal, an invalid answer) gives the BERT answer with
         ``llm_skipped: invalid_answer`` and what the call cost, not cached.
         """
-        spec = self.policies.get(work.policy)
+        spec = self._spec(work.policy, work.prediction.model_version)
         if isinstance(outcome, LLMError):
             decision = _fallback(work, spec, LLMSkip.INVALID_ANSWER, str(outcome), outcome.usage)
         else:
@@ -472,7 +484,7 @@ class Cascade:
             seen.add(item.key)
             decisions.append(answer.model_copy(update=update))
             if duplicate:  # the first of each key was recorded by answer()
-                spec = self.policies.get(item.policy)
+                spec = self._spec(item.policy, item.prediction.model_version)
                 self._collect([Observed(item.message, item.key, decisions[-1], spec)])
         return decisions
 
@@ -807,6 +819,7 @@ def build_cascade(
         llm_concurrency=settings.llm_concurrency,
         single_flight_timeout_s=settings.single_flight_timeout_s,
         labels=open_label_store(settings) if any(s.learning.collect for s in policies) else None,
+        thresholds=ModelThresholds(settings.resolved_model_store),
         shadow=(
             classifier.shadow_scorer() if isinstance(classifier, SwitchingClassifier) else None
         ),

@@ -41,6 +41,7 @@ from tiergate.policies.calibrate import (
 )
 from tiergate.policies.evaluate import Answer, bert_answer
 from tiergate.policies.spec import Band, Escalation, PolicySpec
+from tiergate.workers.bert.calibrated import POLICY_FILE
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.manifest import CARD_FILE, ModelManifest, read_manifest
@@ -54,7 +55,6 @@ MIN_LABELS = 50
 """The fewest usable collected labels :func:`distill` accepts: fewer train little and leave a
 held-out slice too small to tell two models apart."""
 
-POLICY_FILE = "policy.yaml"
 VALIDATION_FRACTION = 0.1  # the share of the training part that fits the temperature, as in train
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from tiergate.workers.bert.calibrated import ModelThresholds
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.manifest import ModelManifest
 from tiergate.workers.bert.scheduling import StepScheduler
@@ -137,7 +138,9 @@ class ServingClassifier:
         """The cascade's shadow hook over this classifier's candidate (``None``: no tally)."""
         if self.shadow_tally is None:
             return None
-        return ShadowScoring(lambda: self._shadow, self.shadow_tally)
+        return ShadowScoring(
+            lambda: self._shadow, self.shadow_tally, ModelThresholds(self.versions.store)
+        )
 
     def refresh(self) -> None:
         """Read the pointer now; switch to another current or candidate version if it moved.

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from tiergate.policies.prediction import Prediction
 from tiergate.policies.routing import UNLIMITED, Target, decide
 from tiergate.policies.spec import PolicySpec
+from tiergate.workers.bert.calibrated import ModelThresholds
 from tiergate.workers.cascade import Classifier, LLMWork
 from tiergate.workers.errors import TiergateError
 from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
@@ -191,9 +192,15 @@ class ShadowScoring:
     logged (``shadow.failed``) and the batch goes on.
     """
 
-    def __init__(self, candidate: Callable[[], Classifier | None], tally: ShadowTally) -> None:
+    def __init__(
+        self,
+        candidate: Callable[[], Classifier | None],
+        tally: ShadowTally,
+        thresholds: ModelThresholds | None = None,
+    ) -> None:
         self.candidate = candidate
         self.tally = tally
+        self.thresholds = thresholds
 
     def observe_first_pass(
         self,
@@ -215,7 +222,13 @@ class ShadowScoring:
             counts: dict[str, ShadowFigures] = {}
             for i, prediction in zip(indices, predictions, strict=True):
                 spec, result = specs[i], results[i]
-                route = decide(prediction, spec, UNLIMITED, messages[i].task)
+                # The share it would send is judged with the thresholds it would be served with.
+                served = (
+                    self.thresholds.spec(spec, candidate.model_version)
+                    if self.thresholds is not None
+                    else spec
+                )
+                route = decide(prediction, served, UNLIMITED, messages[i].task)
                 figures = ShadowFigures(scored=1, would_llm=int(route.target is Target.LLM))
                 if isinstance(result, LLMWork):
                     results[i] = result.model_copy(update={"shadow": prediction})
