@@ -204,6 +204,13 @@ class GatewayMetrics:
             ["provider", "model", "use"],
             registry=registry,
         )
+        self.llm_calls = Counter(
+            "tiergate_llm_calls",
+            "LLM calls made for fresh LLM answers (failed ones and repairs included), by "
+            "provider, model and mode (online, or batch: one request of a provider batch).",
+            ["provider", "model", "mode"],
+            registry=registry,
+        )
         self.llm_cost = Counter(
             "tiergate_llm_cost_usd",
             "US dollars spent on fresh LLM answers, by provider, model and mode (online, batch).",
@@ -265,6 +272,9 @@ class GatewayMetrics:
                 )
                 cache_tokens.labels(usage.provider, usage.model, "write").inc(
                     usage.cache_write_tokens
+                )
+                self.llm_calls.labels(usage.provider, usage.model, usage.mode.value).inc(
+                    usage.attempts
                 )
                 self.llm_cost.labels(usage.provider, usage.model, usage.mode.value).inc(
                     usage.cost_usd

@@ -34,7 +34,7 @@ def samples(metrics):
 
 
 def test_cached_and_written_input_tokens_and_cost_by_mode_are_counted():
-    """Cache reads and writes are counted per model, and dollars per mode; cached decisions not."""
+    """Cache reads and writes are counted per model, calls and dollars per mode; cache hits not."""
     metrics = GatewayMetrics()
     online = LLMUsage(
         provider="anthropic",
@@ -60,3 +60,5 @@ def test_cached_and_written_input_tokens_and_cost_by_mode_are_counted():
     assert labelled("tiergate_llm_tokens_total", direction="input") == 2 * 5040
     assert labelled("tiergate_llm_cost_usd_total", mode="online") == 0.0006
     assert labelled("tiergate_llm_cost_usd_total", mode="batch") == 0.0006
+    assert labelled("tiergate_llm_calls_total", mode="online") == 1
+    assert labelled("tiergate_llm_calls_total", mode="batch") == 1
