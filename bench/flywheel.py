@@ -438,9 +438,9 @@ def distill_round(
     if report.gate.passed:
         following = promoted(report, output, base_policy, stream.data, args)
     record = round_record(report, serving, following, len(collected), seconds)
-    verdict = "promoted" if report.gate.passed else "kept the serving model"
+    outcome = "promoted" if report.gate.passed else "kept the serving model"
     note(
-        f"{stream.run}: candidate {report.model_version} {verdict} "
+        f"{stream.run}: candidate {report.model_version} {outcome} "
         f"({'; '.join(report.gate.reasons) or 'gate passed'}); validation LLM share "
         f"{following.calibration.llm_share:.3f}, {seconds:.0f} s"
     )
