@@ -152,16 +152,21 @@ class Run:
         }
 
 
+def fake_settings(server: FakeLLMServer, *, caching: bool) -> Settings:
+    """Settings that send both providers' calls to ``server``, with prompt caching on or off."""
+    return Settings(
+        openai_api_key="fake-key",
+        anthropic_api_key="fake-key",
+        openai_base_url=server.openai_base_url,
+        anthropic_base_url=server.anthropic_base_url,
+        llm_prompt_caching=caching,
+    )
+
+
 def run(spec: PolicySpec, texts: Sequence[str], *, caching: bool) -> Run:
     """Send every text through a fresh LLM tier to a fresh fake server; the totals."""
     with FakeLLMServer(prompt_caching=caching) as server:
-        settings = Settings(
-            openai_api_key="fake-key",
-            anthropic_api_key="fake-key",
-            openai_base_url=server.openai_base_url,
-            anthropic_base_url=server.anthropic_base_url,
-            llm_prompt_caching=caching,
-        )
+        settings = fake_settings(server, caching=caching)
         tier = LLMTier(settings)
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=settings.llm_concurrency) as pool:
@@ -175,13 +180,7 @@ def run(spec: PolicySpec, texts: Sequence[str], *, caching: bool) -> Run:
 def run_batches(spec: PolicySpec, texts: Sequence[str], *, caching: bool) -> Run:
     """Send every text through the provider's batch API, ``llm.max_batch`` at a time."""
     with FakeLLMServer(prompt_caching=caching) as server:
-        settings = Settings(
-            openai_api_key="fake-key",
-            anthropic_api_key="fake-key",
-            openai_base_url=server.openai_base_url,
-            anthropic_base_url=server.anthropic_base_url,
-            llm_prompt_caching=caching,
-        )
+        settings = fake_settings(server, caching=caching)
         tier = LLMTier(settings)
         provider = tier.chain(spec)[0]
         api = batch_api(provider)

@@ -20,7 +20,7 @@ from tiergate.gateway.http import backends, create_app
 from tiergate.policies.spec import LabelSpec, PolicySpec
 from tiergate.workers.cascade import Cascade, PolicyBook
 from tiergate.workers.errors import TransientError
-from tiergate.workers.ledger import Delivery, IdReused, LocalDecisionLedger
+from tiergate.workers.ledger import DecisionLedger, Delivery, IdReused, LocalDecisionLedger
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
 from tiergate.workers.testing import FixedScoreClassifier
@@ -35,9 +35,9 @@ class ThreadDispatcher:
     decides it once ``paused`` is cleared.
     """
 
-    def __init__(self, cascade: Cascade) -> None:
+    def __init__(self, cascade: Cascade, ledger: DecisionLedger | None = None) -> None:
         self.cascade = cascade
-        self.ledger = LocalDecisionLedger()
+        self.ledger = ledger if ledger is not None else LocalDecisionLedger()
         self.health = {"broker": True, "redis": True}
         self.paused = threading.Event()
         self.holding = threading.Event()
@@ -52,11 +52,15 @@ class ThreadDispatcher:
                 self.holding.set()
                 while self.paused.is_set():
                     time.sleep(0.01)
-            for message, decision in zip(batch, self.cascade.decide(batch), strict=True):
-                if self.ledger.deliver(decision, text=message.text) is Delivery.ID_REUSED:
-                    self.ledger.dead_letter(
-                        message.model_dump(mode="json"), "id reused", kind="id_reused"
-                    )
+            self.handle(batch)
+
+    def handle(self, batch: list[Message]) -> None:
+        """Decide ``batch`` and deliver its decisions, as a worker does."""
+        for message, decision in zip(batch, self.cascade.decide(batch), strict=True):
+            if self.ledger.deliver(decision, text=message.text) is Delivery.ID_REUSED:
+                self.ledger.dead_letter(
+                    message.model_dump(mode="json"), "id reused", kind="id_reused"
+                )
 
     def close(self) -> None:
         """Stop the worker thread."""

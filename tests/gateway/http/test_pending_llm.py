@@ -7,25 +7,23 @@ batch runner's rounds are driven by the test, against the fake server's batch AP
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from tests.gateway.http.test_distributed import ThreadDispatcher
 from tiergate.gateway.http import create_app
 from tiergate.policies.spec import Escalation, LabelSpec, LLMSpec, PolicySpec, ProviderRef
 from tiergate.workers.batches import BatchRunner, BatchStore, hold_for_batch
 from tiergate.workers.cache import RedisDecisionCache
 from tiergate.workers.cascade import Cascade, LLMWork, PolicyBook
-from tiergate.workers.ledger import IdReused, RedisDecisionLedger
+from tiergate.workers.ledger import RedisDecisionLedger
 from tiergate.workers.llm.breaker import LocalBreakerStore
 from tiergate.workers.llm.testing import FakeLLMServer
 from tiergate.workers.llm.tier import LLMTier
-from tiergate.workers.schemas import Decision, Message
+from tiergate.workers.schemas import Message
 from tiergate.workers.settings import Settings
 from tiergate.workers.testing import FixedScoreClassifier
 
@@ -43,8 +41,8 @@ SPEC = PolicySpec(
 )
 
 
-class BatchDispatcher:
-    """A Dispatcher whose worker thread runs the BERT step and queues LLM work for batches."""
+class BatchDispatcher(ThreadDispatcher):
+    """The thread dispatcher on a Redis ledger, whose worker queues LLM work for batches."""
 
     def __init__(self, server: FakeLLMServer, prefix: str) -> None:
         client = redis.Redis(host="127.0.0.1", port=6379)
@@ -52,67 +50,24 @@ class BatchDispatcher:
             openai_api_key="k", openai_base_url=server.openai_base_url, llm_max_retries=0
         )
         scorer = FixedScoreClassifier(LABELS, lambda t: (0.1, 0.9) if "good" in t else (0.5, 0.5))
-        self.cascade = Cascade(
+        cascade = Cascade(
             scorer,
             PolicyBook([SPEC]),
             llm=LLMTier(self.settings, breaker_store=LocalBreakerStore()),
             cache=RedisDecisionCache(client, prefix),
         )
-        self.ledger = RedisDecisionLedger(client, prefix=prefix, stream=f"{prefix}:decisions")
+        ledger = RedisDecisionLedger(client, prefix=prefix, stream=f"{prefix}:decisions")
         self.store = BatchStore(client, prefix)
-        self.runner = BatchRunner(self.cascade, self.ledger, self.store, self.settings)
-        self._inbox: queue.Queue[list[Message] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, daemon=True)
-        self._worker.start()
+        self.runner = BatchRunner(cascade, ledger, self.store, self.settings)
+        super().__init__(cascade, ledger)
 
-    def _work(self) -> None:
-        while (batch := self._inbox.get()) is not None:
-            for message, first in zip(batch, self.cascade.first_pass(batch), strict=True):
-                if isinstance(first, LLMWork):
-                    hold_for_batch(self.cascade, self.ledger, self.store, first)
-                else:
-                    self.ledger.deliver(first, text=message.text)
-
-    def close(self) -> None:
-        """Stop the worker thread."""
-        self._inbox.put(None)
-        self._worker.join(timeout=60)
-
-    def submit_many(self, messages: Sequence[Message]) -> list[str]:
-        """Queue the messages for the worker."""
-        self._inbox.put(list(messages))
-        return [m.id for m in messages]
-
-    def wait_for(
-        self, messages: Sequence[Message], timeout_s: float
-    ) -> list[Decision | IdReused | None]:
-        """Block on the ledger for each message, all within one deadline."""
-        deadline = time.monotonic() + timeout_s
-        return [self.ledger.wait_for(m, max(0.0, deadline - time.monotonic())) for m in messages]
-
-    def get_many(self, ids: Sequence[str]) -> list[Decision | None]:
-        """Read the ledger."""
-        return self.ledger.get_many(ids)
-
-    def answers_for(self, messages: Sequence[Message]) -> list[Decision | IdReused | None]:
-        """Read the ledger, telling a reused id."""
-        return self.ledger.answers_for(messages)
-
-    def dead_letter_counts(self) -> dict[str, int]:
-        """The ledger's dead letters by kind."""
-        return self.ledger.dead_letter_counts()
-
-    def policies(self) -> list[PolicySpec]:
-        """The cascade's policies."""
-        return list(self.cascade.policies)
-
-    def ready(self) -> dict[str, bool]:
-        """Always ready."""
-        return {"broker": True, "redis": True}
-
-    def queue_depths(self) -> dict[str, int]:
-        """Batches of messages not yet taken by the worker."""
-        return {"tiergate.bert": self._inbox.qsize()}
+    def handle(self, batch: list[Message]) -> None:
+        """The BERT step; LLM work is held for a batch instead of answered online."""
+        for message, first in zip(batch, self.cascade.first_pass(batch), strict=True):
+            if isinstance(first, LLMWork):
+                hold_for_batch(self.cascade, self.ledger, self.store, first)
+            else:
+                self.ledger.deliver(first, text=message.text)
 
 
 @pytest.fixture
