@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -178,8 +179,30 @@ def model_status() -> None:
         }
         result = gate(guarded(lambda: versions.card(pointers.shadow or "")))
         status["gate"] = {"passed": result.passed, "reasons": result.reasons}
+        status["people"] = _against_people(settings, versions, pointers.shadow)
     status["audit"] = [entry.model_dump(mode="json") for entry in guarded(versions.audit)[-10:]]
     print(json.dumps(status, indent=2))
+
+
+def _against_people(settings: Settings, versions: ModelVersions, candidate: str) -> dict[str, Any]:
+    """The candidate's and the current model's agreement with people's kept corrections."""
+    from tiergate.workers.bert.classifier import BertClassifier  # noqa: PLC0415
+    from tiergate.workers.bert.shadow import agreement_with_people  # noqa: PLC0415
+    from tiergate.workers.labels import open_label_store  # noqa: PLC0415
+
+    examples = guarded(lambda: open_label_store(settings).examples())
+    if not any(example.kind == "person" for example in examples):
+        return {}
+    figures: dict[str, dict[str, Any]] = {}
+    for side, model in (
+        ("candidate", versions.path(candidate)),
+        ("current", versions.current_dir()),
+    ):
+        classifier = guarded(partial(BertClassifier.from_settings, settings, model))
+        for policy, counts in agreement_with_people(classifier, examples).items():
+            entry = figures.setdefault(policy, {"examples": counts.examples})
+            entry[f"{side}_agreement"] = counts.agreement
+    return figures
 
 
 @model_app.command("promote")

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from model_copies import GATE_PASSING_CARD, renamed_copy
+from tiergate.policies.spec import LearningSpec, PolicySpec
+from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.manifest import read_manifest
+from tiergate.workers.cascade import Cascade, PolicyBook
+from tiergate.workers.labels import open_label_store
+from tiergate.workers.schemas import Message
+from tiergate.workers.settings import Settings
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -118,3 +124,31 @@ def test_a_shadow_candidate_scores_classify_traffic_and_status_shows_it(
     assert now["gate"] == {"passed": True, "reasons": []}
     assert run("model", "shadow", "--clear").returncode == 0
     assert status(run)["candidate"] is None
+
+
+def test_status_shows_agreement_with_peoples_corrections(run, tiny_model, tmp_path) -> None:
+    """People's corrections, kept after the decisions, are scored by candidate and current."""
+    manifest = read_manifest(tiny_model)
+    spec = PolicySpec.for_labels(manifest.labels, multi_label=False).model_copy(
+        update={"learning": LearningSpec(collect=True)}
+    )
+    store = open_label_store(Settings(data_dir=tmp_path / "data"))
+    classifier = BertClassifier(tiny_model)
+    texts = ["refunds please", "my password", "it crashes", "thanks a lot"]
+    messages = [Message(id=f"m{i}", text=text) for i, text in enumerate(texts)]
+    Cascade(classifier, PolicyBook([spec]), labels=store).decide(messages)
+    predictions = classifier.predict(texts)
+    # The person agrees with the model on every other text and overrules it on the rest.
+    for i, (message, prediction) in enumerate(zip(messages, predictions, strict=True)):
+        other = next(label for label in manifest.labels if label != prediction.top_label)
+        store.correct(message.id, [prediction.top_label if i % 2 else other], source="agent-7")
+    candidate = renamed_copy(tiny_model, tmp_path / "v2", "tiny-v2", GATE_PASSING_CARD)
+    assert run("model", "add", str(candidate)).returncode == 0
+    assert run("model", "shadow", "tiny-v2").returncode == 0
+    assert status(run)["people"] == {
+        spec.name: {
+            "examples": 4,
+            "candidate_agreement": 0.5,
+            "current_agreement": 0.5,
+        }
+    }

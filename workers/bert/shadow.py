@@ -40,6 +40,7 @@ from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.calibrated import ModelThresholds
 from tiergate.workers.cascade import Classifier, LLMWork
 from tiergate.workers.errors import TiergateError
+from tiergate.workers.labels import CollectedExample
 from tiergate.workers.redis_connection import redis_errors_as_coordination_errors, shared_redis
 from tiergate.workers.schemas import Decision, Message
 from tiergate.workers.settings import Settings
@@ -179,9 +180,51 @@ def open_shadow_tally(settings: Settings) -> ShadowTally:
 
 def agrees(candidate: Prediction, reference: Sequence[str], spec: PolicySpec) -> bool:
     """Whether the candidate's answer matches a decision's label(s) (see the module docstring)."""
+    return _agrees_at(candidate, reference, spec.escalation.flag_threshold)
+
+
+def _agrees_at(candidate: Prediction, reference: Sequence[str], flag_threshold: float) -> bool:
     if candidate.multi_label:
-        return set(candidate.labels_above(spec.escalation.flag_threshold)) == set(reference)
+        return set(candidate.labels_above(flag_threshold)) == set(reference)
     return candidate.top_label in reference
+
+
+class PeopleAgreement(BaseModel):
+    """How often a model's answers match people's corrections of one policy's decisions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    examples: int
+    agreed: int
+
+    @property
+    def agreement(self) -> float | None:
+        """Share of the corrected texts the model answers as the person did."""
+        return self.agreed / self.examples if self.examples else None
+
+
+def agreement_with_people(
+    classifier: Classifier, examples: Sequence[CollectedExample], flag_threshold: float = 0.5
+) -> dict[str, PeopleAgreement]:
+    """``classifier``'s agreement with the person-labelled ``examples``, by policy.
+
+    People's corrections arrive after the decisions they correct, so live shadow scoring cannot
+    use them; this scores the kept (redacted) texts afresh. Examples labelled by an LLM are
+    left out. Multi-label answers are the labels at or above ``flag_threshold``.
+    """
+    people = [example for example in examples if example.kind == "person"]
+    if not people:
+        return {}
+    predictions = classifier.predict([example.text for example in people])
+    counts: dict[str, tuple[int, int]] = {}
+    for example, prediction in zip(people, predictions, strict=True):
+        seen, agreed = counts.get(example.policy, (0, 0))
+        hit = _agrees_at(prediction, example.labels, flag_threshold)
+        counts[example.policy] = (seen + 1, agreed + int(hit))
+    return {
+        policy: PeopleAgreement(examples=seen, agreed=agreed)
+        for policy, (seen, agreed) in counts.items()
+    }
 
 
 class ShadowScoring:
