@@ -80,6 +80,19 @@ def bert_decision(message_id: str, label: str = "positive") -> Decision:
     )
 
 
+# Real held-out snippets would do as well; these are short, varied and give both tiers work.
+FILM_SNIPPETS = [
+    "A gorgeous, heartfelt film that earns every tear.",
+    "Two hours I will never get back.",
+    "A retired detective returns to his home town to solve one last case.",
+    "Not bad, not great; the second half drags but the leads are charming.",
+    "The plot follows three sisters who inherit a failing vineyard in Napa.",
+    "An ambitious mess, occasionally brilliant, mostly exhausting.",
+    "Sharp, funny and far smarter than it has any right to be.",
+    "A young boxer from Philadelphia gets a shot at the heavyweight title.",
+]
+
+
 @dataclass
 class Cluster:
     """A tiergate deployment on this machine: settings, environment and worker processes."""

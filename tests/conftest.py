@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,22 @@ hypothesis_settings.register_profile(
     "tiergate", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tiergate"))
+
+
+def tiergate_cli(env: Mapping[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``tiergate ARGS`` as a user runs it: a fresh interpreter with ``env``, output captured."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tiergate", *args],
+            capture_output=True,
+            text=True,
+            env=dict(env),
+            timeout=120,
+            check=False,
+        )
+
+    return run
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import tiergate_cli
 from tiergate.policies.spec import (
     Escalation,
     LabelSpec,
@@ -64,17 +64,7 @@ def run(request, tmp_path: Path, tiny_model: Path, fake: FakeLLMServer, redis_pr
         env["TIERGATE_REDIS_URL"] = "redis://127.0.0.1:6379/0"
         env["TIERGATE_CACHE_PREFIX"] = redis_prefix
 
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tiergate", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
+    return tiergate_cli(env)
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from model_copies import GATE_PASSING_CARD, renamed_copy
+from tests.conftest import tiergate_cli
 from tiergate.policies.spec import LearningSpec, PolicySpec
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.manifest import read_manifest
@@ -37,17 +37,7 @@ def run(tiny_model: Path, tmp_path: Path) -> Run:
     }
     env |= {"TIERGATE_DATA_DIR": str(tmp_path / "data"), "TIERGATE_MODEL_DIR": str(tiny_model)}
 
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tiergate", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
+    return tiergate_cli(env)
 
 
 def status(run: Run) -> dict:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer
 
+from tests.conftest import tiergate_cli
 from tiergate.gateway.cli.policy import policy_template, provider_chain
 from tiergate.policies.spec import DEFAULT_PROVIDERS, ProviderRef, load_policy, parse_policy_text
 from tiergate.workers.bert.manifest import Head, read_manifest
@@ -24,28 +24,17 @@ TEXTS = {"billing": "refunds", "account": "passwords", "bug": "crashes"}
 @pytest.fixture
 def run(tiny_model, tmp_path):
     """The CLI in a fresh interpreter over the tiny model, with no API key and wide tables."""
-
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.endswith("_API_KEY") and not name.startswith("TIERGATE_")
-        }
-        env.update(
-            TIERGATE_DATA_DIR=str(tmp_path / "data"),
-            TIERGATE_MODEL_DIR=str(tiny_model),
-            COLUMNS="200",
-        )
-        return subprocess.run(
-            [sys.executable, "-m", "tiergate", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-
-    return _run
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.endswith("_API_KEY") and not name.startswith("TIERGATE_")
+    }
+    env.update(
+        TIERGATE_DATA_DIR=str(tmp_path / "data"),
+        TIERGATE_MODEL_DIR=str(tiny_model),
+        COLUMNS="200",
+    )
+    return tiergate_cli(env)
 
 
 @pytest.fixture

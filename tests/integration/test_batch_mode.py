@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from cluster import unlimited_policy, wait_until
+from cluster import FILM_SNIPPETS, unlimited_policy, wait_until
 from tiergate.gateway.client import TiergateClient
 from tiergate.policies.spec import CallMode, PolicySpec
 from tiergate.workers.batches import BatchState, BatchStore
 from tiergate.workers.llm.testing_batches import BatchPlan
 from tiergate.workers.schemas import LLMMode, Message, Status, Tier
-
-TEXTS = [
-    "A gorgeous, heartfelt film that earns every tear.",
-    "Two hours I will never get back.",
-    "A retired detective returns to his home town to solve one last case.",
-    "Not bad, not great; the second half drags but the leads are charming.",
-    "The plot follows three sisters who inherit a failing vineyard in Napa.",
-    "An ambitious mess, occasionally brilliant, mostly exhausting.",
-    "Sharp, funny and far smarter than it has any right to be.",
-    "A young boxer from Philadelphia gets a shot at the heavyweight title.",
-]
 
 # Generous bounds: they include the workers' cold start on a loaded machine.
 WAIT_S = 300
@@ -46,7 +35,7 @@ def test_llm_worker_killed_between_sending_a_batch_and_reading_it_loses_and_repe
     cluster.start_worker("bert")
     llm_worker = cluster.start_worker("llm")
     client = TiergateClient.from_settings(cluster.settings)
-    sent = [Message(id=f"b-{i}", text=TEXTS[i % len(TEXTS)]) for i in range(40)]
+    sent = [Message(id=f"b-{i}", text=FILM_SNIPPETS[i % len(FILM_SNIPPETS)]) for i in range(40)]
     client.submit_many(sent)
     first = client.wait_many([m.id for m in sent], timeout_s=WAIT_S)
     assert all(d is not None for d in first), cluster.log_text()

@@ -7,33 +7,23 @@ import time
 
 import pytest
 
-from cluster import SENTINEL_ID, SENTINEL_TEXT
+from cluster import FILM_SNIPPETS, SENTINEL_ID, SENTINEL_TEXT
 from tiergate.gateway.client import TiergateClient
 from tiergate.workers.ledger import RedisDecisionLedger, held_message_id
 from tiergate.workers.llm.testing import message_of
 from tiergate.workers.schemas import Message, Tier
 from tiergate.workers.tasks import CLASSIFY_TASK, create_celery_app
 
-# Real held-out snippets would do as well; these are short, varied and give both tiers work.
-TEXTS = [
-    "A gorgeous, heartfelt film that earns every tear.",
-    "Two hours I will never get back.",
-    "A retired detective returns to his home town to solve one last case.",
-    "Not bad, not great; the second half drags but the leads are charming.",
-    "The plot follows three sisters who inherit a failing vineyard in Napa.",
-    "An ambitious mess, occasionally brilliant, mostly exhausting.",
-    "Sharp, funny and far smarter than it has any right to be.",
-    "A young boxer from Philadelphia gets a shot at the heavyweight title.",
-]
-
-
 # Messages in flight when a BERT worker is killed.
 KILLED_MID_BATCH = 3000
 
 
 def messages(count: int, prefix: str = "m") -> list[Message]:
-    """``count`` messages cycling through TEXTS, ids ``<prefix>-<n>``."""
-    return [Message(id=f"{prefix}-{i}", text=TEXTS[i % len(TEXTS)]) for i in range(count)]
+    """``count`` messages cycling through FILM_SNIPPETS, ids ``<prefix>-<n>``."""
+    return [
+        Message(id=f"{prefix}-{i}", text=FILM_SNIPPETS[i % len(FILM_SNIPPETS)])
+        for i in range(count)
+    ]
 
 
 def stream_ids(client: TiergateClient) -> list[str]:
@@ -165,7 +155,10 @@ def test_submit_command_publishes_a_file_and_reports_every_line(make_cluster, tm
     cluster.start_worker("bert")
     cluster.start_worker("llm")
     data = tmp_path / "in.jsonl"
-    lines = [json.dumps({"id": f"s-{i}", "text": TEXTS[i % len(TEXTS)]}) for i in range(12)]
+    lines = [
+        json.dumps({"id": f"s-{i}", "text": FILM_SNIPPETS[i % len(FILM_SNIPPETS)]})
+        for i in range(12)
+    ]
     lines.insert(5, '{"id": "broken", "text": ""}')
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
@@ -195,7 +188,7 @@ def test_submit_counts_a_message_not_answered_in_time_as_rejected(make_cluster, 
     cluster = make_cluster()
     data = tmp_path / "in.jsonl"
     data.write_text(
-        "".join(json.dumps({"id": f"t-{i}", "text": TEXTS[i]}) + "\n" for i in range(3))
+        "".join(json.dumps({"id": f"t-{i}", "text": FILM_SNIPPETS[i]}) + "\n" for i in range(3))
     )
     out = tmp_path / "out.jsonl"
     result = subprocess.run(
@@ -241,11 +234,15 @@ def test_http_to_broker_to_both_workers_to_the_stream(make_cluster, fake_llm):
             assert thread.is_alive(), "the gateway failed to start"
             assert time.monotonic() < deadline, "the gateway did not start within 60 s"
             time.sleep(0.05)
-        body = {"messages": [{"id": f"h-{i}", "text": TEXTS[i]} for i in range(len(TEXTS))]}
+        body = {
+            "messages": [
+                {"id": f"h-{i}", "text": FILM_SNIPPETS[i]} for i in range(len(FILM_SNIPPETS))
+            ]
+        }
         response = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json=body, timeout=360)
         assert response.status_code == 200, response.text
         decisions = response.json()["decisions"]
-        assert [d["id"] for d in decisions] == [f"h-{i}" for i in range(len(TEXTS))]
+        assert [d["id"] for d in decisions] == [f"h-{i}" for i in range(len(FILM_SNIPPETS))]
         tiers = {d["tier"] for d in decisions}
         assert tiers == {"bert", "llm"}, cluster.log_text()
         accepted = httpx.post(
@@ -303,7 +300,7 @@ def test_policy_webhook_gets_each_decision_signed_with_retries(make_cluster, tmp
     cluster.start_worker("bert")
     cluster.start_worker("llm")
     client = TiergateClient.from_settings(cluster.settings)
-    client.submit(Message(id="hooked", text=TEXTS[0]))
+    client.submit(Message(id="hooked", text=FILM_SNIPPETS[0]))
     assert client.wait("hooked", timeout_s=300) is not None, cluster.log_text()
     deadline = time.monotonic() + 120
     while len(received) < 3 and time.monotonic() < deadline:
@@ -322,7 +319,7 @@ def test_a_message_the_broker_lost_is_published_again_and_answered(make_cluster)
     cluster = make_cluster()
     cluster.start_worker("bert")
     client = TiergateClient.from_settings(cluster.settings)
-    lost = Message(id="lost-in-transit", text=TEXTS[2])
+    lost = Message(id="lost-in-transit", text=FILM_SNIPPETS[2])
     client.ledger.accept({lost.id: json.dumps({"message": lost.model_dump(mode="json")})})
     started = time.monotonic()
     decision = client.wait(lost.id, timeout_s=300)
@@ -425,20 +422,24 @@ def test_a_plain_producer_s_mistakes_are_dead_lettered_whole_counted_and_logged(
     bert, llm = cluster.settings.bert_queue, cluster.settings.llm_queue
     plain = Celery("plain-producer", broker=cluster.settings.broker_url)
     try:
-        plain.send_task(CLASSIFY_TASK, kwargs={"msg": {"id": "kw-1", "text": TEXTS[0]}}, queue=bert)
-        plain.send_task(CLASSIFY_TASK, args=[{"id": "two-1", "text": TEXTS[1]}, 3], queue=bert)
+        plain.send_task(
+            CLASSIFY_TASK, kwargs={"msg": {"id": "kw-1", "text": FILM_SNIPPETS[0]}}, queue=bert
+        )
+        plain.send_task(
+            CLASSIFY_TASK, args=[{"id": "two-1", "text": FILM_SNIPPETS[1]}, 3], queue=bert
+        )
         plain.send_task(LLM_TASK, kwargs={"job": {"id": "llm-1"}}, queue=llm)
-        plain.send_task(CLASSIFY_TASK, args=[{"id": "pos-1", "text": TEXTS[2]}], queue=bert)
+        plain.send_task(CLASSIFY_TASK, args=[{"id": "pos-1", "text": FILM_SNIPPETS[2]}], queue=bert)
     finally:
         plain.close()
     client = TiergateClient.from_settings(cluster.settings)
     assert client.wait("pos-1", timeout_s=300) is not None, cluster.log_text()
 
-    first = Message(id="q-1", text=TEXTS[3])
+    first = Message(id="q-1", text=FILM_SNIPPETS[3])
     client.submit(first)
     assert client.wait_for([first], timeout_s=300)[0] is not None, cluster.log_text()
     client.submit(first)  # the same text again: answered before, nothing to keep
-    other = Message(id="q-1", text=TEXTS[4])
+    other = Message(id="q-1", text=FILM_SNIPPETS[4])
     client.submit(other)
     assert client.wait_for([other], timeout_s=10) == [IdReused("q-1")]
 
@@ -453,14 +454,14 @@ def test_a_plain_producer_s_mistakes_are_dead_lettered_whole_counted_and_logged(
     assert set(by_id) == {"kw-1", "two-1", "llm-1", "q-1"}, by_id
     assert by_id["kw-1"]["payload"] == {
         "args": [],
-        "kwargs": {"msg": {"id": "kw-1", "text": TEXTS[0]}},
+        "kwargs": {"msg": {"id": "kw-1", "text": FILM_SNIPPETS[0]}},
     }
     assert "expected keyword argument 'message'" in by_id["kw-1"]["reason"]
     assert "'msg'" in by_id["kw-1"]["reason"]
-    assert by_id["two-1"]["payload"]["args"] == [{"id": "two-1", "text": TEXTS[1]}, 3]
+    assert by_id["two-1"]["payload"]["args"] == [{"id": "two-1", "text": FILM_SNIPPETS[1]}, 3]
     assert "expected keyword argument 'work'" in by_id["llm-1"]["reason"]
     assert by_id["q-1"]["kind"] == "id_reused"
-    assert by_id["q-1"]["payload"]["message"]["text"] == TEXTS[4]
+    assert by_id["q-1"]["payload"]["message"]["text"] == FILM_SNIPPETS[4]
     assert "'q-1'" in by_id["q-1"]["reason"]
     assert client.get_many(["q-1"])[0].label is not None
     assert stream_ids(client).count("q-1") == 1

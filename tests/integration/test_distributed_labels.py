@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import redis
 
-from cluster import default_test_policy
+from cluster import FILM_SNIPPETS, default_test_policy
 from tiergate.gateway.client import TiergateClient
 from tiergate.policies.spec import LearningSpec
 from tiergate.workers.labels import RedisLabelStore
 from tiergate.workers.schemas import Message, Tier
-
-TEXTS = [
-    "A gorgeous, heartfelt film that earns every tear.",
-    "Two hours I will never get back.",
-    "A retired detective returns to his home town to solve one last case.",
-    "Not bad, not great; the second half drags but the leads are charming.",
-    "The plot follows three sisters who inherit a failing vineyard in Napa.",
-    "An ambitious mess, occasionally brilliant, mostly exhausting.",
-    "Sharp, funny and far smarter than it has any right to be.",
-    "A young boxer from Philadelphia gets a shot at the heavyweight title.",
-]
 
 
 def test_workers_collect_and_the_client_corrects(make_cluster):
@@ -31,7 +20,7 @@ def test_workers_collect_and_the_client_corrects(make_cluster):
     cluster.start_worker("bert")
     cluster.start_worker("llm")
     client = TiergateClient.from_settings(cluster.settings)
-    sent = [Message(id=f"m-{i}", text=text) for i, text in enumerate(TEXTS)]
+    sent = [Message(id=f"m-{i}", text=text) for i, text in enumerate(FILM_SNIPPETS)]
     client.submit_many(sent)
     decisions = client.wait_many([m.id for m in sent], timeout_s=300)
     assert all(d is not None for d in decisions), cluster.log_text()

@@ -263,15 +263,7 @@ class LLMTier:
             except PermanentLLMError as exc:
                 exc.usage = spend.usage(provider)
                 raise
-            generated = (
-                self._redactor.restore(answer.text, mapping) if answer.text is not None else None
-            )
-            return LLMResult(
-                label=answer.label,
-                labels=list(answer.labels),
-                text=generated,
-                usage=spend.usage(provider),
-            )
+            return self._result(answer, mapping, spend.usage(provider))
         if last_error is not None:
             raise last_error
         raise _all_breakers_open(chain)
@@ -335,14 +327,15 @@ class LLMTier:
             error = InvalidAnswerError(provider.name, f"invalid answer in a batch: {exc}")
             error.usage = spend.usage(provider, LLMMode.BATCH)
             raise error from None
+        return self._result(answer, mapping, spend.usage(provider, LLMMode.BATCH))
+
+    def _result(self, answer: Answer, mapping: dict[str, str], usage: LLMUsage) -> LLMResult:
+        """The validated ``answer`` as the tier's result, personal data restored in its text."""
         generated = (
             self._redactor.restore(answer.text, mapping) if answer.text is not None else None
         )
         return LLMResult(
-            label=answer.label,
-            labels=list(answer.labels),
-            text=generated,
-            usage=spend.usage(provider, LLMMode.BATCH),
+            label=answer.label, labels=list(answer.labels), text=generated, usage=usage
         )
 
     def check_breakers(self, spec: PolicySpec) -> None:
