@@ -7,8 +7,12 @@ A stream of real messages the first model never saw goes through the cascade, in
    the Rotten Tomatoes training snippets, drawn by a seeded shuffle. Its policy (the one its
    labels select, as in ``bench/cascade.py``) is calibrated with
    :func:`~tiergate.policies.calibrate.calibrate_for_accuracy` on the validation split for a
-   fixed guarantee: accepted BERT answers at least ``--target-accuracy`` (0.85) accurate with
-   confidence ``--confidence`` (0.9).
+   fixed guarantee: all messages at least ``--target-accuracy`` (0.90) accurate with confidence
+   ``--confidence`` (0.9), the LLM's answers counted at its accuracy (``--guarantee-over all``,
+   the default). ``--guarantee-over accepted`` guarantees the accepted BERT answers alone, as
+   ``tiergate calibrate`` does without ``--llm-accuracy``: a better model then keeps more
+   answers at that accuracy, so the stream's accuracy falls toward the target as its LLM share
+   does.
 2. **The stream** is the rest of the training snippets in the same shuffled order. The real BERT
    tier (:class:`BertClassifier`, int8 ONNX) scores each message and
    :func:`~tiergate.policies.routing.decide` routes it. A routed message is answered by a
@@ -65,7 +69,12 @@ from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.default_model import load_default_splits
-from tiergate.workers.bert.distill import DistillOptions, DistillReport, distill
+from tiergate.workers.bert.distill import (
+    DistillOptions,
+    DistillReport,
+    accuracy_interval,
+    distill,
+)
 from tiergate.workers.bert.train import ModelCard, TrainOptions, train_model
 from tiergate.workers.cache import cache_key
 from tiergate.workers.cascade import policy_book_for
@@ -113,7 +122,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--distill-every", type=int, default=1500, help="distill after N new labels (1500)")
     add("--limit", type=int, help="stop the stream after N messages (default: all of it)")
     add("--llm-accuracy", type=float, default=0.95, help="the simulated LLM's accuracy (0.95)")
-    add("--target-accuracy", type=float, default=0.85, help="the policy's guarantee (0.85)")
+    add("--target-accuracy", type=float, default=0.9, help="the policy's guarantee (0.90)")
+    add(
+        "--guarantee-over",
+        choices=("all", "accepted"),
+        default="all",
+        help="all messages, the LLM's at --llm-accuracy (default), or accepted answers alone",
+    )
     add("--confidence", type=float, default=0.9, help="the guarantee's confidence (0.9)")
     add("--recalibrate-on", choices=("validation", "held-out"), default="validation")
     add("--runs", default=",".join(RUNS), help=f"which label sources to run ({','.join(RUNS)})")
@@ -225,8 +240,14 @@ def calibrated(
         base_policy,
         args.target_accuracy,
         args.confidence,
+        llm_accuracy=guarantee_llm_accuracy(args),
     )
     return Serving(model_dir, classifier, result.policy(base_policy), result)
+
+
+def guarantee_llm_accuracy(args: argparse.Namespace) -> float | None:
+    """The LLM accuracy the guarantee counts escalated messages at; None: accepted answers only."""
+    return args.llm_accuracy if args.guarantee_over == "all" else None
 
 
 def train_first_model(data: Data, output: Path, args: argparse.Namespace) -> ModelCard:
@@ -286,6 +307,9 @@ class Tally:
             "llm_calls": self.llm_calls,
             "llm_share": round(self.llm_calls / self.messages, 5),
             "accuracy": round(self.correct / self.messages, 5),
+            "accuracy_ci95": [
+                round(bound, 5) for bound in accuracy_interval(self.correct, self.messages, 0.95)
+            ],
             "bert_kept_accuracy": (
                 round(self.bert_kept_correct / self.bert_kept, 5) if self.bert_kept else None
             ),
@@ -394,6 +418,9 @@ def merge_short_tail(windows: list[dict[str, Any]], window: int) -> list[dict[st
         "llm_calls": calls,
         "llm_share": round(calls / messages, 5),
         "accuracy": round(correct / messages, 5),
+        "accuracy_ci95": [
+            round(bound, 5) for bound in accuracy_interval(round(correct), messages, 0.95)
+        ],
         "bert_kept_accuracy": round(kept_correct / kept, 5) if kept else None,
         "llm_cost_usd": round(last["llm_cost_usd"] + tail["llm_cost_usd"], 6),
         "model_versions": list(dict.fromkeys(last["model_versions"] + tail["model_versions"])),
@@ -424,6 +451,7 @@ def distill_round(
         options=DistillOptions(
             target_accuracy=args.target_accuracy,
             confidence=args.confidence,
+            llm_accuracy=guarantee_llm_accuracy(args),
             epochs=args.epochs,
             learning_rate=args.distill_learning_rate,
             batch_size=args.batch_size,
@@ -681,7 +709,12 @@ def settings_record(args: argparse.Namespace, card: ModelCard) -> dict[str, Any]
             "learning_rate": args.distill_learning_rate,
             "trains_on": "every label collected so far (newest fifth held out) plus the gold set",
         },
-        "guarantee": {"target_accuracy": args.target_accuracy, "confidence": args.confidence},
+        "guarantee": {
+            "target_accuracy": args.target_accuracy,
+            "confidence": args.confidence,
+            "over": "all messages" if args.guarantee_over == "all" else "accepted BERT answers",
+            "llm_accuracy": guarantee_llm_accuracy(args),
+        },
         "recalibrate_on": args.recalibrate_on,
         "window": args.window,
         "batch_size": args.batch_size,

@@ -23,6 +23,7 @@ from tiergate.policies.calibrate import (
     LabelGroup,
     ThresholdTest,
     accepted_needed,
+    allowed_accepted_error,
 )
 from tiergate.policies.class_metrics import ClassMetrics
 from tiergate.policies.evaluate import CurvePoint, Evaluation
@@ -198,19 +199,28 @@ def _share(value: float | None) -> str:
 
 
 def calibration_table(result: CalibrationResult) -> Table:
-    """A two-column table of a calibration: goal, chosen threshold and what it achieves."""
+    """A two-column table of a calibration: goal, chosen threshold and what it achieves.
+
+    A calibration over all messages also shows the expected accuracy of the whole stream (the
+    LLM's answers at its stated accuracy) and the accepted error allowed at the chosen share.
+    """
     table = Table(title="calibration", header_style="bold", show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
     goal = (
-        f"accuracy {_percent(result.target)} at {_percent(result.confidence or 0.0)} confidence"
+        _accuracy_goal(result)
         if result.goal is CalibrationGoal.ACCURACY
         else f"LLM share {_percent(result.target)}"
     )
     threshold_name = "band half-width" if result.multi_label else "min_probability"
     split = result.per_label is not None and bool(result.per_label.own)
     if result.goal is CalibrationGoal.ACCURACY and not result.feasible:
-        unreached = [("feasible", "NO: target not reached")] if split else _unreached_rows(result)
+        if result.over_all_messages:
+            unreached = _unreached_over_all_rows(result)
+        elif split:
+            unreached = [("feasible", "NO: target not reached")]
+        else:
+            unreached = _unreached_rows(result)
         rows = [("goal", goal), ("messages", str(result.n)), *_per_label_rows(result), *unreached]
         for field, value in rows:
             table.add_row(field, value)
@@ -227,16 +237,34 @@ def calibration_table(result: CalibrationResult) -> Table:
             "n/a" if result.accepted_accuracy is None else _percent(result.accepted_accuracy),
         ),
     ]
+    if result.expected_accuracy is not None:
+        rows.append(("expected accuracy, all messages", _percent(result.expected_accuracy)))
     if result.error_upper_bound is not None:
         rows.append(("error upper bound", _percent(result.error_upper_bound)))
+    if result.llm_accuracy is not None and result.accepted_share > 0.0:
+        allowed = allowed_accepted_error(result.target, result.llm_share, result.llm_accuracy)
+        rows.append(("error allowed at this share", _allowed(allowed)))
     rows.append(("feasible", "yes" if result.feasible else "NO: target not reached"))
     for field, value in rows:
         table.add_row(field, value)
     return table
 
 
+def _accuracy_goal(result: CalibrationResult) -> str:
+    """The accuracy goal in words: of accepted answers, or of all messages with the LLM's."""
+    confidence = f"at {_percent(result.confidence or 0.0)} confidence"
+    if result.llm_accuracy is None:
+        return f"accuracy {_percent(result.target)} {confidence}"
+    return (
+        f"accuracy {_percent(result.target)} over all messages "
+        f"(LLM at {_percent(result.llm_accuracy)}) {confidence}"
+    )
+
+
 def _threshold_row(result: CalibrationResult, threshold_name: str) -> tuple[str, str]:
     """The tuned threshold; with label groups, the global one (unused if every label has one)."""
+    if result.over_all_messages and result.accepted_share == 0.0:
+        return threshold_name, "none: every message sent to the LLM"
     if result.per_label is None or not result.per_label.own:
         return threshold_name, f"{result.threshold:.4f}"
     if result.per_label.pooled is None:
@@ -340,6 +368,44 @@ def _unreached_rows(result: CalibrationResult) -> list[tuple[str, str]]:
     return rows
 
 
+def _unreached_over_all_rows(result: CalibrationResult) -> list[tuple[str, str]]:
+    """Why an accuracy target over all messages was not reached: the tests, and the LLM alone.
+
+    Such a result is unreached only when the LLM alone misses the target too, so there is no
+    highest certifiable target or data estimate to show: more data does not lift the LLM.
+    """
+    assert result.llm_accuracy is not None
+    threshold_name = "band half-width" if result.multi_label else "min_probability"
+    rows: list[tuple[str, str]] = []
+    if not result.tested:
+        rows.append(("thresholds tested", "none: none keeps enough answers to be tested"))
+    skipped = max(0, len(result.tested) - _TESTS_SHOWN)
+    if skipped:
+        rows.append(("thresholds tested", f"{skipped} stricter ones passed"))
+    for test in result.tested[skipped:]:
+        share = 1.0 - test.accepted / result.n
+        allowed = allowed_accepted_error(result.target, share, result.llm_accuracy)
+        rows.append(
+            (
+                f"{threshold_name} {test.threshold:.4f}",
+                f"{_tested(test)} (allowed {_allowed(allowed)})",
+            )
+        )
+    rows.append(
+        (
+            "everything to the LLM",
+            f"{_percent(result.llm_accuracy)} accurate: under the target",
+        )
+    )
+    rows.append(("feasible", "NO: target not reached"))
+    return rows
+
+
+def _allowed(error: float) -> str:
+    """An allowed error rate of accepted answers; at or below 0 no share of errors passes."""
+    return "none" if error <= 0.0 else _percent(min(error, 1.0))
+
+
 def unreached_accuracy(result: CalibrationResult) -> str:
     """One line on an unreached accuracy target: the data size, what it certifies, what would do.
 
@@ -347,6 +413,16 @@ def unreached_accuracy(result: CalibrationResult) -> str:
     threshold and their accuracy stay as on this data.
     """
     target, confidence = _percent(result.target), _percent(result.confidence or 0.0)
+    if result.llm_accuracy is not None:
+        llm = _percent(result.llm_accuracy)
+        return (
+            f"target {target} over all messages (LLM at {llm}) at {confidence} confidence is "
+            f"not certified by these {result.n} messages; nothing written. No threshold's "
+            f"accepted answers make up the LLM's shortfall, and even sending every message to "
+            f"the LLM "
+            f"({llm} accurate) does not reach {target}: a more accurate model or LLM, or a "
+            "lower target, may."
+        )
     if result.per_label is not None and result.per_label.own:
         each = f"{100 * result.per_label.group_confidence:.2f}%"
         return (

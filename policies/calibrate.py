@@ -292,6 +292,24 @@ class CalibrationResult:
     highest_certifiable: float | None = None
     data_needed: DataNeeded | None = None
     per_label: PerLabelCalibration | None = None
+    llm_accuracy: float | None = None
+
+    @property
+    def over_all_messages(self) -> bool:
+        """Whether the guarantee covers every message (see :func:`calibrate_for_accuracy`)."""
+        return self.llm_accuracy is not None
+
+    @property
+    def expected_accuracy(self) -> float | None:
+        """Accuracy over all messages: accepted answers as measured, the LLM's at ``llm_accuracy``.
+
+        None without ``llm_accuracy`` (the LLM's accuracy is not known) or when nothing was
+        accepted and nothing was sent.
+        """
+        if self.llm_accuracy is None:
+            return None
+        kept = self.accepted_share * (self.accepted_accuracy or 0.0)
+        return kept + self.llm_share * self.llm_accuracy
 
     def policy(self, spec: PolicySpec) -> PolicySpec:
         """``spec`` with this escalation, under the version ``<version>+cal.<hash>``.
@@ -333,6 +351,8 @@ class CalibrationResult:
             "highest_certifiable": self.highest_certifiable,
             "data_needed": (None if self.data_needed is None else asdict(self.data_needed)),
             "per_label": None if self.per_label is None else asdict(self.per_label),
+            "llm_accuracy": self.llm_accuracy,
+            "expected_accuracy": self.expected_accuracy,
         }
 
 
@@ -673,8 +693,17 @@ def calibrate_for_accuracy(
     confidence: float = 0.95,
     *,
     per_label: bool = False,
+    llm_accuracy: float | None = None,
 ) -> CalibrationResult:
     """The loosest thresholds whose accepted answers certifiably reach ``target_accuracy``.
+
+    With ``llm_accuracy`` the guarantee covers every message instead: the accepted BERT answers
+    together with the LLM's, these counted right at the rate ``llm_accuracy`` (the LLM's
+    measured accuracy, for instance its agreement with people's corrections). See
+    :func:`_calibrate_over_all`. Without it (the default) the guarantee is on accepted answers
+    alone, so a better model that keeps more answers lowers the accuracy of the whole stream
+    toward the target; over all messages it keeps the whole stream's accuracy and lowers the
+    LLM share instead.
 
     Candidates are tested from the strictest to the loosest; a candidate passes when the
     Clopper-Pearson upper bound at ``confidence`` on its accepted error rate is at most
@@ -701,6 +730,12 @@ def calibrate_for_accuracy(
         raise ValueError(f"target accuracy must lie in (0, 1], not {target_accuracy}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    if llm_accuracy is not None:
+        if per_label:
+            raise ValueError("per-label thresholds guarantee accepted answers, not all messages")
+        return _calibrate_over_all(
+            predictions, gold, spec, target_accuracy, confidence, llm_accuracy
+        )
     if per_label:
         return _calibrate_per_label(predictions, gold, spec, target_accuracy, confidence)
     sweep = _sweep(predictions, gold, spec)
@@ -734,6 +769,115 @@ def calibrate_for_accuracy(
         tested=tuple(tests),
         highest_certifiable=_highest_certifiable(sweep, eligible_at, confidence),
         data_needed=_data_needed(sweep, target_accuracy, confidence),
+    )
+
+
+def allowed_accepted_error(target_accuracy: float, llm_share: float, llm_accuracy: float) -> float:
+    """The accepted answers' error rate at which all messages are ``target_accuracy`` right.
+
+    With a share ``s`` sent to an LLM right at the rate ``a``, the whole stream's accuracy is
+    ``(1 - s) * (1 - e) + s * a``, at least the target ``t`` exactly when the accepted error
+    ``e`` is at most ``(1 - t - s * (1 - a)) / (1 - s)``. Infinite when nothing is accepted and
+    the LLM alone reaches the target, negative when it does not.
+    """
+    slack = 1.0 - target_accuracy - llm_share * (1.0 - llm_accuracy)
+    if llm_share >= 1.0:
+        return math.inf if slack >= 0.0 else -math.inf
+    return slack / (1.0 - llm_share)
+
+
+def _calibrate_over_all(
+    predictions: Sequence[Prediction],
+    gold: Sequence[Answer],
+    spec: PolicySpec,
+    target_accuracy: float,
+    confidence: float,
+    llm_accuracy: float,
+) -> CalibrationResult:
+    """:func:`calibrate_for_accuracy` with the guarantee over every message.
+
+    Candidate ``i`` keeps ``accepted_i`` answers and sends the share ``s_i`` to the LLM; it
+    passes when the exact binomial test rejects, at ``1 - confidence``, an accepted error rate
+    above :func:`allowed_accepted_error` at ``s_i`` (so with probability ``confidence`` the
+    whole stream, LLM answers at ``llm_accuracy``, is at least ``target_accuracy`` right). The
+    sequence is the same fixed one, strictest first, each candidate joining once a third of its
+    answers could pass with no errors; the scan stops at the first failure. Each hypothesis has
+    its own allowed error, which fixed-sequence testing allows: the order and the levels depend
+    on counts alone, never on which answers are right. When no candidate passes and the LLM
+    alone reaches the target, everything goes to the LLM (``feasible``, LLM share 1); when it
+    does not, the result is not feasible.
+    """
+    if not 0.0 < llm_accuracy <= 1.0:
+        raise ValueError(f"LLM accuracy must lie in (0, 1], not {llm_accuracy}")
+    sweep = _sweep(predictions, gold, spec)
+    eligible_at = _eligible_from(sweep.accepted, confidence)
+    passed: int | None = None
+    tests: list[ThresholdTest] = []
+    for index, (accepted, errors) in enumerate(zip(sweep.accepted, sweep.errors, strict=True)):
+        allowed = allowed_accepted_error(target_accuracy, 1.0 - accepted / sweep.n, llm_accuracy)
+        if not tests and (accepted == 0 or eligible_at[index] > allowed):
+            continue  # the sequence has not started
+        if allowed <= 0.0:
+            tail = 1.0
+        elif allowed >= 1.0:
+            tail = 0.0
+        else:
+            tail = binomial_cdf(errors, accepted, allowed)
+        tests.append(
+            ThresholdTest(
+                threshold=sweep.thresholds[index],
+                accepted=accepted,
+                errors=errors,
+                error_upper_bound=sweep.upper_bounds(confidence, index + 1)[index],
+                passed=tail <= 1.0 - confidence,
+            )
+        )
+        if tail > 1.0 - confidence:
+            break
+        passed = index
+
+    def result(index: int, *, feasible: bool) -> CalibrationResult:
+        chosen = sweep.result(
+            index,
+            goal=CalibrationGoal.ACCURACY,
+            target=target_accuracy,
+            multi_label=spec.multi_label,
+            feasible=feasible,
+            confidence=confidence,
+        )
+        return replace(chosen, llm_accuracy=llm_accuracy)
+
+    if passed is not None:
+        return result(passed, feasible=True)
+    strictest = result(0, feasible=False)
+    if llm_accuracy >= target_accuracy:
+        return replace(
+            strictest,
+            escalation=everything_to_llm(spec),
+            threshold=_STRICTEST_THRESHOLD,
+            accepted_share=0.0,
+            llm_share=1.0,
+            accepted_accuracy=None,
+            error_upper_bound=None,
+            feasible=True,
+        )
+    return replace(strictest, tested=tuple(tests))
+
+
+_STRICTEST_THRESHOLD = 1.0
+"""The tuned number of :func:`everything_to_llm`'s rules (``min_probability``, or a band half-width
+that covers every probability around any flag threshold)."""
+
+
+def everything_to_llm(spec: PolicySpec) -> Escalation:
+    """Escalation rules that send every answer but a one-hot one to the LLM (no threshold kept)."""
+    return spec.escalation.model_copy(
+        update={
+            "min_probability": 1.0,
+            "min_margin": 1.0,
+            "band": Band(low=0.0, high=1.0),
+            "per_label": {},
+        }
     )
 
 

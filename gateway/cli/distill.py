@@ -46,6 +46,14 @@ def distill(
     confidence: Annotated[
         float, typer.Option(min=0.5, max=0.999, help="Confidence of the guarantee and intervals.")
     ] = 0.9,
+    llm_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="The LLM's measured accuracy; with it the guarantee covers all messages.",
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training data.")] = 2,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 3e-5,
     person_weight: Annotated[
@@ -82,9 +90,10 @@ def distill(
     collected labels (people's weighing --person-weight times an LLM's), plus --train-file.
     The newest --holdout-fraction of the labels is held out: on it the card records both
     models' accuracy with an interval and the LLM share the policy needs for --target-accuracy
-    with each, and the policy is re-calibrated for the candidate (policy.yaml in its
-    directory). The candidate is added to the model store as a new version; --promote promotes
-    it when the gate passes (exit 1 when the gate refuses). Fewer than 50 usable labels exit 2.
+    with each (over all messages with --llm-accuracy, the LLM's answers counted right at that
+    rate), and the policy is re-calibrated for the candidate (policy.yaml in its directory).
+    The candidate is added to the model store as a new version; --promote promotes it when the
+    gate passes (exit 1 when the gate refuses). Fewer than 50 usable labels exit 2.
 
     --every N runs until Ctrl-C: a round after every N new labels, promoting on its own only
     when the gate passes and the policy has learning.auto_promote: true.
@@ -96,6 +105,8 @@ def distill(
             "--promote applies to a single run; with --every the policy's "
             "learning.auto_promote decides"
         )
+    if llm_accuracy == 0.0:
+        raise fail("--llm-accuracy must be above 0 (an LLM never right keeps no guarantee)")
     options = DistillOptions(
         target_accuracy=target_accuracy,
         epochs=epochs,
@@ -103,6 +114,7 @@ def distill(
         person_weight=person_weight,
         holdout_fraction=holdout_fraction,
         confidence=confidence,
+        llm_accuracy=llm_accuracy,
         min_onnx_agreement=min_onnx_agreement,
         show_progress=True,
         threads=threads,
@@ -273,7 +285,8 @@ def print_report(report: DistillReport, version: str, directory: Path, *, promot
     table.add_column("model")
     table.add_column("version")
     table.add_column(f"accuracy ({block['confidence']:.0%} interval)", justify="right")
-    table.add_column(f"LLM share for {block['target_accuracy']:.1%}", justify="right")
+    scope = " over all messages" if block.get("llm_accuracy") is not None else ""
+    table.add_column(f"LLM share for {block['target_accuracy']:.1%}{scope}", justify="right")
     for name, score in (("current", report.current), ("candidate", report.candidate)):
         table.add_row(
             name,

@@ -105,6 +105,15 @@ def calibrate(
     confidence: Annotated[
         float, typer.Option(min=0.5, max=0.999, help="Confidence of the bound for goal (a).")
     ] = 0.95,
+    llm_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Goal (a): guarantee the accuracy over all messages, the LLM's answers counted "
+            "right at this rate (its measured accuracy).",
+        ),
+    ] = None,
     per_label: Annotated[
         bool,
         typer.Option(
@@ -141,6 +150,11 @@ def calibrate(
     --per-label (goal (a), single-label policies): each label with enough validation messages
     as the BERT top label gets a threshold of its own, the others share the global one, under
     the same guarantee (the error probability is split evenly over the label groups).
+
+    --llm-accuracy A (goal (a)): the target covers every message, the accepted BERT answers with
+    the LLM's counted right at the rate A, so a model less accurate than the target may still
+    keep answers when the LLM is more accurate; with A at or above the target and no threshold
+    certified, every message goes to the LLM.
     """
     from tiergate.gateway.report import calibration_table, unreached_accuracy  # noqa: PLC0415
     from tiergate.policies.calibrate import (  # noqa: PLC0415
@@ -149,10 +163,7 @@ def calibrate(
         calibrate_for_llm_share,
     )
 
-    if (target_accuracy is None) == (llm_share is None):
-        raise fail("give exactly one goal: --target-accuracy or --llm-share")
-    if per_label and llm_share is not None:
-        raise fail("--per-label applies to goal (a), --target-accuracy, not to --llm-share")
+    _check_goals(target_accuracy, llm_share, llm_accuracy, per_label=per_label)
     chain = provider_chain(provider or [])
     columns = (text_column, label_column, labels_column)
     # The written policy gets a chain below, so a base policy without one needs no warning.
@@ -170,6 +181,7 @@ def calibrate(
             target_accuracy,
             confidence,
             per_label=per_label,
+            llm_accuracy=llm_accuracy,
         )
     else:
         assert llm_share is not None
@@ -210,6 +222,30 @@ def calibrate(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _check_goals(
+    target_accuracy: float | None,
+    llm_share: float | None,
+    llm_accuracy: float | None,
+    *,
+    per_label: bool,
+) -> None:
+    """Usage errors of ``calibrate``'s goal options: exactly one goal, each option in its scope."""
+    if (target_accuracy is None) == (llm_share is None):
+        raise fail("give exactly one goal: --target-accuracy or --llm-share")
+    if per_label and llm_share is not None:
+        raise fail("--per-label applies to goal (a), --target-accuracy, not to --llm-share")
+    if llm_accuracy is not None:
+        if llm_share is not None:
+            raise fail("--llm-accuracy applies to goal (a), --target-accuracy, not to --llm-share")
+        if per_label:
+            raise fail(
+                "--llm-accuracy and --per-label cannot be combined: per-label thresholds "
+                "guarantee the accepted answers, not all messages"
+            )
+        if llm_accuracy == 0.0:
+            raise fail("--llm-accuracy must be above 0")
 
 
 def evaluate(

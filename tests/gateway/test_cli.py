@@ -651,3 +651,52 @@ def test_calibrate_per_label_outside_its_scope_is_a_usage_error(run, make_tiny_m
     assert "--per-label applies to single-label policies" in multi.stderr
     assert "Traceback" not in multi.stderr
     assert not out.exists()
+
+
+def _llm_share_under(run, policy: Path, data: Path) -> float:
+    """The share of ``data`` that ``classify`` sends to the LLM under ``policy``."""
+    routed = _lines(run("classify", "--no-cache", "--policy", str(policy), "-i", str(data)).stdout)
+    assert routed
+    return sum(d["reason"] != "confident" for d in routed) / len(routed)
+
+
+def test_calibrate_over_all_messages_sends_no_more_to_the_llm(
+    run, trained_model, tmp_path, monkeypatch
+):
+    """--llm-accuracy above the target: the policy sends no more out, the table says the scope."""
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough that rich keeps each cell on one line
+    data = _labelled_file(tmp_path, trained_model.validation)
+    accepted_only, over_all = tmp_path / "accepted.yaml", tmp_path / "over-all.yaml"
+    plain = run("calibrate", str(data), "--target-accuracy", "0.8", "-o", str(accepted_only))
+    assert plain.returncode == 0, plain.stderr
+    scoped = run(
+        "calibrate", str(data), "--target-accuracy", "0.8", "--llm-accuracy", "0.95",
+        "-o", str(over_all),
+    )  # fmt: skip
+    assert scoped.returncode == 0, scoped.stderr
+    assert "accuracy 80.0% over all messages (LLM at 95.0%) at 95.0% confidence" in scoped.stderr
+    assert "expected accuracy, all messages" in scoped.stderr
+    assert "over all messages" not in plain.stderr
+    assert _llm_share_under(run, over_all, data) <= _llm_share_under(run, accepted_only, data)
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (("--llm-share", "0.2", "--llm-accuracy", "0.9"), "--llm-accuracy applies to goal (a)"),
+        (
+            ("--target-accuracy", "0.8", "--per-label", "--llm-accuracy", "0.9"),
+            "--llm-accuracy and --per-label cannot be combined",
+        ),
+        (("--target-accuracy", "0.8", "--llm-accuracy", "0"), "--llm-accuracy must be above 0"),
+        (("--target-accuracy", "0.8", "--llm-accuracy", "1.5"), "--llm-accuracy"),
+    ],
+)
+def test_calibrate_llm_accuracy_outside_its_scope_is_a_usage_error(run, tmp_path, args, problem):
+    """--llm-accuracy with goal (b), with --per-label, or out of (0, 1] exits 2 naming it."""
+    out = tmp_path / "x.yaml"
+    result = run("calibrate", "x.jsonl", *args, "-o", str(out))
+    assert result.returncode == 2
+    assert problem in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

@@ -127,18 +127,31 @@ def deployment(tiny_model, tmp_path, fake) -> Callable[..., Deployment]:
 
 
 def test_distill_adds_a_better_candidate_and_promotes_it(deployment):
-    """150 LLM labels train a candidate that passes the gate; --promote makes it current."""
+    """150 LLM labels train a candidate that passes the gate; --promote makes it current.
+
+    With --llm-accuracy the guarantee covers all messages, which the card and the table say.
+    """
     served = deployment()
     served.feed(150)
     result = served.run(
-        "distill", "--policy", "tickets", "--target-accuracy", "0.7", *LEARN, "--promote"
+        "distill",
+        "--policy",
+        "tickets",
+        "--target-accuracy",
+        "0.7",
+        "--llm-accuracy",
+        "0.95",
+        *LEARN,
+        "--promote",
     )
     assert result.returncode == 0, result.stderr
     assert "gate passed" in result.stderr
+    assert "over all messages" in " ".join(result.stderr.split())
     versions = served.versions()
     current = versions.current()
     assert current is not None
     block = versions.card(current)["distillation"]
+    assert block["llm_accuracy"] == 0.95
     assert block["sources"] == {"llm": 120, "person": 0, "training_file": 0}
     assert block["held_out"]["examples"] == 30
     assert block["candidate"]["model_version"] == current
@@ -185,6 +198,15 @@ def test_promote_and_every_together_are_a_usage_error(deployment):
     result = deployment().run("distill", "--policy", "tickets", "--every", "10", "--promote")
     assert result.returncode == 2
     assert "learning.auto_promote" in result.stderr
+
+
+def test_an_llm_that_is_never_right_is_a_usage_error(deployment):
+    """--llm-accuracy 0 keeps no guarantee over all messages: exit 2 before anything trains."""
+    served = deployment()
+    result = served.run("distill", "--policy", "tickets", "--llm-accuracy", "0")
+    assert result.returncode == 2
+    assert "--llm-accuracy must be above 0" in result.stderr
+    assert served.versions().versions() == []
 
 
 def _learn() -> DistillOptions:

@@ -290,3 +290,62 @@ def test_per_label_table_names_the_labels_that_kept_the_global_threshold(labelle
     assert "NO: target not reached" in text
     assert "thresholds tested" not in text
     assert "not certified for any label group" in unreached_accuracy(result)
+
+
+def test_calibration_table_over_all_messages_shows_the_whole_stream(labelled):
+    """The goal names all messages and the LLM's accuracy; the expected accuracy shows."""
+    predictions, gold, spec = labelled
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=0.95)
+    assert result.feasible
+    assert 0.0 < result.accepted_share < 1.0
+    assert result.expected_accuracy is not None
+    text = render(calibration_table(result))
+    assert "accuracy 90.0% over all messages (LLM at 95.0%) at 95.0% confidence" in text
+    assert re.search(
+        rf"expected accuracy, all messages\W+{100 * result.expected_accuracy:.1f}%", text
+    )
+    assert f"{result.threshold:.4f}" in text
+    allowed = (0.1 - result.llm_share * 0.05) / (1.0 - result.llm_share)
+    assert re.search(rf"error allowed at this share\W+{100 * allowed:.1f}%", text)
+    accepted_only = render(calibration_table(calibrate_for_accuracy(predictions, gold, spec, 0.9)))
+    assert "over all messages" not in accepted_only
+    assert "expected accuracy" not in accepted_only
+
+
+def test_calibration_table_over_all_messages_when_everything_goes_to_the_llm(labelled):
+    """No threshold certified and an LLM at the target: no threshold is shown as kept."""
+    predictions, gold, spec = labelled
+    result = calibrate_for_accuracy(predictions, gold, spec, 0.97, llm_accuracy=0.97)
+    assert result.feasible
+    assert result.llm_share == 1.0
+    text = render(calibration_table(result))
+    assert "none: every message sent to the LLM" in text
+    assert f"{result.threshold:.4f}" not in text
+    assert re.search(r"expected accuracy, all messages\W+97\.0%", text)
+    assert "error allowed" not in text
+
+
+@pytest.mark.parametrize("size", [300, 10])
+def test_unreached_over_all_target_says_the_llm_alone_misses_it(labelled, size):
+    """An LLM under the target and no threshold certified: the table and the line say so."""
+    predictions, gold, spec = labelled
+    result = calibrate_for_accuracy(predictions[:size], gold[:size], spec, 0.9, llm_accuracy=0.85)
+    assert not result.feasible
+    assert result.highest_certifiable is None
+    assert result.data_needed is None
+    text = render(calibration_table(result))
+    assert "accuracy 90.0% over all messages (LLM at 85.0%)" in text
+    assert "85.0% accurate: under the target" in text
+    assert "NO: target not reached" in text
+    assert "highest certifiable target" not in text
+    assert "validation messages needed" not in text
+    for test in result.tested:
+        allowed = (0.1 - (1.0 - test.accepted / size) * 0.15) / (test.accepted / size)
+        shown = "none" if allowed <= 0 else f"{100 * allowed:.1f}%"
+        assert f"{test.accepted} accepted, {test.errors} wrong" in text
+        assert f"failed (allowed {shown})" in text or test.passed
+    if not result.tested:
+        assert "none: none keeps enough answers to be tested" in text
+    line = unreached_accuracy(result)
+    assert f"not certified by these {size} messages" in line
+    assert "even sending every message to the LLM (85.0% accurate) does not reach 90.0%" in line

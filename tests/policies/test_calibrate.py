@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tiergate.policies.calibrate import (
     CalibrationGoal,
     accepted_needed,
+    allowed_accepted_error,
     binomial_cdf,
     calibrate_for_accuracy,
     calibrate_for_llm_share,
@@ -709,3 +710,157 @@ def test_per_label_thresholds_are_refused_for_a_multi_label_policy():
     gold = [frozenset({"a"})] * 10
     with pytest.raises(ValueError, match="single-label policies"):
         calibrate_for_accuracy(predictions, gold, _spec(multi_label=True), 0.8, per_label=True)
+
+
+# --- accuracy over all messages ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "share", "llm", "expected"),
+    [
+        (0.9, 0.5, 0.95, 0.15),  # (0.1 - 0.5 * 0.05) / 0.5
+        (0.9, 0.0, 0.95, 0.1),  # nothing sent: the accepted-only allowance
+        (0.9, 0.2, 0.8, 0.075),  # (0.1 - 0.2 * 0.2) / 0.8
+        (0.9, 0.5, 0.8, 0.0),  # the LLM's misses use up the whole allowance
+        (0.9, 0.5, 0.7, -0.1),  # (0.1 - 0.5 * 0.3) / 0.5: even perfect answers fall short
+        (0.9, 0.3, 0.9, 0.1),  # an LLM right at the target leaves 1 - target at any share
+        (0.9, 1.0, 0.95, math.inf),
+        (0.9, 1.0, 0.9, math.inf),
+        (0.9, 1.0, 0.85, -math.inf),
+    ],
+)
+def test_allowed_accepted_error_matches_hand_computed_values(target, share, llm, expected):
+    """The accepted error at which the whole stream is exactly on target, by hand."""
+    assert allowed_accepted_error(target, share, llm) == pytest.approx(expected, abs=1e-12)
+
+
+def whole_stream_accuracy(predictions, gold, spec, llm_accuracy: float) -> float:
+    """Accepted answers right as routed by ``decide``, plus the LLM's share at ``llm_accuracy``."""
+    share, accuracy = accepted_by_decide(predictions, gold, spec)
+    return share * (accuracy or 0.0) + (1.0 - share) * llm_accuracy
+
+
+def test_over_all_scope_keeps_more_answers_when_the_llm_beats_the_target():
+    """With the LLM at 95% and a 90% target, answers under 90% right may stand: fewer go out."""
+    predictions, gold = synthetic_single(np.random.default_rng(1), 1500)
+    spec = _spec()
+    accepted_only = calibrate_for_accuracy(predictions, gold, spec, 0.9)
+    over_all = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=0.95)
+    assert accepted_only.feasible
+    assert over_all.feasible
+    assert not accepted_only.over_all_messages
+    assert accepted_only.expected_accuracy is None
+    assert over_all.over_all_messages
+    assert over_all.llm_accuracy == 0.95
+    assert over_all.threshold < accepted_only.threshold
+    assert over_all.llm_share < accepted_only.llm_share
+    # the BERT answers kept are below the target on their own; the LLM's make up the rest
+    assert over_all.accepted_accuracy is not None
+    assert over_all.accepted_accuracy < 0.9
+    policy = over_all.policy(spec)
+    whole = whole_stream_accuracy(predictions, gold, policy, 0.95)
+    assert whole >= 0.9
+    assert whole == pytest.approx(over_all.expected_accuracy)
+    assert decide(_single("a", over_all.threshold), policy).target is Target.BERT
+
+
+def test_over_all_scope_with_the_llm_not_above_the_target_keeps_no_more():
+    """An LLM right at the target allows what accepted-only does; one below it certifies none."""
+    predictions, gold = synthetic_single(np.random.default_rng(1), 1500)
+    spec = _spec()
+    accepted_only = calibrate_for_accuracy(predictions, gold, spec, 0.9)
+    at_target = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=0.9)
+    assert at_target.feasible
+    assert at_target.llm_share >= accepted_only.llm_share
+    assert whole_stream_accuracy(predictions, gold, at_target.policy(spec), 0.9) >= 0.9
+    # at 88% the LLM drags the stream down more than the confident answers lift it
+    below = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=0.88)
+    assert not below.feasible
+    assert below.tested
+    assert not below.tested[-1].passed
+    assert all(test.passed for test in below.tested[:-1])
+    assert below.highest_certifiable is None
+    assert below.data_needed is None
+    assert below.threshold == max(p.top_probability for p in predictions)
+
+
+# Top-1 probabilities on a grid, so a sweep has few candidates and the population is exact.
+_GRID = tuple(round(0.4 + 0.05 * k, 2) for k in range(12))  # 0.40 .. 0.95
+_ON_GRID = {(label, c): _single(label, c) for label in LABELS for c in _GRID}
+
+
+def _grid_draw(rng: np.random.Generator, n: int) -> tuple[list[Prediction], list[str]]:
+    """``n`` predictions with top-1 uniform on the grid, each right with that probability."""
+    cells = rng.integers(0, len(_GRID), n)
+    tops = rng.integers(0, len(LABELS), n)
+    right = rng.random(n) < np.array(_GRID)[cells]
+    predictions = [_ON_GRID[LABELS[t], _GRID[c]] for c, t in zip(cells, tops, strict=True)]
+    gold = [
+        LABELS[t] if ok else LABELS[(t + 1) % len(LABELS)]
+        for t, ok in zip(tops, right, strict=True)
+    ]
+    return predictions, gold
+
+
+def _grid_whole_accuracy(threshold: float, llm_accuracy: float) -> float:
+    """Population accuracy of all messages when top-1 probabilities under ``threshold`` go out."""
+    return float(np.mean([c if c >= threshold else llm_accuracy for c in _GRID]))
+
+
+def test_over_all_scope_rarely_certifies_a_threshold_whose_stream_misses_the_target():
+    """Over 300 fresh sets, the true whole-stream accuracy is under target at most ~10% (90%).
+
+    The target 88.8% sits just above the population accuracy at threshold 0.70 (88.75%), so a
+    draw that certifies 0.70 misses it: the test is near its edge, where the risk is spent.
+    """
+    rng = np.random.default_rng(7)
+    spec = _spec()
+    target, llm, confidence, repetitions = 0.888, 0.95, 0.9, 300
+    assert _grid_whole_accuracy(0.7, llm) < target < _grid_whole_accuracy(0.75, llm)
+    violations = kept = 0
+    for _ in range(repetitions):
+        predictions, gold = _grid_draw(rng, 600)
+        result = calibrate_for_accuracy(
+            predictions, gold, spec, target, confidence, llm_accuracy=llm
+        )
+        assert result.feasible  # the LLM alone reaches the target
+        if result.accepted_share == 0.0:
+            continue
+        kept += 1
+        violations += _grid_whole_accuracy(result.threshold, llm) < target
+    assert kept >= 0.9 * repetitions
+    risk = 1.0 - confidence
+    assert violations / repetitions <= risk + 3 * math.sqrt(risk * (1 - risk) / repetitions)
+
+
+def test_everything_goes_to_the_llm_when_no_threshold_passes_but_the_llm_reaches_the_target():
+    """A model always wrong certifies nothing: an LLM at the target takes every message."""
+    predictions = [_single("a", 0.9)] * 200
+    gold = ["b"] * 200
+    spec = _spec()
+    for llm in (0.9, 0.97, 1.0):
+        result = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=llm)
+        assert result.feasible
+        assert (result.accepted_share, result.llm_share) == (0.0, 1.0)
+        assert result.accepted_accuracy is None
+        assert result.expected_accuracy == pytest.approx(llm)
+        policy = result.policy(spec)
+        assert accepted_by_decide(predictions, gold, policy) == (0.0, None)
+        assert decide(_single("a", 0.999), policy).target is Target.LLM
+    short = calibrate_for_accuracy(predictions, gold, spec, 0.9, llm_accuracy=0.85)
+    assert not short.feasible
+    assert short.llm_accuracy == 0.85
+    assert [test.passed for test in short.tested] == [False]
+    assert short.expected_accuracy is not None
+    assert short.expected_accuracy < 0.9
+
+
+def test_over_all_scope_refuses_per_label_and_an_llm_accuracy_out_of_range():
+    """per_label with llm_accuracy, or an LLM accuracy outside (0, 1], is a ValueError."""
+    predictions, gold = synthetic_single(np.random.default_rng(4), 100)
+    spec = _spec()
+    with pytest.raises(ValueError, match="per-label"):
+        calibrate_for_accuracy(predictions, gold, spec, 0.8, per_label=True, llm_accuracy=0.9)
+    for llm in (0.0, -0.1, 1.01):
+        with pytest.raises(ValueError, match="LLM accuracy must lie in"):
+            calibrate_for_accuracy(predictions, gold, spec, 0.8, llm_accuracy=llm)

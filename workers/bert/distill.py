@@ -12,9 +12,11 @@ trained on: both the candidate and the current model are scored on it. For each,
 records its accuracy there with a two-sided Clopper-Pearson interval, and the share of that slice
 the policy would send to the LLM once its thresholds are re-calibrated on the slice for the
 policy's accuracy guarantee, with the risk-controlled method of ``tiergate calibrate``
-(:func:`~tiergate.policies.calibrate.calibrate_for_accuracy`; a message sent to the LLM counts as
-answered right, as calibration assumes). That is the card's ``distillation`` block, which the
-promotion gate (:func:`~tiergate.workers.bert.versions.gate`) reads.
+(:func:`~tiergate.policies.calibrate.calibrate_for_accuracy`). By default the guarantee is on the
+accepted BERT answers, a message sent to the LLM counting as answered right, as calibration
+assumes; with ``DistillOptions.llm_accuracy`` it covers all messages, those sent to the LLM
+counted right at that rate. That is the card's ``distillation`` block, which the promotion gate
+(:func:`~tiergate.workers.bert.versions.gate`) reads.
 
 :func:`run_continuously` is the loop of ``tiergate distill --every N``: a round after every ``N``
 new labels.
@@ -38,9 +40,10 @@ from tiergate.policies.calibrate import (
     CalibrationResult,
     calibrate_for_accuracy,
     clopper_pearson_upper,
+    everything_to_llm,
 )
 from tiergate.policies.evaluate import Answer, bert_answer
-from tiergate.policies.spec import Band, Escalation, PolicySpec
+from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.calibrated import POLICY_FILE
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
@@ -80,7 +83,11 @@ class Collected(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class DistillOptions:
-    """How to distill. ``target_accuracy`` (with ``confidence``) is the policy's guarantee."""
+    """How to distill. ``target_accuracy`` (with ``confidence``) is the policy's guarantee.
+
+    ``llm_accuracy``, the LLM's measured accuracy, makes the guarantee cover all messages, the
+    LLM's answers counted right at that rate; None keeps it on the accepted BERT answers.
+    """
 
     target_accuracy: float
     epochs: int = 2
@@ -93,6 +100,7 @@ class DistillOptions:
     min_onnx_agreement: float = 0.97  # as TrainOptions.min_agreement
     show_progress: bool = False  # training's progress bars on standard error
     threads: int | None = None  # torch's threads (default: one per core), as TrainOptions.threads
+    llm_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ class HeldOutScore:
 
     ``llm_share`` is the share the re-calibrated policy (``calibration``) sends to the LLM;
     1 when no threshold certifies the target with this model (only the LLM can then keep it).
+    With ``DistillOptions.llm_accuracy`` the target is over all messages.
     """
 
     model_version: str
@@ -176,11 +185,17 @@ def score_held_out(
     correct = sum(bert_answer(p, spec) == g for p, g in zip(predictions, gold, strict=True))
     low, high = accuracy_interval(correct, len(gold), options.confidence)
     calibration = calibrate_for_accuracy(
-        predictions, gold, spec, options.target_accuracy, options.confidence
+        predictions,
+        gold,
+        spec,
+        options.target_accuracy,
+        options.confidence,
+        llm_accuracy=options.llm_accuracy,
     )
+    # over all messages, a target the LLM alone reaches is already feasible with share 1
     if not calibration.feasible:
         calibration = replace(
-            calibration, escalation=_everything_to_llm(spec), accepted_share=0.0, llm_share=1.0
+            calibration, escalation=everything_to_llm(spec), accepted_share=0.0, llm_share=1.0
         )
     return HeldOutScore(
         model_version=classifier.model_version,
@@ -189,18 +204,6 @@ def score_held_out(
         ci_high=high,
         llm_share=calibration.llm_share,
         calibration=calibration,
-    )
-
-
-def _everything_to_llm(spec: PolicySpec) -> Escalation:
-    """Escalation rules that send (all but one-hot) answers to the LLM: no threshold certifies."""
-    return spec.escalation.model_copy(
-        update={
-            "min_probability": 1.0,
-            "min_margin": 1.0,
-            "band": Band(low=0.0, high=1.0),
-            "per_label": {},
-        }
     )
 
 
@@ -274,6 +277,7 @@ def distillation_block(
         "policy": spec.name,
         "target_accuracy": options.target_accuracy,
         "confidence": options.confidence,
+        "llm_accuracy": options.llm_accuracy,
         "sources": {
             "llm": kinds["llm"],
             "person": kinds["person"],

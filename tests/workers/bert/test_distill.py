@@ -20,7 +20,9 @@ from tiergate.workers.bert.distill import (
     Round,
     accuracy_interval,
     distill,
+    distillation_block,
     run_continuously,
+    score_held_out,
     split_newest,
 )
 from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
@@ -160,7 +162,11 @@ def test_card_records_what_it_learned_from_and_how_it_did(learned, tiny_model):
     card = json.loads((output / CARD_FILE).read_text())
     block = card["distillation"]
     assert block["policy"] == "tickets"
-    assert (block["target_accuracy"], block["confidence"]) == (0.7, 0.9)
+    assert (block["target_accuracy"], block["confidence"], block["llm_accuracy"]) == (
+        0.7,
+        0.9,
+        None,
+    )
     assert block["sources"] == {"llm": 96, "person": 24, "training_file": 0}
     assert block["period"] == {"from": "2027-01-15T08:00:00Z", "to": "2027-01-15T09:59:00Z"}
     assert block["held_out"] == {
@@ -190,6 +196,32 @@ def test_a_candidate_that_learned_passes_the_gate(learned):
     assert report.candidate.llm_share < report.current.llm_share
     assert report.gate.passed, report.gate.reasons
     assert report.policy.escalation == report.candidate.calibration.escalation
+
+
+def test_llm_accuracy_calibrates_over_all_messages(learned, tiny_model):
+    """With the LLM's accuracy both models are calibrated over all messages; the card says so.
+
+    The LLM right more often than the target leaves room for accepted errors, so neither model
+    needs more of the LLM than under the accepted-answers guarantee, and the untrained base,
+    which certifies nothing for accepted answers, becomes feasible.
+    """
+    output, report = learned
+    older, held_out = split_newest(collected(150), 0.2)
+    over_all = options(llm_accuracy=0.95)
+    candidate = score_held_out(output, held_out, spec(), over_all)
+    current = score_held_out(tiny_model, held_out, spec(), over_all)
+    for score in (candidate, current):
+        assert score.calibration.llm_accuracy == 0.95
+        assert score.calibration.over_all_messages
+        assert score.calibration.feasible
+        assert score.llm_share == score.calibration.llm_share
+    assert report.candidate.calibration.llm_accuracy is None
+    assert not report.current.calibration.feasible
+    assert candidate.llm_share <= report.candidate.llm_share
+    assert current.llm_share <= report.current.llm_share == 1.0
+    block = distillation_block(spec(), over_all, older, held_out, 0, (candidate, current))
+    assert block["llm_accuracy"] == 0.95
+    assert block["candidate"]["llm_share"] == candidate.llm_share
 
 
 def test_gate_refuses_a_candidate_trained_on_flipped_labels(learned, tmp_path):
