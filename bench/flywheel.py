@@ -27,6 +27,10 @@ A stream of real messages the first model never saw goes through the cascade, in
    passes, the candidate serves the following messages, with the policy re-calibrated for the
    same guarantee: on the validation split, as the first was (``--recalibrate-on validation``,
    the default), or on distill's held-out slice (``held-out``: the policy distill writes).
+   With ``--audit-share`` (0 by default) that share of the messages, drawn by cache key
+   (:func:`~tiergate.policies.routing.in_audit_sample`), goes to the LLM even when the BERT
+   answer would stand, and distill holds out those audit labels (a uniform sample of the
+   stream) instead of the newest ones, as ``learning.audit_share`` does in the service.
 
 Each message is counted in its window of ``--window`` (1,000) messages: the share sent to the
 LLM, the accuracy of the final answers against the data's own labels, and the LLM's cost (each
@@ -62,19 +66,18 @@ from rich.table import Table
 
 from cascade import CallPrice, price_calls
 from measurement import BenchmarkOptions, batches, fail, machine, note, provenance, write_results
-from tiergate.policies.calibrate import CalibrationResult, calibrate_for_accuracy
+from tiergate.policies.calibrate import (
+    CalibrationResult,
+    accuracy_interval,
+    calibrate_for_accuracy,
+)
 from tiergate.policies.evaluate import Answer, evaluate_cascade, simulate_llm
-from tiergate.policies.routing import Target, decide
+from tiergate.policies.routing import Reason, Target, decide, in_audit_sample
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.default_model import load_default_splits
-from tiergate.workers.bert.distill import (
-    DistillOptions,
-    DistillReport,
-    accuracy_interval,
-    distill,
-)
+from tiergate.workers.bert.distill import DistillOptions, DistillReport, distill
 from tiergate.workers.bert.train import ModelCard, TrainOptions, train_model
 from tiergate.workers.cache import cache_key
 from tiergate.workers.cascade import policy_book_for
@@ -131,6 +134,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add("--confidence", type=float, default=0.9, help="the guarantee's confidence (0.9)")
     add("--recalibrate-on", choices=("validation", "held-out"), default="validation")
+    add(
+        "--audit-share",
+        type=float,
+        default=0.0,
+        help="share of messages in the audit sample, answered by the LLM (0: none)",
+    )
     add("--runs", default=",".join(RUNS), help=f"which label sources to run ({','.join(RUNS)})")
     add("--epochs", type=int, default=1, help="epochs of each distillation (1)")
     add("--first-epochs", type=int, default=2, help="epochs of the first model (2)")
@@ -148,6 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for option in ("llm_accuracy", "target_accuracy", "confidence"):
         if not 0.0 < getattr(args, option) < 1.0:
             parser.error(f"--{option.replace('_', '-')} must lie in (0, 1)")
+    if not 0.0 <= args.audit_share < 1.0:
+        parser.error("--audit-share must lie in [0, 1)")
     args.runs = tuple(run.strip() for run in args.runs.split(",") if run.strip())
     if not args.runs or set(args.runs) - set(RUNS):
         parser.error(f"--runs names runs among {', '.join(RUNS)}")
@@ -279,15 +290,22 @@ class Tally:
 
     messages: int = 0
     llm_calls: int = 0
+    audit_calls: int = 0  # LLM calls for the audit sample alone (the BERT answer would stand)
     correct: int = 0
     bert_kept: int = 0
     bert_kept_correct: int = 0
     cost_usd: float = 0.0
     model_versions: list[str] = field(default_factory=list)
 
-    def count(self, *, sent: bool, correct: bool, cost: float, model_version: str) -> None:
-        """Count one message: sent to the LLM or kept, answered right or not, at ``cost``."""
+    def count(
+        self, *, sent: bool, audit: bool, correct: bool, cost: float, model_version: str
+    ) -> None:
+        """Count one message: sent to the LLM or kept, answered right or not, at ``cost``.
+
+        ``audit``: sent for the audit sample alone (its BERT answer would have stood).
+        """
         self.messages += 1
+        self.audit_calls += audit
         self.correct += correct
         if sent:
             self.llm_calls += 1
@@ -305,6 +323,7 @@ class Tally:
             "first_message": index * window,
             "messages": self.messages,
             "llm_calls": self.llm_calls,
+            "audit_calls": self.audit_calls,
             "llm_share": round(self.llm_calls / self.messages, 5),
             "accuracy": round(self.correct / self.messages, 5),
             "accuracy_ci95": [
@@ -330,20 +349,27 @@ class Stream:
     source: str
     redactor: Redactor = field(default_factory=Redactor)
 
-    def collected(self, index: int, serving: Serving, prediction: Prediction) -> CollectedExample:
+    def key(self, index: int, serving: Serving) -> str:
+        """Message ``index``'s decision-cache key under the serving model and policy."""
+        return cache_key(
+            self.data.stream[index].text,
+            policy=serving.policy.name,
+            policy_version=serving.policy.version,
+            model_version=serving.model_version,
+            llm_route="simulated",
+            prompt_version="flywheel",
+            task="classify",
+        )
+
+    def collected(
+        self, index: int, serving: Serving, prediction: Prediction, *, audit: bool
+    ) -> CollectedExample:
         """The labelled example message ``index`` leaves behind, as the label store keeps it."""
         text = self.data.stream[index].text
         policy = serving.policy
         return CollectedExample(
-            key=cache_key(
-                text,
-                policy=policy.name,
-                policy_version=policy.version,
-                model_version=serving.model_version,
-                llm_route="simulated",
-                prompt_version="flywheel",
-                task="classify",
-            ),
+            key=self.key(index, serving),
+            audit=audit,
             text=self.redactor.redact(text)[0],
             labels=[self.training_labels[index]],
             source=self.source,
@@ -377,19 +403,22 @@ def run_stream(
                 [m.text for m in messages[index : index + SCORE_BATCH]]
             )
         prediction = predictions[index - scored_from]
-        sent = decide(prediction, serving.policy).target is Target.LLM
+        audited = in_audit_sample(stream.key(index, serving), args.audit_share)
+        route = decide(prediction, serving.policy, audited=audited)
+        sent = route.target is Target.LLM
         answer = stream.llm_answers[index] if sent else prediction.top_label
         if index % args.window == 0:
             windows.append(Tally())
         windows[-1].count(
             sent=sent,
+            audit=route.reason is Reason.AUDIT,
             correct=answer == message.labels[0],
             cost=stream.costs[index],
             model_version=serving.model_version,
         )
         if not sent:
             continue
-        collected.append(stream.collected(index, serving, prediction))
+        collected.append(stream.collected(index, serving, prediction, audit=audited))
         new_labels += 1
         if new_labels >= args.distill_every:
             record, serving = distill_round(stream, serving, collected, base_policy, work, args)
@@ -407,6 +436,7 @@ def merge_short_tail(windows: list[dict[str, Any]], window: int) -> list[dict[st
     tail, last = windows[-1], windows[-2]
     messages = last["messages"] + tail["messages"]
     calls = last["llm_calls"] + tail["llm_calls"]
+    audit_calls = last["audit_calls"] + tail["audit_calls"]
     correct = last["accuracy"] * last["messages"] + tail["accuracy"] * tail["messages"]
     kept = messages - calls
     kept_correct = sum(
@@ -416,6 +446,7 @@ def merge_short_tail(windows: list[dict[str, Any]], window: int) -> list[dict[st
         **last,
         "messages": messages,
         "llm_calls": calls,
+        "audit_calls": audit_calls,
         "llm_share": round(calls / messages, 5),
         "accuracy": round(correct / messages, 5),
         "accuracy_ci95": [
@@ -498,6 +529,7 @@ def round_record(
         "labels": labels,
         "sources": block["sources"],
         "held_out": block["held_out"]["examples"],
+        "held_out_kind": block["held_out_kind"],
         "candidate": block["candidate"],
         "current": block["current"],
         "gate_passed": report.gate.passed,
@@ -558,6 +590,7 @@ def run_summary(
         "matched_accuracy_llm_share_last_model": tests[1]["matched_accuracy_llm_share"],
         "messages": messages,
         "llm_calls": calls,
+        "audit_calls": sum(w["audit_calls"] for w in windows),
         "llm_calls_saved_vs_llm_only": round(1 - calls / messages, 5),
         "llm_cost_usd": round(sum(w["llm_cost_usd"] for w in windows), 6),
         "distillations": len(rounds),
@@ -716,6 +749,7 @@ def settings_record(args: argparse.Namespace, card: ModelCard) -> dict[str, Any]
             "llm_accuracy": guarantee_llm_accuracy(args),
         },
         "recalibrate_on": args.recalibrate_on,
+        "audit_share": args.audit_share,
         "window": args.window,
         "batch_size": args.batch_size,
         "max_length": args.max_length,

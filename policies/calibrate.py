@@ -149,6 +149,17 @@ def clopper_pearson_upper(errors: int, n: int, confidence: float = 0.95) -> floa
     return high
 
 
+def accuracy_interval(correct: int, n: int, confidence: float) -> tuple[float, float]:
+    """The two-sided Clopper-Pearson interval at ``confidence`` of ``correct`` right of ``n``.
+
+    Each side is the exact one-sided bound at ``1 - (1 - confidence) / 2``.
+    """
+    one_sided = 1.0 - (1.0 - confidence) / 2.0
+    low = 1.0 - clopper_pearson_upper(n - correct, n, one_sided)
+    high = clopper_pearson_upper(correct, n, one_sided)
+    return low, high
+
+
 # --- Result ----------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """``decide``: the pure function that says, per message, whether the BERT answer stands.
 
-``decide(prediction, spec, budget, task)`` looks only at its arguments, so it is property
+``decide(prediction, spec, budget, task, audited)`` looks only at its arguments, so it is property
 tested and gives the same route wherever it runs (a Celery worker, the HTTP gateway, the CLI).
 The route names a target (the BERT answer stands, the LLM answers, or the message is deferred),
 an enumerated reason, and for multi-label policies the borderline labels the LLM is asked about.
@@ -8,6 +8,7 @@ an enumerated reason, and for multi-label policies the borderline labels the LLM
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -23,7 +24,9 @@ class Reason(StrEnum):
     (``task_needs_generation``); the BERT label is one that always needs a generated answer
     (``label_needs_generation``); the top-1 probability is below the threshold
     (``low_confidence``); the top two are too close (``low_margin``); a multi-label score lies
-    in its uncertainty band (``uncertain_labels``).
+    in its uncertainty band (``uncertain_labels``). ``audit``: the BERT answer would stand, but
+    the message is in the policy's audit sample (``learning.audit_share``), so the LLM answers
+    it and its label measures the BERT tier on unbiased traffic.
     """
 
     CONFIDENT = "confident"
@@ -32,6 +35,7 @@ class Reason(StrEnum):
     LOW_CONFIDENCE = "low_confidence"
     LOW_MARGIN = "low_margin"
     UNCERTAIN_LABELS = "uncertain_labels"
+    AUDIT = "audit"
 
 
 class Target(StrEnum):
@@ -117,20 +121,39 @@ def escalation_reason(
     return Reason.CONFIDENT, ()
 
 
+def in_audit_sample(key: str, share: float) -> bool:
+    """Whether the message with decision-cache key ``key`` is in an audit sample of ``share``.
+
+    The key's SHA-256 read as a number in ``[0, 1)`` is below ``share``: a fixed, uniform draw
+    over distinct texts that never depends on the model, so the same text is always in or
+    always out, and every worker draws alike.
+    """
+    if share <= 0.0:
+        return False
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def decide(
     prediction: Prediction,
     spec: PolicySpec,
     budget: BudgetState = UNLIMITED,
     task: Task = Task.CLASSIFY,
+    audited: bool = False,
 ) -> Route:
     """Route one message.
 
     The BERT answer stands when it clears the policy's thresholds and nothing asks for
     generated text. Otherwise the message goes to the LLM, unless the budget is spent: then
     the policy's ``budget.when_exhausted`` applies (the BERT answer flagged, or deferral).
+    An ``audited`` message (see :func:`in_audit_sample`) whose BERT answer would stand goes to
+    the LLM too, with the reason ``audit``, while the budget lasts; with the budget spent its
+    BERT answer stands unflagged, as it would have outside the sample.
     """
     reason, borderline = escalation_reason(prediction, spec, task)
     if reason is Reason.CONFIDENT:
+        if audited and not budget.exhausted:
+            return Route(Target.LLM, Reason.AUDIT)
         return Route(Target.BERT, reason)
     if budget.exhausted:
         fallback = (

@@ -253,12 +253,25 @@ class LearningSpec(_Strict):
     them; off by default, and nothing is kept for a policy that does not opt in. ``retain_days``:
     how long an example (and the record of which message id it came from) is kept after its
     last label. ``auto_promote``: continuous distillation may promote a candidate on its own
-    when the promotion gate passes.
+    when the promotion gate passes. ``audit_share``: the share of distinct texts (a fixed draw
+    by cache key, :func:`~tiergate.policies.routing.in_audit_sample`) answered by the LLM even
+    when the BERT answer would stand, so the labels collected include a uniform sample of the
+    traffic: ``tiergate distill`` judges and re-calibrates on it. It costs LLM calls (about
+    that share of the messages the BERT tier would keep); it needs ``collect``.
     """
 
     collect: bool = False
     retain_days: PositiveInt = 30
     auto_promote: bool = False
+    audit_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _audit_needs_collection(self) -> Self:
+        if self.audit_share > 0.0 and not self.collect:
+            raise ValueError(
+                "audit_share: an audit sample is kept as labels, so it needs collect: true"
+            )
+        return self
 
     @property
     def retain_seconds(self) -> int:

@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from tiergate.policies.routing import UNLIMITED, BudgetState, Reason, Route, Target, decide
+from tiergate.policies.routing import (
+    UNLIMITED,
+    BudgetState,
+    Reason,
+    Route,
+    Target,
+    decide,
+    in_audit_sample,
+)
 from tiergate.policies.spec import (
     EXAMPLES,
     CallMode,
@@ -428,11 +436,12 @@ class Cascade:
         states: dict[str, BudgetState] = {}
         for i, prediction in zip(misses, predictions, strict=True):
             message, spec = messages[i], specs[i]
-            route = decide(prediction, spec, UNLIMITED, message.task)
+            audited = in_audit_sample(keys[i], spec.learning.audit_share)
+            route = decide(prediction, spec, UNLIMITED, message.task, audited)
             if route.target is not Target.BERT and self.budget is not None:
                 if spec.name not in states:
                     states[spec.name] = self.budget.state(spec.name, spec.budget)
-                route = decide(prediction, spec, states[spec.name], message.task)
+                route = decide(prediction, spec, states[spec.name], message.task, audited)
             if route.target is Target.BERT:
                 skipped = LLMSkip.BUDGET_EXHAUSTED if route.budget_exhausted else None
                 results[i] = _bert_decision(message, spec, prediction, route, timings, skipped)

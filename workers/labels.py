@@ -15,6 +15,12 @@ every decision of that policy to :meth:`LabelStore.record`, which keeps two thin
   BERT tier answered are kept unlabelled, so a correction has a text to attach to;
   :meth:`LabelStore.examples` returns labelled examples only.
 
+An example the LLM labels while its key is in the policy's audit sample (``learning.audit_share``,
+see :func:`~tiergate.policies.routing.in_audit_sample`) is marked ``audit``, and stays so. Such
+a text goes to the LLM whatever the BERT tier's confidence, so the audit examples are a uniform
+sample of the traffic, and :meth:`LabelStore.stats` measures the BERT tier on them. A text only
+a person labelled is never marked: which texts people correct is their choice, not a draw.
+
 Everything expires ``retain_days`` after it was last written (an observation after its
 decision, an example after its last label or sighting), so nothing grows without bound.
 Two backends: :class:`RedisLabelStore` (distributed: every key carries a TTL, and a sorted set
@@ -36,9 +42,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +52,8 @@ import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from tiergate.policies.calibrate import accuracy_interval
+from tiergate.policies.routing import in_audit_sample
 from tiergate.policies.spec import PolicySpec
 from tiergate.workers.cache import DecisionCache, open_cache
 from tiergate.workers.errors import CoordinationError, LabelNotInPolicyError, UnknownDecisionError
@@ -59,6 +67,8 @@ log = structlog.get_logger(__name__)
 LabelKind = Literal["llm", "person"]
 PERSON = "person"
 ANONYMOUS = "anonymous"
+AUDIT_CONFIDENCE = 0.95
+"""The confidence of the interval around the BERT tier's accuracy on the audit sample."""
 
 
 class CollectedExample(BaseModel):
@@ -68,7 +78,9 @@ class CollectedExample(BaseModel):
     person's when one corrected the decision, else the LLM's. ``source`` is
     ``llm:<provider>/<model>`` or ``person:<source given with the correction>``; ``time`` is
     when that label was given (unix seconds). ``scores`` are the BERT tier's calibrated
-    probabilities for the text under ``model_version``.
+    probabilities for the text under ``model_version``. ``audit``: the LLM labelled the text
+    while it was in the policy's audit sample (``learning.audit_share``), so whether or not the
+    BERT tier was confident: the audit examples are a uniform sample of the traffic.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -82,6 +94,7 @@ class CollectedExample(BaseModel):
     model_version: str
     scores: dict[str, float]
     time: float
+    audit: bool = False
 
     @property
     def kind(self) -> LabelKind:
@@ -117,13 +130,49 @@ class Agreement(BaseModel):
         self.agreed += int(same)
 
 
+class AuditAccuracy(BaseModel):
+    """The BERT tier's accuracy on the audit sample: a uniform sample of the traffic.
+
+    ``examples`` counts the labelled audit examples, ``agreed`` those whose BERT answer equals
+    the reference label (a person's if one corrected it, else the LLM's). Unlike the
+    agreements, which compare only the texts the BERT tier escalated or people corrected, this
+    estimates the BERT tier's accuracy over all traffic: ``accuracy``, with ``interval`` its
+    two-sided Clopper-Pearson interval at :data:`AUDIT_CONFIDENCE`; both ``None`` without
+    audit examples.
+    """
+
+    examples: int = 0
+    agreed: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def accuracy(self) -> float | None:
+        """``agreed / examples``; ``None`` without audit examples."""
+        return self.agreed / self.examples if self.examples else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The exact interval around :attr:`accuracy`; ``None`` without audit examples."""
+        if not self.examples:
+            return None
+        return accuracy_interval(self.agreed, self.examples, AUDIT_CONFIDENCE)
+
+    def count(self, same: bool) -> None:
+        """Count one audit example."""
+        self.examples += 1
+        self.agreed += int(same)
+
+
 class LabelStats(BaseModel):
     """What the store holds for a policy (or all): counts and agreement between labellers.
 
     ``examples`` counts labelled examples (by their reference label in ``by_label``, by who
     gave it in ``by_kind`` and by full source in ``by_source``); ``unlabelled`` the texts only
     the BERT tier answered. ``bert_vs_llm`` compares the BERT tier's own answer with the
-    LLM's, ``bert_vs_person`` and ``llm_vs_person`` with people's corrections.
+    LLM's, ``bert_vs_person`` and ``llm_vs_person`` with people's corrections. ``audit``: the
+    BERT tier's answer against the reference label over the audit examples, the one unbiased
+    measure of its accuracy (see :class:`AuditAccuracy`).
     """
 
     policy: str | None
@@ -135,6 +184,7 @@ class LabelStats(BaseModel):
     bert_vs_llm: Agreement
     bert_vs_person: Agreement
     llm_vs_person: Agreement
+    audit: AuditAccuracy
 
 
 @dataclass(frozen=True)
@@ -185,11 +235,16 @@ class _Base(BaseModel):
 
 @dataclass(frozen=True)
 class _Record:
-    """An example as stored: its base and the labels given to it so far."""
+    """An example as stored: its base, the labels given to it so far, and its audit mark.
+
+    ``audit`` is kept beside the base, not in it: unlike the base it can change, from false to
+    true, when the LLM labels the key again while it is in the audit sample (never back).
+    """
 
     base: _Base
     llm: _Given | None = None
     person: _Given | None = None
+    audit: bool = False
 
     @property
     def reference(self) -> _Given | None:
@@ -212,16 +267,22 @@ class _Record:
             model_version=base.model_version,
             scores=dict(base.scores),
             time=given.time,
+            audit=self.audit,
         )
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """One write of :meth:`LabelStore.record`: the example's base, an LLM label, the id seen."""
+    """One write of :meth:`LabelStore.record`: the example's base, an LLM label, the id seen.
+
+    ``audit``: this decision's LLM label was given while the key was in the policy's audit
+    sample (false without an LLM label: a cached or BERT decision labels nothing).
+    """
 
     base: _Base
     llm: _Given | None
     observation: Observation
+    audit: bool
 
 
 def _bert_labels(decision: Decision, spec: PolicySpec) -> list[str]:
@@ -266,7 +327,9 @@ def _entry(observed: Observed, redactor: Redactor, now: float) -> _Entry:
         seen=now,
     )
     observation = Observation(message_id=observed.message.id, key=observed.key, policy=spec.name)
-    return _Entry(base=base, llm=_llm_label(decision, now), observation=observation)
+    llm = _llm_label(decision, now)
+    audit = llm is not None and in_audit_sample(observed.key, spec.learning.audit_share)
+    return _Entry(base=base, llm=llm, observation=observation, audit=audit)
 
 
 def _checked_labels(base: _Base, labels: Sequence[str]) -> list[str]:
@@ -356,7 +419,7 @@ class LabelStore(ABC):
         given = _Given(labels=chosen, source=f"{PERSON}:{source or ANONYMOUS}", time=time.time())
         if not self._give_person(record.base, given):
             raise UnknownDecisionError(message_id)  # expired between the read and the write
-        example = _Record(record.base, record.llm, given).example()
+        example = replace(record, person=given).example()
         assert example is not None  # a person's label was just given
         log.info(
             "labels.corrected",
@@ -382,6 +445,7 @@ class LabelStore(ABC):
         by_kind: Counter[str] = Counter()
         by_source: Counter[str] = Counter()
         bert_vs_llm, bert_vs_person, llm_vs_person = Agreement(), Agreement(), Agreement()
+        audit = AuditAccuracy()
         unlabelled = 0
         for record in self._records(policy):
             example = record.example()
@@ -398,6 +462,8 @@ class LabelStore(ABC):
                 bert_vs_person.count(bert == set(record.person.labels))
                 if record.llm is not None:
                     llm_vs_person.count(set(record.llm.labels) == set(record.person.labels))
+            if record.audit:
+                audit.count(bert == set(example.labels))
         return LabelStats(
             policy=policy,
             examples=sum(by_kind.values()),
@@ -408,6 +474,7 @@ class LabelStore(ABC):
             bert_vs_llm=bert_vs_llm,
             bert_vs_person=bert_vs_person,
             llm_vs_person=llm_vs_person,
+            audit=audit,
         )
 
     # ------------------------------------------------------------------------ storage
@@ -417,7 +484,7 @@ class LabelStore(ABC):
         """Store each entry, and renew its retention.
 
         Its base unless the key has one, its LLM label if any (replacing an earlier LLM label,
-        never a person's), and its observation.
+        never a person's), its audit mark if set (never cleared), and its observation.
         """
 
     @abstractmethod
@@ -470,10 +537,11 @@ class RedisLabelStore(LabelStore):
 
     Keys under ``{prefix}:labels:``, each with a TTL of the policy's ``retain_days``:
     ``example:{key}`` a hash (``base``, ``llm``, ``person``: JSON; separate fields, so an LLM
-    label is written without reading and never touches a person's), ``seen:{message id}`` the
-    observation, ``index:{policy}`` a sorted set of keys scored by when each expires (trimmed
-    on every write), ``policies`` the policies with examples, scored the same way. Renewals
-    only extend (``EXPIRE ... GT``). Connection failures raise
+    label is written without reading and never touches a person's; ``audit``, present once the
+    LLM labelled the key in the audit sample), ``seen:{message id}`` the observation,
+    ``index:{policy}`` a sorted set of keys scored by when each expires (trimmed on every
+    write), ``policies`` the policies with examples, scored the same way. Renewals only extend
+    (``EXPIRE ... GT``). Connection failures raise
     :class:`~tiergate.workers.errors.CoordinationError`.
     """
 
@@ -507,6 +575,8 @@ class RedisLabelStore(LabelStore):
                 pipe.hsetnx(example, "base", base.model_dump_json())
                 if entry.llm is not None:
                     pipe.hset(example, "llm", entry.llm.model_dump_json())
+                if entry.audit:
+                    pipe.hset(example, "audit", "1")
                 self._renew(pipe, example, retain)
                 pipe.set(
                     self._seen_key(entry.observation.message_id),
@@ -593,6 +663,7 @@ def _record_of(fields: Mapping[Any, Any]) -> _Record | None:
         base=_Base.model_validate_json(found["base"]),
         llm=_Given.model_validate_json(found["llm"]) if "llm" in found else None,
         person=_Given.model_validate_json(found["person"]) if "person" in found else None,
+        audit="audit" in found,
     )
 
 
@@ -605,7 +676,8 @@ CREATE TABLE IF NOT EXISTS label_examples (
     base TEXT NOT NULL,
     llm TEXT,
     person TEXT,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    audit INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS label_examples_expiry ON label_examples (expires_at);
 CREATE INDEX IF NOT EXISTS label_examples_policy ON label_examples (policy);
@@ -617,14 +689,18 @@ CREATE TABLE IF NOT EXISTS label_observations (
 CREATE INDEX IF NOT EXISTS label_observations_expiry ON label_observations (expires_at);
 """
 
+# A file written before the audit mark existed lacks its column; its examples are not audited.
+_ADD_AUDIT = "ALTER TABLE label_examples ADD COLUMN audit INTEGER NOT NULL DEFAULT 0"
+
 # An example's base is kept; an LLM label replaces an earlier LLM label (never a person's, a
-# column of its own); the expiry only ever moves later.
+# column of its own); the audit mark is only ever set; the expiry only ever moves later.
 _UPSERT_EXAMPLE = """
-INSERT INTO label_examples (key, policy, base, llm, person, expires_at)
-VALUES (?, ?, ?, ?, NULL, ?)
+INSERT INTO label_examples (key, policy, base, llm, person, expires_at, audit)
+VALUES (?, ?, ?, ?, NULL, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     llm = coalesce(excluded.llm, label_examples.llm),
-    expires_at = max(label_examples.expires_at, excluded.expires_at)
+    expires_at = max(label_examples.expires_at, excluded.expires_at),
+    audit = max(label_examples.audit, excluded.audit)
 """
 
 _BUSY_TIMEOUT_S = 30.0
@@ -633,11 +709,12 @@ _BUSY_TIMEOUT_S = 30.0
 class SqliteLabelStore(LabelStore):
     """The label store in a SQLite file, for running without Redis (CLI, embedded gateway).
 
-    Two tables, ``label_examples`` (one row per key; ``base``, ``llm`` and ``person`` as JSON)
-    and ``label_observations``, each row with an expiry time; expired rows are ignored on read
-    and deleted on open and at every write. One connection per process, used under a lock (a
-    store created before a fork opens its own in the child); several processes share the file
-    through SQLite's locking, in WAL mode. SQLite failures raise
+    Two tables, ``label_examples`` (one row per key; ``base``, ``llm`` and ``person`` as JSON,
+    ``audit`` 0 or 1; a file without that column gets it on open) and ``label_observations``,
+    each row with an expiry time; expired rows are ignored on read and deleted on open and at
+    every write. One connection per process, used under a lock (a store created before a fork
+    opens its own in the child); several processes share the file through SQLite's locking, in
+    WAL mode. SQLite failures raise
     :class:`~tiergate.workers.errors.CoordinationError`.
     """
 
@@ -651,6 +728,7 @@ class SqliteLabelStore(LabelStore):
         with self._using("opening the label store") as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+            self._add_audit_column(connection)
             self._purge(connection, time.time())
 
     @contextmanager
@@ -674,6 +752,20 @@ class SqliteLabelStore(LabelStore):
                 ) from exc
 
     @staticmethod
+    def _add_audit_column(connection: sqlite3.Connection) -> None:
+        """Add the ``audit`` column to a file written before it existed."""
+        # Checked under the write lock, so two processes opening the file add it once.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(label_examples)")}
+            if "audit" not in columns:
+                connection.execute(_ADD_AUDIT)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    @staticmethod
     def _purge(connection: sqlite3.Connection, now: float) -> None:
         connection.execute("DELETE FROM label_examples WHERE expires_at <= ?", (now,))
         connection.execute("DELETE FROM label_observations WHERE expires_at <= ?", (now,))
@@ -687,6 +779,7 @@ class SqliteLabelStore(LabelStore):
                 e.base.model_dump_json(),
                 e.llm.model_dump_json() if e.llm is not None else None,
                 now + e.base.retain_s,
+                int(e.audit),
             )
             for e in entries
         ]
@@ -722,7 +815,8 @@ class SqliteLabelStore(LabelStore):
     def _record(self, key: str) -> _Record | None:
         with self._using("reading a collected example") as connection:
             row = connection.execute(
-                "SELECT base, llm, person FROM label_examples WHERE key = ? AND expires_at > ?",
+                "SELECT base, llm, person, audit FROM label_examples "
+                "WHERE key = ? AND expires_at > ?",
                 (key, time.time()),
             ).fetchone()
         return None if row is None else _row_record(row)
@@ -737,7 +831,7 @@ class SqliteLabelStore(LabelStore):
         return cursor.rowcount == 1
 
     def _records(self, policy: str | None) -> Iterator[_Record]:
-        query = "SELECT base, llm, person FROM label_examples WHERE expires_at > ?"
+        query = "SELECT base, llm, person, audit FROM label_examples WHERE expires_at > ?"
         args: tuple[object, ...] = (time.time(),)
         if policy is not None:
             query += " AND policy = ?"
@@ -754,13 +848,13 @@ class SqliteLabelStore(LabelStore):
                 self._connection = None
 
 
-def _row_record(row: Iterable[str | None]) -> _Record:
-    base, llm, person = row
-    assert base is not None
+def _row_record(row: tuple[str, str | None, str | None, int]) -> _Record:
+    base, llm, person, audit = row
     return _Record(
         base=_Base.model_validate_json(base),
         llm=_Given.model_validate_json(llm) if llm is not None else None,
         person=_Given.model_validate_json(person) if person is not None else None,
+        audit=bool(audit),
     )
 
 

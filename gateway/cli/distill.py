@@ -3,7 +3,8 @@
 A run reads the policy's collected labels from the label store, warm-starts from the model that
 serves now (:meth:`ModelVersions.current_dir`), trains and evaluates the candidate
 (:func:`~tiergate.workers.bert.distill.distill`), adds it to the model store as a new version and
-prints how it compares with the current model on the newest labels. ``--promote`` promotes it
+prints how it compares with the current model on the held-out labels: the policy's audit sample
+when it has ``--min-audit`` labels, else the newest labels. ``--promote`` promotes it
 when the gate passes. ``--every N`` repeats that after every N new labels
 (:func:`continuous`), promoting on its own only where the policy says
 ``learning.auto_promote: true``.
@@ -61,8 +62,18 @@ def distill(
     ] = 2.0,
     holdout_fraction: Annotated[
         float,
-        typer.Option(min=0.01, max=0.9, help="Share of the newest labels held out to evaluate."),
+        typer.Option(
+            min=0.01,
+            max=0.9,
+            help="Without an audit sample: share of the newest labels held out to evaluate.",
+        ),
     ] = 0.2,
+    min_audit: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Fewest audit-sample labels that are held out (all of them) to evaluate."
+        ),
+    ] = 50,
     min_onnx_agreement: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="As for `tiergate train`.")
     ] = 0.97,
@@ -88,10 +99,13 @@ def distill(
 
     The candidate warm-starts from the model serving now and learns from the policy's
     collected labels (people's weighing --person-weight times an LLM's), plus --train-file.
-    The newest --holdout-fraction of the labels is held out: on it the card records both
+    A slice of the labels is held out, never trained on: the policy's audit sample
+    (learning.audit_share, a uniform sample of the traffic) when it has at least --min-audit
+    labels, else the newest --holdout-fraction of the labels. On it the card records both
     models' accuracy with an interval and the LLM share the policy needs for --target-accuracy
     with each (over all messages with --llm-accuracy, the LLM's answers counted right at that
-    rate), and the policy is re-calibrated for the candidate (policy.yaml in its directory).
+    rate), and the policy is re-calibrated for the candidate (policy.yaml in its directory),
+    valid for the traffic when the audit sample judged.
     The candidate is added to the model store as a new version; --promote promotes it when the
     gate passes (exit 1 when the gate refuses). Fewer than 50 usable labels exit 2.
 
@@ -113,6 +127,7 @@ def distill(
         learning_rate=learning_rate,
         person_weight=person_weight,
         holdout_fraction=holdout_fraction,
+        min_audit=min_audit,
         confidence=confidence,
         llm_accuracy=llm_accuracy,
         min_onnx_agreement=min_onnx_agreement,
@@ -278,9 +293,13 @@ def print_report(report: DistillReport, version: str, directory: Path, *, promot
     """The candidate against the current model on the held-out labels, and the verdict."""
     block = report.card["distillation"]
     held = block["held_out"]
+    judged_on = (
+        f"the audit sample, {held['examples']} labels"
+        if block["held_out_kind"] == "audit sample"
+        else f"the {held['examples']} newest labels"
+    )
     table = Table(
-        title=f"held-out: the {held['examples']} newest labels ({held['from']} to {held['to']})",
-        header_style="bold",
+        title=f"held-out: {judged_on} ({held['from']} to {held['to']})", header_style="bold"
     )
     table.add_column("model")
     table.add_column("version")

@@ -18,7 +18,14 @@ from rich.table import Table
 
 from tiergate.gateway.cli.errors import err, guarded
 from tiergate.gateway.cli.output import open_output
-from tiergate.workers.labels import Agreement, CollectedExample, LabelStats, open_label_store
+from tiergate.workers.labels import (
+    AUDIT_CONFIDENCE,
+    Agreement,
+    AuditAccuracy,
+    CollectedExample,
+    LabelStats,
+    open_label_store,
+)
 from tiergate.workers.settings import Settings
 
 labels_app = typer.Typer(
@@ -36,7 +43,10 @@ def labels_stats(
     """Counts by label and by source, and how often the BERT tier agreed with the LLM/people.
 
     Agreement compares the BERT tier's own answer (its top label, or its flags) with the
-    LLM's label and with people's corrections, over the examples each labelled.
+    LLM's label and with people's corrections, over the examples each labelled. Over the
+    audit examples (a policy's ``learning.audit_share``, labelled whatever the BERT tier's
+    confidence) the same comparison with the reference label is the BERT tier's accuracy on
+    unbiased traffic, with its 95% interval.
     """
     store = open_label_store(Settings())
     try:
@@ -59,8 +69,10 @@ def labels_export(
     """The labelled examples as JSONL, oldest first: redacted text, labels, source, time.
 
     Each line: ``text``, ``labels``, ``source`` (``llm:<provider>/<model>`` or
-    ``person:<who>``), ``time`` (ISO 8601, UTC), ``policy``, ``policy_version`` and
-    ``model_version``. A person's label replaces the LLM's for the same text.
+    ``person:<who>``), ``time`` (ISO 8601, UTC), ``policy``, ``policy_version``,
+    ``model_version`` and ``audit`` (the LLM labelled the text in the policy's audit sample:
+    the audit lines are a uniform sample of the traffic). A person's label replaces the LLM's
+    for the same text.
     """
     store = open_label_store(Settings())
     try:
@@ -83,6 +95,7 @@ def export_line(example: CollectedExample) -> str:
         "policy": example.policy,
         "policy_version": example.policy_version,
         "model_version": example.model_version,
+        "audit": example.audit,
     }
     return json.dumps(row, ensure_ascii=False) + "\n"
 
@@ -115,7 +128,19 @@ def _print_stats(stats: LabelStats) -> None:
     ):
         agreement.add_row(left, right, str(counted.compared), str(counted.agreed), _rate(counted))
     console.print(agreement)
+    console.print(_audit_line(stats.audit))
 
 
 def _rate(counted: Agreement) -> str:
     return "-" if counted.rate is None else f"{counted.rate:.1%}"
+
+
+def _audit_line(audit: AuditAccuracy) -> str:
+    if audit.accuracy is None or audit.interval is None:
+        return "no audit examples (a policy's learning.audit_share samples them)"
+    low, high = audit.interval
+    return (
+        f"BERT tier on {audit.examples} audit example(s): {audit.agreed} agreed with the "
+        f"reference label, accuracy {audit.accuracy:.1%} "
+        f"({AUDIT_CONFIDENCE:.0%} interval {low:.1%} to {high:.1%})"
+    )

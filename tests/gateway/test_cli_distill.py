@@ -26,6 +26,7 @@ from tiergate.workers.bert.classifier import BertClassifier
 from tiergate.workers.bert.distill import DistillOptions, Round
 from tiergate.workers.bert.versions import ModelVersions
 from tiergate.workers.cascade import PolicyBook, build_cascade
+from tiergate.workers.labels import open_label_store
 from tiergate.workers.llm.testing import FakeLLMServer, first_label_answer, message_of
 from tiergate.workers.schemas import Message
 from tiergate.workers.settings import Settings
@@ -42,7 +43,7 @@ def answer_by_keyword(body: dict[str, Any]) -> dict[str, Any]:
     return {**first_label_answer(body), "label": label}
 
 
-def tickets(*, auto_promote: bool = False) -> PolicySpec:
+def tickets(*, auto_promote: bool = False, audit_share: float = 0.0) -> PolicySpec:
     """The tiny model's labels, every message to the fake OpenAI provider, labels collected."""
     return PolicySpec(
         name="tickets",
@@ -50,7 +51,7 @@ def tickets(*, auto_promote: bool = False) -> PolicySpec:
         labels=[LabelSpec(name=label) for label in ("account", "billing", "bug")],
         escalation=Escalation(min_probability=0.99),
         llm=LLMSpec(providers=[ProviderRef(provider="openai", model="gpt-4o-mini")]),
-        learning=LearningSpec(collect=True, auto_promote=auto_promote),
+        learning=LearningSpec(collect=True, auto_promote=auto_promote, audit_share=audit_share),
     )
 
 
@@ -120,8 +121,9 @@ def fake() -> Iterator[FakeLLMServer]:
 def deployment(tiny_model, tmp_path, fake) -> Callable[..., Deployment]:
     """A factory of deployments of the tiny model (``auto_promote`` as asked)."""
 
-    def make(*, auto_promote: bool = False) -> Deployment:
-        return Deployment(tmp_path, tiny_model, fake, tickets(auto_promote=auto_promote))
+    def make(*, auto_promote: bool = False, audit_share: float = 0.0) -> Deployment:
+        spec = tickets(auto_promote=auto_promote, audit_share=audit_share)
+        return Deployment(tmp_path, tiny_model, fake, spec)
 
     return make
 
@@ -154,6 +156,8 @@ def test_distill_adds_a_better_candidate_and_promotes_it(deployment):
     assert block["llm_accuracy"] == 0.95
     assert block["sources"] == {"llm": 120, "person": 0, "training_file": 0}
     assert block["held_out"]["examples"] == 30
+    assert block["held_out_kind"] == "newest labels"
+    assert "held-out: the 30 newest labels" in " ".join(result.stderr.split())
     assert block["candidate"]["model_version"] == current
     assert f"promoted {current}" in result.stderr
     assert (versions.path(current) / "policy.yaml").is_file()
@@ -180,6 +184,38 @@ def test_promote_is_refused_when_the_gate_fails(deployment):
     versions = served.versions()
     assert versions.current() is None
     assert len(versions.versions()) == 1  # the candidate was still added
+
+
+def test_an_audit_sample_of_min_audit_labels_judges_the_candidate(deployment):
+    """With --min-audit audit labels collected (default 50), all of them are held out."""
+    served = deployment(audit_share=0.3)
+    served.feed(60)
+    store = open_label_store(served.settings)
+    try:
+        audit = sum(example.audit for example in store.examples("tickets"))
+    finally:
+        store.close()
+    assert 5 <= audit < 50  # about 18 of the 60 texts drawn, fewer than the default 50
+    result = served.run(
+        "distill",
+        "--policy",
+        "tickets",
+        "--epochs",
+        "1",
+        "--min-onnx-agreement",
+        "0",
+        "--threads",
+        "1",
+        "--min-audit",
+        str(audit),
+    )
+    assert result.returncode == 0, result.stderr
+    [version] = served.versions().versions()
+    block = served.versions().card(version)["distillation"]
+    assert block["held_out_kind"] == "audit sample"
+    assert block["held_out"]["examples"] == audit
+    assert block["sources"]["llm"] == 60 - audit
+    assert f"held-out: the audit sample, {audit} labels" in " ".join(result.stderr.split())
 
 
 def test_too_few_labels_exit_2(deployment):

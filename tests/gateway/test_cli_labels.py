@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import tiergate_cli
+from tiergate.gateway.cli.labels import export_line
 from tiergate.policies.spec import (
     Escalation,
     LabelSpec,
@@ -26,6 +27,7 @@ from tiergate.policies.spec import (
     PolicySpec,
     ProviderRef,
 )
+from tiergate.workers.labels import CollectedExample
 from tiergate.workers.llm.testing import FakeLLMServer, first_label_answer
 
 LABELS = ("account", "billing", "bug")  # the tiny test model's (tests/conftest.py)
@@ -69,14 +71,17 @@ def run(request, tmp_path: Path, tiny_model: Path, fake: FakeLLMServer, redis_pr
 
 @pytest.fixture
 def classified(run: Run, tmp_path: Path) -> Run:
-    """Three messages classified under a collecting policy that sends each to the LLM."""
+    """Three messages classified under a collecting policy that audits (so labels) each one.
+
+    The decisions, as ``classify`` printed them, are left in ``decisions.jsonl``.
+    """
     policy = PolicySpec(
         name="support",
         version="4",
         labels=[LabelSpec(name=label) for label in LABELS],
         escalation=Escalation(min_probability=0.99),
         llm=LLMSpec(providers=[ProviderRef(provider="openai", model="gpt-4o-mini")]),
-        learning=LearningSpec(collect=True, retain_days=7),
+        learning=LearningSpec(collect=True, retain_days=7, audit_share=1.0),
     )
     policy_file = tmp_path / "support.yaml"
     policy_file.write_text(policy.to_yaml(), encoding="utf-8")
@@ -89,6 +94,7 @@ def classified(run: Run, tmp_path: Path) -> Run:
     result = run("classify", "--policy", str(policy_file), "--input", str(messages))
     assert result.returncode == 0, result.stderr
     assert {json.loads(line)["tier"] for line in result.stdout.splitlines()} == {"llm"}
+    (tmp_path / "decisions.jsonl").write_text(result.stdout, encoding="utf-8")
     return run
 
 
@@ -154,10 +160,19 @@ def test_labels_stats_count_by_label_and_source(classified, tmp_path):
     assert stats["by_source"]["llm:openai/gpt-4o-mini"] == 2
     assert stats["bert_vs_llm"]["compared"] == 3
     assert stats["llm_vs_person"] == {"compared": 1, "agreed": 0, "rate": 0.0}
+    reference = {"m1": "billing", "m2": "bug", "m3": "billing"}
+    decisions = _lines((tmp_path / "decisions.jsonl").read_text(encoding="utf-8"))
+    bert = {d["id"]: max(d["scores"], key=d["scores"].__getitem__) for d in decisions}
+    agreed = sum(bert[i] == label for i, label in reference.items())
+    assert (stats["audit"]["examples"], stats["audit"]["agreed"]) == (3, agreed)
+    low, high = stats["audit"]["interval"]
+    assert low <= stats["audit"]["accuracy"] == agreed / 3 <= high
     table = classified("labels", "stats")
     assert table.returncode == 0, table.stderr
     assert "3 labelled example(s)" in table.stdout
     assert "agreement" in table.stdout
+    assert f"BERT tier on 3 audit example(s): {agreed} agreed" in table.stdout
+    assert "95% interval" in table.stdout
 
 
 def test_labels_export_writes_redacted_jsonl(classified, tmp_path):
@@ -180,6 +195,23 @@ def test_labels_export_writes_redacted_jsonl(classified, tmp_path):
             "support",
         )
         assert datetime.fromisoformat(row["time"]).tzinfo is not None
+        assert row["audit"] is True
     assert EMAIL not in out.read_text(encoding="utf-8")
     other = classified("labels", "export", "--policy", "nobody")
     assert (other.returncode, other.stdout) == (0, "")
+
+
+def test_an_unaudited_example_exports_audit_false():
+    """An example outside the audit sample says so on its export line."""
+    example = CollectedExample(
+        key="k",
+        text="the app crashes",
+        labels=["bug"],
+        source="person:agent-7",
+        policy="support",
+        policy_version="4",
+        model_version="tiny-1",
+        scores={"account": 0.2, "billing": 0.2, "bug": 0.6},
+        time=0.0,
+    )
+    assert json.loads(export_line(example))["audit"] is False

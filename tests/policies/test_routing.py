@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tiergate.policies.prediction import Prediction
-from tiergate.policies.routing import BudgetState, Reason, Target, decide
+from tiergate.policies.routing import BudgetState, Reason, Target, decide, in_audit_sample
 from tiergate.policies.spec import (
     Band,
     BudgetSpec,
@@ -201,13 +201,26 @@ def test_generation_task_goes_to_the_llm_unless_the_budget_is_spent(
         assert (route.target, route.budget_exhausted) == (expected, True)
 
 
-@given(single_predictions(), probability, probability)
-def test_a_spent_budget_never_routes_to_the_llm(prediction, threshold, margin):
-    """Whatever the prediction and thresholds, a spent budget never yields an LLM route."""
+@given(single_predictions(), probability, probability, st.booleans())
+def test_a_spent_budget_never_routes_to_the_llm(prediction, threshold, margin, audited):
+    """Whatever the prediction, thresholds or audit draw, a spent budget never yields the LLM."""
     spec = _spec(escalation=Escalation(min_probability=threshold, min_margin=margin))
-    route = decide(prediction, spec, SPENT)
+    route = decide(prediction, spec, SPENT, audited=audited)
     assert route.target is not Target.LLM
     assert route.budget_exhausted == route.wants_llm
+
+
+@given(single_predictions(), probability, probability)
+def test_an_audited_message_always_reaches_the_llm_while_the_budget_lasts(
+    prediction, threshold, margin
+):
+    """Audited, every message goes to the LLM; only a would-be BERT answer is reasoned audit."""
+    spec = _spec(escalation=Escalation(min_probability=threshold, min_margin=margin))
+    plain = decide(prediction, spec)
+    audited = decide(prediction, spec, audited=True)
+    assert audited.target is Target.LLM
+    expected = Reason.AUDIT if plain.reason is Reason.CONFIDENT else plain.reason
+    assert audited.reason is expected
 
 
 @pytest.mark.parametrize("fallback", list(WhenExhausted))
@@ -215,3 +228,78 @@ def test_confident_answers_ignore_the_budget(fallback):
     """A message that does not need the LLM is answered the same whatever the budget."""
     spec = _spec(budget=BudgetSpec(when_exhausted=fallback))
     assert decide(_single(0.9, 0.1, 0.0), spec, SPENT) == decide(_single(0.9, 0.1, 0.0), spec)
+
+
+def test_an_audited_confident_answer_goes_to_the_llm_for_audit():
+    """A single- or multi-label answer that would stand is sent to the LLM when audited."""
+    single = decide(
+        _single(0.9, 0.05, 0.05), _spec(escalation=Escalation(min_probability=0.8)), audited=True
+    )
+    assert (single.target, single.reason, single.budget_exhausted) == (
+        Target.LLM,
+        Reason.AUDIT,
+        False,
+    )
+    assert single.wants_llm
+    spec = _spec(multi_label=True, escalation=Escalation(band=Band(low=0.3, high=0.7)))
+    multi = decide(_multi(0.95, 0.1, 0.01), spec, audited=True)
+    assert (multi.target, multi.reason, multi.labels) == (Target.LLM, Reason.AUDIT, ())
+
+
+def test_an_audited_message_that_escalates_anyway_keeps_its_own_reason():
+    """Audit never hides why a message needed the LLM: low confidence stays low_confidence."""
+    spec = _spec(escalation=Escalation(min_probability=0.8))
+    audited = decide(_single(0.5, 0.3, 0.2), spec, audited=True)
+    assert (audited.target, audited.reason) == (Target.LLM, Reason.LOW_CONFIDENCE)
+    assert audited == decide(_single(0.5, 0.3, 0.2), spec)
+
+
+@pytest.mark.parametrize("fallback", list(WhenExhausted))
+def test_an_audited_confident_answer_stands_unflagged_when_the_budget_is_spent(fallback):
+    """With the budget spent, the audit is dropped: the BERT answer stands, not flagged."""
+    spec = _spec(
+        escalation=Escalation(min_probability=0.8), budget=BudgetSpec(when_exhausted=fallback)
+    )
+    route = decide(_single(0.9, 0.05, 0.05), spec, SPENT, audited=True)
+    assert (route.target, route.reason, route.budget_exhausted) == (
+        Target.BERT,
+        Reason.CONFIDENT,
+        False,
+    )
+
+
+def test_an_unaudited_confident_answer_stands():
+    """audited=False routes exactly as the default does."""
+    spec = _spec(escalation=Escalation(min_probability=0.8))
+    route = decide(_single(0.9, 0.05, 0.05), spec, audited=False)
+    assert route == decide(_single(0.9, 0.05, 0.05), spec)
+    assert (route.target, route.reason) == (Target.BERT, Reason.CONFIDENT)
+
+
+def test_the_audit_sample_is_a_fixed_draw_per_key():
+    """The same key is always in or always out; share 0 takes none, share 1 takes all."""
+    keys = [f"key-{i}" for i in range(500)]
+    first = [in_audit_sample(k, 0.5) for k in keys]
+    assert first == [in_audit_sample(k, 0.5) for k in keys]
+    assert 0 < sum(first) < len(keys)
+    assert not any(in_audit_sample(k, 0.0) for k in keys)
+    assert all(in_audit_sample(k, 1.0) for k in keys)
+
+
+@pytest.mark.parametrize("share", [0.05, 0.3])
+def test_the_audit_sample_takes_its_share_of_distinct_keys(share):
+    """Over 20,000 distinct keys the share drawn is within three standard errors of ``share``."""
+    n = 20_000
+    drawn = sum(in_audit_sample(f"policy:v1:{i:06d}", share) for i in range(n))
+    standard_error = (share * (1 - share) / n) ** 0.5
+    assert abs(drawn / n - share) < 3 * standard_error
+
+
+def test_a_smaller_audit_sample_lies_inside_a_larger_one():
+    """Raising the share only adds keys: every key in the 0.05 sample is in the 0.3 sample."""
+    keys = [f"nested-{i}" for i in range(5_000)]
+    small = {k for k in keys if in_audit_sample(k, 0.05)}
+    large = {k for k in keys if in_audit_sample(k, 0.3)}
+    assert small
+    assert small <= large
+    assert len(large) > len(small)

@@ -66,6 +66,9 @@ def test_default_model_policy_matches_the_default_model_labels():
         ({"budget": {"usd_per_day": -1}}, "budget.usd_per_day"),
         ({"colour": "blue"}, "colour"),
         ({"name": "has space"}, "name"),
+        ({"learning": {"collect": True, "audit_share": 1.5}}, "learning.audit_share"),
+        ({"learning": {"collect": True, "audit_share": -0.1}}, "learning.audit_share"),
+        ({"learning": {"audit_share": 0.2}}, "audit_share"),
     ],
 )
 def test_invalid_policy_is_rejected_naming_the_problem(change, field):
@@ -74,6 +77,24 @@ def test_invalid_policy_is_rejected_naming_the_problem(change, field):
         parse_policy({**MINIMAL, **change}, source="p.yaml")
     assert field in str(caught.value)
     assert str(caught.value).startswith("p.yaml: ")
+
+
+def test_audit_share_reads_from_yaml_and_defaults_to_no_audit():
+    """learning.audit_share parses from a policy file; a policy that omits it audits nothing."""
+    text = yaml.safe_dump({**MINIMAL, "learning": {"collect": True, "audit_share": 0.25}})
+    assert parse_policy_text(text).learning.audit_share == 0.25
+    assert parse_policy_text(yaml.safe_dump(MINIMAL)).learning.audit_share == 0.0
+    collecting = yaml.safe_dump({**MINIMAL, "learning": {"collect": True}})
+    assert parse_policy_text(collecting).learning.audit_share == 0.0
+
+
+def test_an_audit_sample_without_collection_is_rejected_saying_why():
+    """audit_share above zero with collect off is a PolicyError naming audit_share and collect."""
+    with pytest.raises(PolicyError, match="audit_share") as caught:
+        parse_policy({**MINIMAL, "learning": {"audit_share": 0.1}}, source="p.yaml")
+    assert "collect" in str(caught.value)
+    off = parse_policy({**MINIMAL, "learning": {"audit_share": 0.0}}, source="p.yaml")
+    assert not off.learning.collect
 
 
 def test_load_policy_reports_missing_file_bad_yaml_and_non_mapping(tmp_path: Path):

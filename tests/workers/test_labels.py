@@ -16,6 +16,8 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from tiergate.policies.calibrate import accuracy_interval
+from tiergate.policies.routing import in_audit_sample
 from tiergate.policies.spec import (
     Escalation,
     LabelSpec,
@@ -54,7 +56,7 @@ def answer_by_text(body: dict[str, Any]) -> dict[str, Any]:
     return {**first_label_answer(body), "label": label}
 
 
-def films(*, collect: bool = True, retain_days: int = 30) -> PolicySpec:
+def films(*, collect: bool = True, retain_days: int = 30, audit_share: float = 0.0) -> PolicySpec:
     """A policy escalating below 0.8 to the fake OpenAI provider, collecting labels if asked."""
     return PolicySpec(
         name="films",
@@ -62,7 +64,7 @@ def films(*, collect: bool = True, retain_days: int = 30) -> PolicySpec:
         labels=[LabelSpec(name=name) for name in LABELS],
         escalation=Escalation(min_probability=0.8),
         llm=LLMSpec(providers=[ProviderRef(provider="openai", model="gpt-4o-mini")]),
-        learning=LearningSpec(collect=collect, retain_days=retain_days),
+        learning=LearningSpec(collect=collect, retain_days=retain_days, audit_share=audit_share),
     )
 
 
@@ -242,6 +244,101 @@ def test_stats_count_labels_sources_and_agreement(make_settings):
     assert (stats.bert_vs_llm.compared, stats.bert_vs_llm.agreed) == (2, 0)
     assert (stats.bert_vs_person.compared, stats.bert_vs_person.rate) == (1, 1.0)
     assert cascade.labels.stats("other").examples == 0
+
+
+def test_llm_labels_of_keys_in_the_audit_sample_are_marked_audit(make_settings):
+    """Texts in the sample are labelled however confident; only they come back marked audit."""
+    settings = make_settings()
+    spec = films(audit_share=0.5)
+    cascade = cascade_for(settings, spec)
+    texts = [f"{kind} film {i}" for kind in ("unsure", "bad") for i in range(8)]
+    cascade.decide([Message(id=text, text=text) for text in texts])
+    sampled = {
+        text: in_audit_sample(cascade.cache_key(Message(text=text), spec), 0.5) for text in texts
+    }
+    labelled = {text for text in texts if "unsure" in text or sampled[text]}
+    by_key = {example.key: example for example in cascade.labels.examples()}
+    assert set(by_key) == {cascade.cache_key(Message(text=text), spec) for text in labelled}
+    for text in labelled:
+        example = by_key[cascade.cache_key(Message(text=text), spec)]
+        assert (example.kind, example.audit) == ("llm", sampled[text]), text
+    assert {example.audit for example in by_key.values()} == {True, False}
+    stats = cascade.labels.stats()
+    assert stats.unlabelled == len(texts) - len(labelled)
+    assert stats.audit.examples == sum(sampled.values())
+    unsampled = next(text for text in texts if text not in labelled)
+    assert cascade.labels.correct(unsampled, ["positive"]).audit is False
+    in_sample = next(text for text in texts if sampled[text])
+    assert cascade.labels.correct(in_sample, ["positive"]).audit is True
+
+
+def test_the_audit_mark_is_set_by_a_fresh_llm_label_and_never_cleared(make_settings):
+    """A cached decision marks nothing; an LLM label given in the sample marks it for good."""
+    settings = make_settings()
+    outside = cascade_for(settings, films(audit_share=0.0))
+    sampling = cascade_for(settings, films(audit_share=1.0))  # same keys, same cache
+    outside.decide([Message(id="u1", text="unsure film")])
+    [hit] = sampling.decide([Message(id="u2", text="unsure film")])
+    assert hit.cached
+    assert [e.audit for e in sampling.labels.examples()] == [False]
+    Corrections(sampling.labels, sampling.cache).correct("u2", ["negative"])
+    [fresh] = sampling.decide([Message(id="u3", text="unsure film")])
+    assert (fresh.tier, fresh.cached) == (Tier.LLM, False)
+    assert [e.audit for e in sampling.labels.examples()] == [True]
+    Corrections(outside.labels, outside.cache).correct("u3", ["positive"])
+    [again] = outside.decide([Message(id="u4", text="unsure film")])
+    assert (again.tier, again.cached) == (Tier.LLM, False)
+    [example] = outside.labels.examples()
+    assert (example.audit, example.source) == (True, "person:anonymous")
+
+
+def test_stats_measure_the_bert_tier_on_the_audit_sample(make_settings):
+    """Over audit examples: BERT's answer against the reference label, with its interval."""
+    settings = make_settings()
+    unaudited = cascade_for(settings, films())
+    unaudited.decide([Message(text="unsure plot")])
+    empty = unaudited.labels.stats().model_dump()["audit"]
+    assert empty == {"examples": 0, "agreed": 0, "accuracy": None, "interval": None}
+    cascade = cascade_for(settings, films(audit_share=1.0))
+    decisions = cascade.decide(
+        [
+            Message(id="b1", text="bad film"),  # BERT: negative, LLM: positive
+            Message(id="b2", text="bad plot"),  # BERT: negative, LLM: synopsis
+            Message(id="b3", text="bad acting"),  # BERT: negative, LLM: positive; person below
+        ]
+    )
+    assert {d.tier for d in decisions} == {Tier.LLM}  # confident, but audited
+    cascade.labels.correct("b3", ["negative"])
+    stats = cascade.labels.stats("films")
+    assert stats.examples == 4  # the unaudited one is not in the sample
+    audit = stats.audit
+    assert (audit.examples, audit.agreed, audit.accuracy) == (3, 1, 1 / 3)
+    assert audit.interval == pytest.approx(accuracy_interval(1, 3, 0.95))
+    assert audit.interval == pytest.approx((0.0084, 0.9057), abs=1e-4)  # the exact 95% interval
+
+
+def test_a_sqlite_file_without_the_audit_column_is_upgraded_on_open(tmp_path, fake):
+    """A file from before the audit mark reads its examples as unaudited and records new marks."""
+    settings = Settings(
+        data_dir=tmp_path, openai_api_key="test-key", openai_base_url=fake.openai_base_url
+    )
+    before = cascade_for(settings, films(audit_share=1.0))
+    before.decide([Message(id="old", text="bad film")])
+    before.labels.close()
+    path = label_store_path(settings)
+    with sqlite3.connect(path) as connection:  # the table as it was before the column
+        connection.execute("ALTER TABLE label_examples DROP COLUMN audit")
+    after = cascade_for(settings, films(audit_share=1.0))
+    [old] = after.labels.examples()
+    assert (old.audit, old.labels) == (False, ["positive"])
+    after.decide([Message(id="new", text="bad plot")])
+    assert [e.audit for e in after.labels.examples()] == [False, True]
+    reopened = SqliteLabelStore(path)  # opening an upgraded file again changes nothing
+    assert [e.audit for e in reopened.examples()] == [False, True]
+    reopened.close()
+    with sqlite3.connect(path) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(label_examples)")]
+    assert columns.count("audit") == 1
 
 
 def test_every_redis_key_expires_within_the_retention(tmp_path, fake, redis_prefix):

@@ -7,16 +7,23 @@ the original training file when given. It runs training's own pipeline (windows,
 quantization, the temperature fitted on a validation split of the training part), so the
 candidate is built exactly as ``tiergate train`` builds a model.
 
-The newest ``holdout_fraction`` of the collected labels (by the time each was given) is never
-trained on: both the candidate and the current model are scored on it. For each, the card
-records its accuracy there with a two-sided Clopper-Pearson interval, and the share of that slice
-the policy would send to the LLM once its thresholds are re-calibrated on the slice for the
-policy's accuracy guarantee, with the risk-controlled method of ``tiergate calibrate``
-(:func:`~tiergate.policies.calibrate.calibrate_for_accuracy`). By default the guarantee is on the
-accepted BERT answers, a message sent to the LLM counting as answered right, as calibration
-assumes; with ``DistillOptions.llm_accuracy`` it covers all messages, those sent to the LLM
-counted right at that rate. That is the card's ``distillation`` block, which the promotion gate
-(:func:`~tiergate.workers.bert.versions.gate`) reads.
+A held-out slice of the collected labels is never trained on (:func:`split_held_out`): both the
+candidate and the current model are scored on it. With at least ``DistillOptions.min_audit`` labels
+from the policy's audit sample (``learning.audit_share``: texts the LLM labelled whether or not the
+BERT tier was confident), the slice is all of them, a uniform sample of the traffic's distinct
+texts (drawn per text, not per message); otherwise it is the newest ``holdout_fraction`` of the
+labels (by the time each was given), mostly the messages the serving model escalated, its hardest.
+For each model, the card records its accuracy there with a two-sided Clopper-Pearson interval, and
+the share of that slice the policy would send to the LLM once its thresholds are re-calibrated on
+the slice for the policy's accuracy guarantee, with the risk-controlled method of ``tiergate
+calibrate`` (:func:`~tiergate.policies.calibrate.calibrate_for_accuracy`). Judged on the audit
+sample, the accuracy, the LLM share and the re-calibrated thresholds (``policy.yaml``) hold for the
+traffic the policy serves; judged on the newest labels, they hold for that slice, which is no
+sample of the traffic. By default the guarantee is on the accepted BERT answers, a message sent to
+the LLM counting as answered right, as calibration assumes; with ``DistillOptions.llm_accuracy`` it
+covers all messages, those sent to the LLM counted right at that rate. That is the card's
+``distillation`` block, which the promotion gate (:func:`~tiergate.workers.bert.versions.gate`)
+reads.
 
 :func:`run_continuously` is the loop of ``tiergate distill --every N``: a round after every ``N``
 new labels.
@@ -32,14 +39,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from tiergate.policies.calibrate import (
     CalibrationResult,
+    accuracy_interval,
     calibrate_for_accuracy,
-    clopper_pearson_upper,
     everything_to_llm,
 )
 from tiergate.policies.evaluate import Answer, bert_answer
@@ -50,6 +57,7 @@ from tiergate.workers.bert.dataset import LabelledExample
 from tiergate.workers.bert.manifest import CARD_FILE, ModelManifest, read_manifest
 from tiergate.workers.bert.train import CHECKPOINT_DIR, TrainOptions, split_validation, train_model
 from tiergate.workers.bert.versions import DISTILLATION_BLOCK, GateResult, gate
+from tiergate.workers.cache import normalise
 from tiergate.workers.errors import InputError, NotEnoughLabelsError
 
 log = structlog.get_logger(__name__)
@@ -59,6 +67,10 @@ MIN_LABELS = 50
 held-out slice too small to tell two models apart."""
 
 VALIDATION_FRACTION = 0.1  # the share of the training part that fits the temperature, as in train
+
+HeldOutKind = Literal["audit sample", "newest labels"]
+AUDIT_SAMPLE: HeldOutKind = "audit sample"
+NEWEST_LABELS: HeldOutKind = "newest labels"
 
 
 class Collected(Protocol):
@@ -80,6 +92,10 @@ class Collected(Protocol):
     def kind(self) -> str:
         """Who gave it: ``"llm"`` or ``"person"``."""
 
+    @property
+    def audit(self) -> bool:
+        """Whether the text was in the policy's audit sample (labelled, BERT confident or not)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistillOptions:
@@ -87,6 +103,8 @@ class DistillOptions:
 
     ``llm_accuracy``, the LLM's measured accuracy, makes the guarantee cover all messages, the
     LLM's answers counted right at that rate; None keeps it on the accepted BERT answers.
+    ``min_audit`` is the fewest audit-sample labels that make the held-out slice (all of them);
+    with fewer, the newest ``holdout_fraction`` is held out (see :func:`split_held_out`).
     """
 
     target_accuracy: float
@@ -94,7 +112,8 @@ class DistillOptions:
     learning_rate: float = 3e-5
     batch_size: int = 32
     person_weight: float = 2.0  # loss weight of a person's label; an LLM's weighs 1
-    holdout_fraction: float = 0.2  # the NEWEST collected labels, held out for evaluation
+    holdout_fraction: float = 0.2  # without an audit sample: the newest labels held out
+    min_audit: int = 50
     confidence: float = 0.9
     seed: int = 13
     min_onnx_agreement: float = 0.97  # as TrainOptions.min_agreement
@@ -160,15 +179,37 @@ def split_newest(
     return ordered[: len(ordered) - held], ordered[len(ordered) - held :]
 
 
-def accuracy_interval(correct: int, n: int, confidence: float) -> tuple[float, float]:
-    """The two-sided Clopper-Pearson interval at ``confidence`` of ``correct`` right of ``n``.
+def split_held_out(
+    collected: Sequence[Collected], options: DistillOptions
+) -> tuple[list[Collected], list[Collected], HeldOutKind]:
+    """``(train, held_out, kind)``: the labels to train on, and the slice that judges the models.
 
-    Each side is the exact one-sided bound at ``1 - (1 - confidence) / 2``.
+    With at least ``options.min_audit`` audit-sample labels, ALL of them are held out and never
+    trained on (``"audit sample"``): a uniform sample of the distinct texts, so the accuracy and
+    the re-calibrated thresholds measured on it hold for the traffic, and the bigger it is the
+    tighter they are; the policy's ``audit_share`` sizes it. Everything else trains. Otherwise,
+    or when the audit sample is all there is (nothing would be left to train on), the newest
+    ``options.holdout_fraction`` is held out as :func:`split_newest` cuts it (``"newest
+    labels"``), audit labels among them or among the trained ones alike. Either way a label
+    whose text (normalised as for the cache key) is held out is not trained on: under another
+    model or policy version the same text has another cache key, so it can be collected twice.
+    The held-out slice is ordered by time.
+
+    Raises:
+        InputError: ``min_audit`` under 1, or a held-out fraction outside (0, 1).
     """
-    one_sided = 1.0 - (1.0 - confidence) / 2.0
-    low = 1.0 - clopper_pearson_upper(n - correct, n, one_sided)
-    high = clopper_pearson_upper(correct, n, one_sided)
-    return low, high
+    if options.min_audit < 1:
+        raise InputError(f"the audit sample must count at least 1 label, not {options.min_audit}")
+    audit = sorted((e for e in collected if e.audit), key=lambda example: example.time)
+    kind, held_out, rest = AUDIT_SAMPLE, audit, [e for e in collected if not e.audit]
+    held_texts = {normalise(example.text) for example in held_out}
+    train = [example for example in rest if normalise(example.text) not in held_texts]
+    if len(audit) < options.min_audit or not train:
+        kind = NEWEST_LABELS
+        rest, held_out = split_newest(collected, options.holdout_fraction)
+        held_texts = {normalise(example.text) for example in held_out}
+        train = [example for example in rest if normalise(example.text) not in held_texts]
+    return train, held_out, kind
 
 
 def _gold(example: Collected, spec: PolicySpec) -> Answer:
@@ -265,11 +306,15 @@ def distillation_block(
     held_out: Sequence[Collected],
     extra_examples: int,
     scores: tuple[HeldOutScore, HeldOutScore],
+    *,
+    held_out_kind: HeldOutKind,
 ) -> dict[str, Any]:
     """The card's ``distillation`` block.
 
     ``sources`` and ``period`` describe what the candidate learned from: the collected labels
     trained on (the held-out slice excluded) by kind, and the training file's examples.
+    ``held_out`` counts the slice both models were scored on and ``held_out_kind`` says which
+    it was (:func:`split_held_out`): ``"audit sample"`` or ``"newest labels"``.
     """
     kinds = Counter(example.kind for example in older)
     candidate, current = scores
@@ -285,6 +330,7 @@ def distillation_block(
         },
         "period": _period(older),
         "held_out": {"examples": len(held_out), **_period(held_out)},
+        "held_out_kind": held_out_kind,
         "candidate": candidate.figures(),
         "current": current.figures(),
     }
@@ -308,8 +354,10 @@ def distill(
     out. Writes a complete model directory to ``output`` (replacing one there): the ONNX model,
     manifest, ``checkpoint/``, the card (``model.json``) with the ``distillation`` block, and
     ``policy.yaml``, the policy re-calibrated with the candidate on the held-out slice (every
-    message sent to the LLM when nothing certifies the target). The directory is assembled
-    beside ``output`` and renamed into place at the end. ``progress`` hears each step.
+    message sent to the LLM when nothing certifies the target). The held-out slice is the audit
+    sample when there are at least ``options.min_audit`` audit labels, else the newest labels
+    (:func:`split_held_out`). The directory is assembled beside ``output`` and renamed into place
+    at the end. ``progress`` hears each step.
 
     Raises:
         NotEnoughLabelsError: fewer than :data:`MIN_LABELS` usable labels.
@@ -328,24 +376,32 @@ def distill(
     unknown = sorted({label for e in extra_training for label in e.labels} - set(manifest.labels))
     if unknown:
         raise InputError(f"the training file has labels the model lacks: {unknown}")
-    older, held_out = split_newest(usable, options.holdout_fraction)
+    older, held_out, kind = split_held_out(usable, options)
     train, validation, weights = _training_part(older, extra_training, options)
     staging = output.with_name(f".{output.name}.distilling")
     shutil.rmtree(staging, ignore_errors=True)
     say(
         f"fine-tuning {manifest.model_version} on {len(older)} collected labels"
         f"{f' and {len(extra_training)} training-file examples' if extra_training else ''}; "
-        f"{len(held_out)} newest held out"
+        f"{len(held_out)} held out ({kind})"
     )
     started = time.perf_counter()
     train_options = _train_options(manifest, checkpoint, staging, options)
     try:
         train_model(train_options, train, validation, example_weights=weights)
-        say(f"scoring the {len(held_out)} held-out labels with the candidate and the current model")
+        say(
+            f"scoring the {len(held_out)} held-out labels ({kind}) with the candidate and the "
+            "current model"
+        )
         candidate = score_held_out(staging, held_out, spec, options)
         current = score_held_out(base_model, held_out, spec, options)
         report = _finish(
-            staging, spec, options, (older, held_out), len(extra_training), (candidate, current)
+            staging,
+            spec,
+            options,
+            (older, held_out, kind),
+            len(extra_training),
+            (candidate, current),
         )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -358,6 +414,8 @@ def distill(
         policy=spec.name,
         candidate=candidate.model_version,
         current=current.model_version,
+        held_out=len(held_out),
+        held_out_kind=kind,
         candidate_accuracy=candidate.accuracy,
         current_accuracy=current.accuracy,
         candidate_llm_share=candidate.llm_share,
@@ -413,16 +471,16 @@ def _finish(
     staging: Path,
     spec: PolicySpec,
     options: DistillOptions,
-    split: tuple[Sequence[Collected], Sequence[Collected]],
+    split: tuple[Sequence[Collected], Sequence[Collected], HeldOutKind],
     extra_examples: int,
     scores: tuple[HeldOutScore, HeldOutScore],
 ) -> DistillReport:
     """Add the ``distillation`` block to the staged card, judge it, write the policy."""
-    older, held_out = split
+    older, held_out, kind = split
     candidate, current = scores
     card = json.loads((staging / CARD_FILE).read_text(encoding="utf-8"))
     card[DISTILLATION_BLOCK] = distillation_block(
-        spec, options, older, held_out, extra_examples, scores
+        spec, options, older, held_out, extra_examples, scores, held_out_kind=kind
     )
     verdict = gate(card)
     card["gate"] = {"passed": verdict.passed, "reasons": verdict.reasons}

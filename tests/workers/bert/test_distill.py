@@ -1,4 +1,4 @@
-"""Distillation: warm start, the newest labels held out, people's weight, the card and the gate."""
+"""Distillation: warm start, the held-out slice, people's weight, the card and the gate."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from tiergate.workers.bert.distill import (
     distillation_block,
     run_continuously,
     score_held_out,
+    split_held_out,
     split_newest,
 )
 from tiergate.workers.bert.manifest import CARD_FILE, read_manifest
 from tiergate.workers.bert.train import CHECKPOINT_DIR, training_loss
 from tiergate.workers.bert.versions import gate
-from tiergate.workers.errors import NotEnoughLabelsError
+from tiergate.workers.errors import InputError, NotEnoughLabelsError
 from tiergate.workers.labels import CollectedExample
 
 LABELS = ("account", "billing", "bug")
@@ -36,7 +37,9 @@ WORDS = {"account": "passwords", "billing": "refunds", "bug": "crashes"}
 START = 1_800_000_000.0
 
 
-def example(text: str, labels: list[str], source: str, time: float) -> CollectedExample:
+def example(
+    text: str, labels: list[str], source: str, time: float, *, audit: bool = False
+) -> CollectedExample:
     """A collected example of the tickets policy as the label store returns it."""
     return CollectedExample(
         key=f"key-{time}",
@@ -48,6 +51,7 @@ def example(text: str, labels: list[str], source: str, time: float) -> Collected
         model_version="tiny",
         scores={},
         time=time,
+        audit=audit,
     )
 
 
@@ -65,6 +69,14 @@ def collected(n: int, *, flip_before: int = 0, person_every: int = 5) -> list[Co
             example(f"note {i} regarding {WORDS[right]}", [given], source, START + 60 * i)
         )
     return labels
+
+
+def audited(labels: list[CollectedExample], every: int) -> list[CollectedExample]:
+    """``labels`` with every ``every``-th (from the second) in the audit sample."""
+    return [
+        label.model_copy(update={"audit": True}) if i % every == 1 else label
+        for i, label in enumerate(labels)
+    ]
 
 
 def spec() -> PolicySpec:
@@ -115,6 +127,64 @@ def test_newest_labels_are_held_out():
     assert [label.time for label in newest] == [label.time for label in labels[80:]]
     assert max(label.time for label in older) < min(label.time for label in newest)
     assert len(older) == 80
+
+
+def test_an_audit_sample_of_min_audit_labels_is_the_held_out_slice():
+    """With min_audit audit labels, all are held out and none trained on; the rest trains."""
+    labels = audited(collected(100), 4)  # 25 audit labels, spread over the whole period
+    train, held_out, kind = split_held_out(labels, options(min_audit=25))
+    assert kind == "audit sample"
+    assert {label.key for label in held_out} == {label.key for label in labels if label.audit}
+    assert len(held_out) == 25
+    assert [label.time for label in held_out] == sorted(label.time for label in held_out)
+    assert not any(label.audit for label in train)
+    assert len(train) == 75
+
+
+def test_fewer_audit_labels_than_min_audit_leave_the_newest_held_out():
+    """One audit label short of min_audit, the newest fraction is held out as before."""
+    labels = audited(collected(100), 4)
+    train, held_out, kind = split_held_out(labels, options(min_audit=26))
+    older, newest = split_newest(labels, 0.2)
+    assert kind == "newest labels"
+    assert (train, held_out) == (older, newest)
+    assert any(label.audit for label in train)  # audit labels train like any other then
+
+
+def test_an_audit_sample_that_is_everything_leaves_the_newest_held_out():
+    """When every label is an audit label nothing would train: the newest fraction is held out."""
+    labels = [label.model_copy(update={"audit": True}) for label in collected(60)]
+    train, held_out, kind = split_held_out(labels, options(min_audit=10))
+    assert kind == "newest labels"
+    assert (len(train), len(held_out)) == (48, 12)
+
+
+def test_a_held_out_text_collected_again_is_not_trained_on():
+    """The same text under another cache key (say, another model version) stays out of training.
+
+    Texts compare as the cache key normalises them, so extra whitespace does not tell them apart.
+    """
+    labels = audited(collected(60), 6)  # 10 audit labels
+    # the audit texts collected again, not audited, after all the others
+    again = [
+        example(f" {label.text.replace(' ', '  ')}\n", label.labels, "llm:x", START + 6000 + i)
+        for i, label in enumerate(label for label in labels if label.audit)
+    ]
+    train, held_out, kind = split_held_out(labels + again, options(min_audit=10))
+    assert kind == "audit sample"
+    assert {label.key for label in held_out} == {label.key for label in labels if label.audit}
+    assert train == [label for label in labels if not label.audit]  # the repeats left out
+    train, newest, kind = split_held_out(labels + again, options(min_audit=11))
+    assert kind == "newest labels"
+    assert newest[-10:] == again  # the newest 14 of 70: the repeats and 4 others
+    assert len(train) == 56 - 10  # the 10 older audit texts, held out as repeats, left out
+    assert not {label.text for label in labels if label.audit} & {label.text for label in train}
+
+
+def test_min_audit_must_be_positive():
+    """An audit sample of no labels cannot judge anything: min_audit under 1 is refused."""
+    with pytest.raises(InputError, match="at least 1"):
+        split_held_out(collected(60), options(min_audit=0))
 
 
 def test_person_labels_weigh_more_in_the_loss():
@@ -174,6 +244,7 @@ def test_card_records_what_it_learned_from_and_how_it_did(learned, tiny_model):
         "from": "2027-01-15T10:00:00Z",
         "to": "2027-01-15T10:29:00Z",
     }
+    assert block["held_out_kind"] == "newest labels"
     candidate, current = block["candidate"], block["current"]
     assert (
         candidate["model_version"] == card["model_version"] == read_manifest(output).model_version
@@ -219,7 +290,9 @@ def test_llm_accuracy_calibrates_over_all_messages(learned, tiny_model):
     assert not report.current.calibration.feasible
     assert candidate.llm_share <= report.candidate.llm_share
     assert current.llm_share <= report.current.llm_share == 1.0
-    block = distillation_block(spec(), over_all, older, held_out, 0, (candidate, current))
+    block = distillation_block(
+        spec(), over_all, older, held_out, 0, (candidate, current), held_out_kind="newest labels"
+    )
     assert block["llm_accuracy"] == 0.95
     assert block["candidate"]["llm_share"] == candidate.llm_share
 
@@ -253,21 +326,31 @@ def test_labels_outside_the_policy_do_not_count(tiny_model, tmp_path):
     assert caught.value.have == MIN_LABELS - 1
 
 
-def test_training_file_examples_are_counted(tiny_model, tmp_path):
-    """The original training file trains along, and the card counts its examples."""
+def test_training_file_examples_are_counted_and_the_audit_sample_judges(tiny_model, tmp_path):
+    """The training file trains along and the audit sample is held out; the card says both."""
     extra = [
         LabelledExample(text=f"message about {w}", labels=(k,), line=i + 1)
         for i, (k, w) in enumerate(WORDS.items())
     ]
+    steps: list[str] = []
     report = distill(
         tiny_model,
-        collected(60),
+        audited(collected(60), 5),  # 12 audit labels, the second to the 57th
         tmp_path / "c",
         spec=spec(),
-        options=options(epochs=1),
+        options=options(epochs=1, min_audit=12),
         extra_training=extra,
+        progress=steps.append,
     )
-    assert report.card["distillation"]["sources"]["training_file"] == 3
+    block = report.card["distillation"]
+    assert block["sources"] == {"llm": 36, "person": 12, "training_file": 3}
+    assert block["held_out_kind"] == "audit sample"
+    assert block["held_out"] == {
+        "examples": 12,
+        "from": "2027-01-15T08:01:00Z",
+        "to": "2027-01-15T08:56:00Z",
+    }
+    assert any("12 held out (audit sample)" in step for step in steps)
 
 
 def test_accuracy_interval_is_exact():
