@@ -335,9 +335,12 @@ def test_imbalanced_trains_with_and_without_balanced_weights_on_one_split(imbala
 
 @pytest.fixture(scope="module")
 def flywheel(trained_model, held_out, tmp_path_factory):
-    """``bench/flywheel.py --quick``'s results: the held-out split as gold set, stream and tests."""
+    """``bench/flywheel.py --quick``'s results: the held-out split as gold set, stream and tests.
+
+    A fifth of the texts is in the audit sample, so its calls and labels are counted too.
+    """
     output = tmp_path_factory.mktemp("flywheel") / "flywheel.json"
-    return quick_run("flywheel", trained_model.directory, held_out, output)
+    return quick_run("flywheel", trained_model.directory, held_out, output, "--audit-share", "0.2")
 
 
 def test_flywheel_streams_every_message_through_both_runs(flywheel):
@@ -351,6 +354,8 @@ def test_flywheel_streams_every_message_through_both_runs(flywheel):
         windows = run["windows"]
         assert sum(w["messages"] for w in windows) == run["messages"] == streamed, name
         assert sum(w["llm_calls"] for w in windows) == run["llm_calls"], name
+        assert sum(w["audit_calls"] for w in windows) == run["audit_calls"], name
+        assert 0 < run["audit_calls"] < run["llm_calls"], name
         for window in windows:
             assert window["llm_share"] == round(window["llm_calls"] / window["messages"], 5)
             assert fraction(window["accuracy"]), name
@@ -374,6 +379,7 @@ def test_flywheel_distills_after_every_n_new_labels_and_promotes_only_through_th
         assert [r["labels"] for r in rounds] == [every * (i + 1) for i in range(len(rounds))]
         kind = "llm" if name == "simulated_llm" else "person"
         for record in rounds:
+            assert record["held_out_kind"] in ("audit sample", "newest labels"), name
             sources = record["sources"]
             assert sources[kind] + record["held_out"] == record["labels"], name
             assert sources["llm" if kind == "person" else "person"] == 0, name

@@ -34,6 +34,8 @@ from tiergate.workers.settings import Settings
 WORDS = {"passwords": "account", "refunds": "billing", "crashes": "bug"}
 # The tiny model learns its three keywords in these steps (its default rate is for real models).
 LEARN = ["--epochs", "60", "--learning-rate", "5e-3", "--min-onnx-agreement", "0", "--threads", "1"]
+# One epoch of distill on the tickets policy: a candidate that learns next to nothing, quickly.
+ONE_EPOCH = ["distill", "--policy", "tickets", "--epochs", "1", *LEARN[4:]]
 
 
 def answer_by_keyword(body: dict[str, Any]) -> dict[str, Any]:
@@ -168,15 +170,7 @@ def test_promote_is_refused_when_the_gate_fails(deployment):
     served = deployment()
     served.feed(60)
     result = served.run(
-        "distill",
-        "--policy",
-        "tickets",
-        "--epochs",
-        "1",
-        "--min-onnx-agreement",
-        "0",
-        "--threads",
-        "1",
+        *ONE_EPOCH,
         "--promote",
     )
     assert result.returncode == 1, result.stderr
@@ -197,15 +191,7 @@ def test_an_audit_sample_of_min_audit_labels_judges_the_candidate(deployment):
         store.close()
     assert 5 <= audit < 50  # about 18 of the 60 texts drawn, fewer than the default 50
     result = served.run(
-        "distill",
-        "--policy",
-        "tickets",
-        "--epochs",
-        "1",
-        "--min-onnx-agreement",
-        "0",
-        "--threads",
-        "1",
+        *ONE_EPOCH,
         "--min-audit",
         str(audit),
     )
