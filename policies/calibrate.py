@@ -314,13 +314,27 @@ class CalibrationResult:
     def expected_accuracy(self) -> float | None:
         """Accuracy over all messages: accepted answers as measured, the LLM's at ``llm_accuracy``.
 
-        None without ``llm_accuracy`` (the LLM's accuracy is not known) or when nothing was
-        accepted and nothing was sent.
+        None without ``llm_accuracy`` (the LLM's accuracy is not known).
         """
         if self.llm_accuracy is None:
             return None
         kept = self.accepted_share * (self.accepted_accuracy or 0.0)
         return kept + self.llm_share * self.llm_accuracy
+
+    def sending_everything(self, spec: PolicySpec) -> CalibrationResult:
+        """This result with :func:`everything_to_llm`'s rules: nothing accepted, LLM share 1.
+
+        What serves when no threshold certifies the target; ``feasible`` stays as it is.
+        """
+        return replace(
+            self,
+            escalation=everything_to_llm(spec),
+            threshold=_STRICTEST_THRESHOLD,
+            accepted_share=0.0,
+            llm_share=1.0,
+            accepted_accuracy=None,
+            error_upper_bound=None,
+        )
 
     def policy(self, spec: PolicySpec) -> PolicySpec:
         """``spec`` with this escalation, under the version ``<version>+cal.<hash>``.
@@ -862,16 +876,7 @@ def _calibrate_over_all(
         return result(passed, feasible=True)
     strictest = result(0, feasible=False)
     if llm_accuracy >= target_accuracy:
-        return replace(
-            strictest,
-            escalation=everything_to_llm(spec),
-            threshold=_STRICTEST_THRESHOLD,
-            accepted_share=0.0,
-            llm_share=1.0,
-            accepted_accuracy=None,
-            error_upper_bound=None,
-            feasible=True,
-        )
+        return replace(strictest.sending_everything(spec), feasible=True)
     return replace(strictest, tested=tuple(tests))
 
 

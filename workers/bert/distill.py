@@ -37,7 +37,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -47,7 +47,6 @@ from tiergate.policies.calibrate import (
     CalibrationResult,
     accuracy_interval,
     calibrate_for_accuracy,
-    everything_to_llm,
 )
 from tiergate.policies.evaluate import Answer, bert_answer
 from tiergate.policies.spec import PolicySpec
@@ -235,9 +234,7 @@ def score_held_out(
     )
     # over all messages, a target the LLM alone reaches is already feasible with share 1
     if not calibration.feasible:
-        calibration = replace(
-            calibration, escalation=everything_to_llm(spec), accepted_share=0.0, llm_share=1.0
-        )
+        calibration = calibration.sending_everything(spec)
     return HeldOutScore(
         model_version=classifier.model_version,
         accuracy=correct / len(gold),
